@@ -1,0 +1,95 @@
+// The public C++ API on LibTorch: the SALAD attention operator (with autograd)
+// and the SALAD self-attention layer of a Wan-style DiT.
+//
+// The same shared library registers torch.ops.salad.attention and
+// torch.ops.salad.select_blocks for Python (torch.ops.load_library).
+#pragma once
+
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+#include "salad/layout.h"
+#include "salad/params.h"
+
+namespace salad {
+
+// Which implementation runs a call. Auto: CUDA kernels for CUDA tensors, the
+// fast CPU path for float32 (and bf16/fp16, upcast) and the reference for float64.
+enum class Impl { Auto, Reference, Fast };
+const char* to_string(Impl i);
+Impl parse_impl(const std::string& s);  // "auto" | "reference" | "fast"
+
+struct AttentionOutput {
+  at::Tensor o_s;        // (B, H, L, D): sparse (or dense) branch
+  at::Tensor o_l;        // (B, H, L, D) in mode salad, else empty
+  at::Tensor lse;        // (B, H, L) float32
+  at::Tensor block_idx;  // (B, H, n_q, max_k) int32, -1 padded; empty in mode dense
+  at::Tensor block_cnt;  // (B, H, n_q) int32; empty in mode dense
+};
+
+// q, k, v: (B, H, L, D), q and k before RoPE, channel dim contiguous, one dtype
+// and device. Differentiable in q, k, v through o_s and o_l.
+AttentionOutput attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Grid& grid,
+                          const Options& opt = {}, Impl impl = Impl::Auto);
+
+// Only the block table (idx, cnt) that attention() would use.
+std::pair<at::Tensor, at::Tensor> select_blocks(const at::Tensor& q, const at::Tensor& k, const Grid& grid,
+                                                const Options& opt = {});
+
+// How the linear branch's output is scaled before it is added: s(x) per
+// sample (dynamic), per layer or head (static), or both (SALAD.md section 1).
+enum class Gate { None, Static, Dynamic, StaticDynamic };
+const char* to_string(Gate g);
+Gate parse_gate(const std::string& s);  // "none" | "static" | "dynamic" | "static_dynamic"
+
+struct LayerConfig {
+  int64_t dim = 1536;
+  int64_t heads = 12;
+  double norm_eps = 1e-6;
+  bool qk_norm = true;
+  Options attn;                   // mode, pattern, blocks, keep, feature map, ...
+  Gate gate = Gate::StaticDynamic;
+  bool static_per_head = false;   // static scale per head instead of per layer
+  bool skip_linear = false;       // drop the linear branch of this layer (costs nothing)
+  Impl impl = Impl::Auto;
+};
+
+// RMSNorm over the last dimension with a learned weight (Wan: computed in float32).
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int64_t dim, double eps);
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor weight;
+  double eps;
+};
+TORCH_MODULE(RMSNorm);
+
+// Wan 2.1 self-attention with the SALAD branches. Member names follow the
+// checkpoint keys (blocks.N.self_attn.{q,k,v,o,norm_q,norm_k}); the new
+// parameters are linear_o (W_l, zero-initialised), gate (w_g, b_g) and
+// static_scale.
+class SaladSelfAttentionImpl : public torch::nn::Module {
+ public:
+  explicit SaladSelfAttentionImpl(const LayerConfig& cfg);
+
+  // x: (B, L, C) with L = grid.size(); returns (B, L, C).
+  at::Tensor forward(const at::Tensor& x, const Grid& grid);
+  // The scalar s(x) per sample, (B,) or (B, H) with per-head static scales.
+  at::Tensor scale(const at::Tensor& x);
+
+  LayerConfig& config() { return cfg_; }
+  const AttentionOutput& last_attention() const { return last_; }
+
+  torch::nn::Linear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr}, linear_o{nullptr}, gate{nullptr};
+  RMSNorm norm_q{nullptr}, norm_k{nullptr};
+  at::Tensor static_scale;
+
+ private:
+  LayerConfig cfg_;
+  AttentionOutput last_;
+};
+TORCH_MODULE(SaladSelfAttention);
+
+}  // namespace salad

@@ -1,0 +1,383 @@
+// The fast CPU path: float32, blocked, multi-threaded (OpenMP). Same function
+// as reference.cpp; the tests hold it to 1e-5 relative of the float32 reference.
+//
+// Layout per (batch, head): RoPE'd q/k and v are gathered once into block order
+// (contiguous L x D, plus k^T as D x L) so every kept block pair is two small
+// dense GEMMs on a register-blocked micro-kernel; the softmax of one query block
+// over all its kept keys is exact (two passes over an S buffer), not online.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "salad/kernels.h"
+#include "salad/layout.h"
+
+namespace salad::cpu {
+namespace {
+
+// C[M x N] (+)= A[M x K] * B[K x N]; row-major with leading dimensions.
+// 4 x 16 register tile: the inner loop over 16 columns vectorises, the 64
+// accumulators stay in registers.
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+          float* C, int64_t ldc, bool accumulate) {
+  constexpr int R = 4, W = 16;
+  int64_t i = 0;
+  for (; i + R <= M; i += R) {
+    int64_t j = 0;
+    for (; j + W <= N; j += W) {
+      float c[R][W] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const float* b = B + k * ldb + j;
+        for (int r = 0; r < R; ++r) {
+          const float a = A[(i + r) * lda + k];
+          for (int x = 0; x < W; ++x) c[r][x] += a * b[x];
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int x = 0; x < W; ++x) {
+          float& out = C[(i + r) * ldc + j + x];
+          out = accumulate ? out + c[r][x] : c[r][x];
+        }
+    }
+    for (; j < N; ++j)
+      for (int r = 0; r < R; ++r) {
+        float s = 0;
+        for (int64_t k = 0; k < K; ++k) s += A[(i + r) * lda + k] * B[k * ldb + j];
+        float& out = C[(i + r) * ldc + j];
+        out = accumulate ? out + s : s;
+      }
+  }
+  for (; i < M; ++i) {
+    float* c = C + i * ldc;
+    if (!accumulate) std::fill_n(c, N, 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = A[i * lda + k];
+      const float* b = B + k * ldb;
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+// dst[c * rows + r] = src[r * ld + c] for an rows x cols block.
+void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * ld + c];
+}
+
+struct FloatRope {
+  int64_t half;
+  std::vector<float> cos, sin;
+  explicit FloatRope(const RopeTable& t) : half(t.half), cos(t.cos.begin(), t.cos.end()), sin(t.sin.begin(), t.sin.end()) {}
+  void apply(int64_t tok, float* x, bool inverse = false) const {
+    const float* c = &cos[tok * half];
+    const float* s = &sin[tok * half];
+    const float sg = inverse ? -1.0f : 1.0f;
+    for (int64_t m = 0; m < half; ++m) {
+      const float x0 = x[2 * m], x1 = x[2 * m + 1], sn = sg * s[m];
+      x[2 * m] = x0 * c[m] - x1 * sn;
+      x[2 * m + 1] = x0 * sn + x1 * c[m];
+    }
+  }
+};
+
+// One (batch, head) gathered into block order for the sparse branch.
+struct BlockHead {
+  std::vector<float> qr, kr, krT, v;  // qr, kr, v: (L, D); krT: (D, L)
+  void load(const Params& p, const FloatRope& rope, const std::vector<int64_t>& order, int64_t b, int64_t h,
+            bool with_transposes) {
+    const int64_t L = p.L, D = p.D;
+    qr.resize(L * D), kr.resize(L * D), v.resize(L * D);
+    for (int64_t pos = 0; pos < L; ++pos) {
+      const int64_t t = order[pos];
+      std::copy_n(row<float>(p.q, p.q_stride, b, h, t), D, &qr[pos * D]);
+      std::copy_n(row<float>(p.k, p.k_stride, b, h, t), D, &kr[pos * D]);
+      std::copy_n(row<float>(p.v, p.v_stride, b, h, t), D, &v[pos * D]);
+      rope.apply(t, &qr[pos * D]);
+      rope.apply(t, &kr[pos * D]);
+    }
+    if (with_transposes) {
+      krT.resize(L * D);
+      transpose(kr.data(), L, D, D, krT.data(), L);
+    }
+  }
+};
+
+void select_topk(const Params& p, const BlockHead& x, int32_t* idx, int32_t* cnt) {
+  const BlockShape bs = p.blocks();
+  const int64_t L = p.L, D = p.D;
+  auto means = [&](const std::vector<float>& r, int64_t bsz, int64_t n) {
+    std::vector<float> m(n * D, 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t lo = i * bsz, hi = std::min(L, lo + bsz);
+      for (int64_t pos = lo; pos < hi; ++pos)
+        for (int64_t d = 0; d < D; ++d) m[i * D + d] += r[pos * D + d];
+      for (int64_t d = 0; d < D; ++d) m[i * D + d] /= static_cast<float>(hi - lo);
+    }
+    return m;
+  };
+  const std::vector<float> mq = means(x.qr, p.opt.block_q, bs.n_q), mk = means(x.kr, p.opt.block_k, bs.n_k);
+  std::vector<float> mkT(D * bs.n_k), scores(bs.n_q * bs.n_k);
+  transpose(mk.data(), bs.n_k, D, D, mkT.data(), bs.n_k);
+  gemm(bs.n_q, bs.n_k, D, mq.data(), D, mkT.data(), bs.n_k, scores.data(), bs.n_k, false);
+  const float scale = static_cast<float>(p.softmax_scale());
+  for (float& s : scores) s *= scale;
+  for (int64_t i = 0; i < bs.n_q; ++i) {
+    topk_row(&scores[i * bs.n_k], bs.n_k, bs.max_k, idx + i * bs.max_k);
+    cnt[i] = static_cast<int32_t>(bs.max_k);
+  }
+}
+
+// Kept key blocks of query block i: (first position, length) runs in block order.
+struct KeptRuns {
+  std::vector<int64_t> start, len;
+  int64_t total = 0;
+  void build(const Params& p, const int32_t* idx, const int32_t* cnt, int64_t i) {
+    start.clear(), len.clear(), total = 0;
+    const BlockShape bs = p.blocks();
+    const int64_t bk = p.opt.block_k;
+    auto add = [&](int64_t lo, int64_t n) {
+      if (!start.empty() && start.back() + len.back() == lo)
+        len.back() += n;  // merge adjacent blocks into one longer GEMM
+      else
+        start.push_back(lo), len.push_back(n);
+      total += n;
+    };
+    if (p.opt.mode == Mode::Dense) {
+      add(0, p.L);
+      return;
+    }
+    for (int32_t c = 0; c < cnt[i]; ++c) {
+      const int64_t j = idx[i * bs.max_k + c];
+      add(j * bk, std::min(p.L, (j + 1) * bk) - j * bk);
+    }
+  }
+};
+
+void linear_forward_head(const Params& p, const FloatRope& rope, int64_t b, int64_t h) {
+  const int64_t L = p.L, D = p.D, bh = b * p.H + h;
+  std::vector<float> phi(D), c(D), Sv(D * D, 0.0f), z(D, 0.0f);
+  // One pass over K/V: Sv = sum_j c_j v_j^T, z = sum_j phi(k_j).
+  for (int64_t t = 0; t < L; ++t) {
+    feature_map(p.opt.feature, row<float>(p.k, p.k_stride, b, h, t), phi.data(), D);
+    c = phi;
+    if (p.opt.linear_rope) rope.apply(t, c.data());
+    const float* vt = row<float>(p.v, p.v_stride, b, h, t);
+    for (int64_t a = 0; a < D; ++a) {
+      z[a] += phi[a];
+      const float ca = c[a];
+      float* s = &Sv[a * D];
+      for (int64_t e = 0; e < D; ++e) s[e] += ca * vt[e];
+    }
+  }
+  float* o_l = static_cast<float*>(p.o_l) + bh * L * D;
+  constexpr int64_t kChunk = 256;
+  std::vector<float> A(kChunk * D);
+  for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
+    const int64_t n = std::min(kChunk, L - t0);
+    std::vector<float> den(n);
+    for (int64_t r = 0; r < n; ++r) {
+      float* a = &A[r * D];
+      feature_map(p.opt.feature, row<float>(p.q, p.q_stride, b, h, t0 + r), a, D);
+      float s = 0;
+      for (int64_t d = 0; d < D; ++d) s += a[d] * z[d];
+      den[r] = s + static_cast<float>(p.opt.eps);
+      if (p.opt.linear_rope) rope.apply(t0 + r, a);
+    }
+    gemm(n, D, D, A.data(), D, Sv.data(), D, o_l + t0 * D, D, false);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t d = 0; d < D; ++d) o_l[(t0 + r) * D + d] /= den[r];
+  }
+}
+
+}  // namespace
+
+void fast_forward(const Params& p) {
+  validate(p);
+  if (p.dtype != DType::F32)
+    throw ArgumentError(std::string("dtype: expected float32 for the fast CPU path, got ") + to_string(p.dtype));
+  const int64_t L = p.L, D = p.D, BH = p.B * p.H;
+  const BlockShape bs = p.blocks();
+  const FloatRope rope(RopeTable(p.grid, D, p.opt.rope_theta));
+  const std::vector<int64_t> order = token_order(p.grid, p.opt);
+  const float scale = static_cast<float>(p.softmax_scale());
+  const int64_t bq = p.opt.block_q;
+  std::vector<int32_t> widx, wcnt;
+  if (p.opt.mode != Mode::Dense && p.opt.pattern == Pattern::Window && !p.blocks_given)
+    window_table(p.grid, p.opt, &widx, &wcnt);
+
+  std::vector<BlockHead> heads(BH);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    heads[bh].load(p, rope, order, bh / p.H, bh % p.H, true);
+    if (p.opt.mode == Mode::Dense || p.blocks_given) continue;
+    int32_t* idx = p.block_idx + bh * bs.n_q * bs.max_k;
+    int32_t* cnt = p.block_cnt + bh * bs.n_q;
+    if (p.opt.pattern == Pattern::Window) {
+      std::copy(widx.begin(), widx.end(), idx);
+      std::copy(wcnt.begin(), wcnt.end(), cnt);
+    } else {
+      select_topk(p, heads[bh], idx, cnt);
+    }
+  }
+
+#pragma omp parallel
+  {
+    std::vector<float> S, O(bq * D);
+    KeptRuns runs;
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < BH; ++bh)
+      for (int64_t i = 0; i < bs.n_q; ++i) {
+        const BlockHead& x = heads[bh];
+        const int32_t* idx = p.block_idx ? p.block_idx + bh * bs.n_q * bs.max_k : nullptr;
+        const int32_t* cnt = p.block_cnt ? p.block_cnt + bh * bs.n_q : nullptr;
+        runs.build(p, idx, cnt, i);
+        const int64_t q0 = i * bq, m = std::min(L, q0 + bq) - q0, n = runs.total;
+        S.resize(m * n);
+        for (size_t r = 0, col = 0; r < runs.start.size(); col += runs.len[r], ++r)
+          gemm(m, runs.len[r], D, &x.qr[q0 * D], D, &x.krT[runs.start[r]], L, &S[col], n, false);
+        float* lse = p.lse + bh * L;
+        for (int64_t r = 0; r < m; ++r) {
+          float* s = &S[r * n];
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t c = 0; c < n; ++c) mx = std::max(mx, s[c] *= scale);
+          float sum = 0;
+          for (int64_t c = 0; c < n; ++c) sum += (s[c] = std::exp(s[c] - mx));
+          const float inv = 1.0f / sum;
+          for (int64_t c = 0; c < n; ++c) s[c] *= inv;
+          lse[order[q0 + r]] = mx + std::log(sum);
+        }
+        for (size_t r = 0, col = 0; r < runs.start.size(); col += runs.len[r], ++r)
+          gemm(m, D, runs.len[r], &S[col], n, &x.v[runs.start[r] * D], D, O.data(), D, r > 0);
+        float* o_s = static_cast<float*>(p.o_s) + bh * L * D;
+        for (int64_t r = 0; r < m; ++r) std::copy_n(&O[r * D], D, o_s + order[q0 + r] * D);
+      }
+  }
+
+  if (p.opt.mode != Mode::Salad) return;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t bh = 0; bh < BH; ++bh) linear_forward_head(p, rope, bh / p.H, bh % p.H);
+}
+
+void fast_backward(const BwdParams& p) {
+  validate(p);
+  if (p.dtype != DType::F32)
+    throw ArgumentError(std::string("dtype: expected float32 for the fast CPU path, got ") + to_string(p.dtype));
+  if (!p.do_s || !p.dq || !p.dk || !p.dv) throw ArgumentError("do_s/dq/dk/dv: expected non-null gradient pointers");
+  const int64_t L = p.L, D = p.D, BH = p.B * p.H, bq = p.opt.block_q;
+  const BlockShape bs = p.blocks();
+  const FloatRope rope(RopeTable(p.grid, D, p.opt.rope_theta));
+  const std::vector<int64_t> order = token_order(p.grid, p.opt);
+  const float scale = static_cast<float>(p.softmax_scale());
+
+  // One thread per (batch, head): dK/dV accumulate over query blocks without races.
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    const int64_t b = bh / p.H, h = bh % p.H;
+    BlockHead x;
+    x.load(p, rope, order, b, h, true);
+    std::vector<float> vT(D * L), dO(L * D), delta(L), dqr(L * D, 0.0f), dkr(L * D, 0.0f), dv(L * D, 0.0f);
+    transpose(x.v.data(), L, D, D, vT.data(), L);
+    const float* do_s = static_cast<const float*>(p.do_s) + bh * L * D;
+    const float* o_s = static_cast<const float*>(p.o_s) + bh * L * D;
+    const float* lse = p.lse + bh * L;
+    for (int64_t pos = 0; pos < L; ++pos) {
+      const int64_t t = order[pos];
+      std::copy_n(do_s + t * D, D, &dO[pos * D]);
+      float s = 0;
+      for (int64_t d = 0; d < D; ++d) s += do_s[t * D + d] * o_s[t * D + d];
+      delta[pos] = s;
+    }
+    const int32_t* idx = p.block_idx ? p.block_idx + bh * bs.n_q * bs.max_k : nullptr;
+    const int32_t* cnt = p.block_cnt ? p.block_cnt + bh * bs.n_q : nullptr;
+    KeptRuns runs;
+    std::vector<float> P, dS, T;
+    for (int64_t i = 0; i < bs.n_q; ++i) {
+      runs.build(p, idx, cnt, i);
+      const int64_t q0 = i * bq, m = std::min(L, q0 + bq) - q0, n = runs.total;
+      P.resize(m * n), dS.resize(m * n), T.resize(n * m);
+      for (size_t r = 0, col = 0; r < runs.start.size(); col += runs.len[r], ++r) {
+        gemm(m, runs.len[r], D, &x.qr[q0 * D], D, &x.krT[runs.start[r]], L, &P[col], n, false);
+        gemm(m, runs.len[r], D, &dO[q0 * D], D, &vT[runs.start[r]], L, &dS[col], n, false);
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        const float l = lse[order[q0 + r]], dl = delta[q0 + r];
+        for (int64_t c = 0; c < n; ++c) {
+          const float pr = std::exp(P[r * n + c] * scale - l);
+          P[r * n + c] = pr;
+          dS[r * n + c] = pr * (dS[r * n + c] - dl) * scale;
+        }
+      }
+      // dQ = dS K;  dV += P^T dO;  dK += dS^T Q
+      for (size_t r = 0, col = 0; r < runs.start.size(); col += runs.len[r], ++r)
+        gemm(m, D, runs.len[r], &dS[col], n, &x.kr[runs.start[r] * D], D, &dqr[q0 * D], D, r > 0);
+      transpose(P.data(), m, n, n, T.data(), m);
+      for (size_t r = 0, row0 = 0; r < runs.start.size(); row0 += runs.len[r], ++r)
+        gemm(runs.len[r], D, m, &T[row0 * m], m, &dO[q0 * D], D, &dv[runs.start[r] * D], D, true);
+      transpose(dS.data(), m, n, n, T.data(), m);
+      for (size_t r = 0, row0 = 0; r < runs.start.size(); row0 += runs.len[r], ++r)
+        gemm(runs.len[r], D, m, &T[row0 * m], m, &x.qr[q0 * D], D, &dkr[runs.start[r] * D], D, true);
+    }
+    float* dq = static_cast<float*>(p.dq) + bh * L * D;
+    float* dk = static_cast<float*>(p.dk) + bh * L * D;
+    float* dvo = static_cast<float*>(p.dv) + bh * L * D;
+    for (int64_t pos = 0; pos < L; ++pos) {
+      const int64_t t = order[pos];
+      rope.apply(t, &dqr[pos * D], true);
+      rope.apply(t, &dkr[pos * D], true);
+      std::copy_n(&dqr[pos * D], D, dq + t * D);
+      std::copy_n(&dkr[pos * D], D, dk + t * D);
+      std::copy_n(&dv[pos * D], D, dvo + t * D);
+    }
+    if (p.opt.mode != Mode::Salad || !p.do_l) continue;
+
+    // Linear branch, in raster order (see reference_backward for the formulas).
+    std::vector<float> q(L * D), k(L * D), v(L * D), phiq(L * D), phik(L * D), a(L * D), c(L * D);
+    for (int64_t t = 0; t < L; ++t) {
+      std::copy_n(row<float>(p.q, p.q_stride, b, h, t), D, &q[t * D]);
+      std::copy_n(row<float>(p.k, p.k_stride, b, h, t), D, &k[t * D]);
+      std::copy_n(row<float>(p.v, p.v_stride, b, h, t), D, &v[t * D]);
+      feature_map(p.opt.feature, &q[t * D], &phiq[t * D], D);
+      feature_map(p.opt.feature, &k[t * D], &phik[t * D], D);
+      std::copy_n(&phiq[t * D], D, &a[t * D]);
+      std::copy_n(&phik[t * D], D, &c[t * D]);
+      if (p.opt.linear_rope) rope.apply(t, &a[t * D]), rope.apply(t, &c[t * D]);
+    }
+    std::vector<float> cT(D * L), aT(D * L), Sv(D * D), SvT(D * D), z(D, 0.0f);
+    transpose(c.data(), L, D, D, cT.data(), L);
+    transpose(a.data(), L, D, D, aT.data(), L);
+    gemm(D, D, L, cT.data(), L, v.data(), D, Sv.data(), D, false);
+    transpose(Sv.data(), D, D, D, SvT.data(), D);
+    for (int64_t t = 0; t < L; ++t)
+      for (int64_t d = 0; d < D; ++d) z[d] += phik[t * D + d];
+    const float* o_l = static_cast<const float*>(p.o_l) + bh * L * D;
+    const float* do_l = static_cast<const float*>(p.do_l) + bh * L * D;
+    std::vector<float> dnum(L * D), dden(L), da(L * D), dSv(D * D), dSvT(D * D), dz(D, 0.0f);
+    for (int64_t t = 0; t < L; ++t) {
+      float den = static_cast<float>(p.opt.eps), od = 0;
+      for (int64_t d = 0; d < D; ++d) den += phiq[t * D + d] * z[d], od += do_l[t * D + d] * o_l[t * D + d];
+      dden[t] = -od / den;
+      for (int64_t d = 0; d < D; ++d) dnum[t * D + d] = do_l[t * D + d] / den, dz[d] += dden[t] * phiq[t * D + d];
+    }
+    gemm(L, D, D, dnum.data(), D, SvT.data(), D, da.data(), D, false);     // da = dnum Sv^T
+    gemm(D, D, L, aT.data(), L, dnum.data(), D, dSv.data(), D, false);     // dSv = a^T dnum
+    transpose(dSv.data(), D, D, D, dSvT.data(), D);
+    std::vector<float> dc(L * D), g(D), dx(D);
+    gemm(L, D, D, v.data(), D, dSvT.data(), D, dc.data(), D, false);       // dc = V dSv^T
+    gemm(L, D, D, c.data(), D, dSv.data(), D, dvo, D, true);               // dV += C dSv
+    for (int64_t t = 0; t < L; ++t) {
+      if (p.opt.linear_rope) rope.apply(t, &da[t * D], true), rope.apply(t, &dc[t * D], true);
+      for (int64_t d = 0; d < D; ++d) g[d] = da[t * D + d] + dden[t] * z[d];
+      feature_map_backward(p.opt.feature, &q[t * D], &phiq[t * D], g.data(), dx.data(), D);
+      for (int64_t d = 0; d < D; ++d) dq[t * D + d] += dx[d];
+      for (int64_t d = 0; d < D; ++d) g[d] = dc[t * D + d] + dz[d];
+      feature_map_backward(p.opt.feature, &k[t * D], &phik[t * D], g.data(), dx.data(), D);
+      for (int64_t d = 0; d < D; ++d) dk[t * D + d] += dx[d];
+    }
+  }
+}
+
+}  // namespace salad::cpu
