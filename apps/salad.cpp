@@ -1,1 +1,326 @@
-int main() { return 0; }
+// The `salad` command line: `salad <subcommand> --help` for each.
+#include <CLI/CLI.hpp>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <sstream>
+
+#ifdef SALAD_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+#include "salad/kernels.h"
+#include "salad/salad.h"
+
+using namespace salad;
+
+namespace {
+
+std::vector<int64_t> parse_ints(const std::string& s, size_t n, const char* what) {
+  std::vector<int64_t> v;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    try {
+      size_t used = 0;
+      v.push_back(std::stoll(item, &used));
+      if (used != item.size()) throw std::invalid_argument(item);
+    } catch (const std::exception&) {
+      throw ArgumentError(std::string(what) + ": expected " + std::to_string(n) + " comma-separated integers, got '" + s + "'");
+    }
+  }
+  if (v.size() != n)
+    throw ArgumentError(std::string(what) + ": expected " + std::to_string(n) + " comma-separated integers, got '" + s + "'");
+  return v;
+}
+
+// Named benchmark shapes of ../shared/SALAD.md (token grids of Wan 2.1 at 81 frames).
+struct Shape {
+  int64_t heads, dim;
+  Grid grid;
+};
+const std::map<std::string, Shape>& named_shapes() {
+  static const std::map<std::string, Shape> m = {
+      {"wan1.3b-480p", {12, 128, {21, 30, 52}}},
+      {"wan14b-480p", {40, 128, {21, 30, 52}}},
+      {"wan14b-720p", {40, 128, {21, 45, 80}}},
+      {"cpu-small", {2, 64, {8, 32, 32}}},
+  };
+  return m;
+}
+
+// Options shared by the subcommands that build an attention call.
+struct AttnArgs {
+  std::string grid = "8,32,32", tile, window = "1,1,1", mode = "salad", pattern = "topk", feature = "relu";
+  int64_t block_q = 128, block_k = 64;
+  double keep = 0.10;
+  bool no_linear_rope = false;
+
+  void add(CLI::App* app) {
+    app->add_option("--grid", grid, "token grid F,H,W (L = F*H*W)")->capture_default_str();
+    app->add_option("--mode", mode, "dense | sparse | salad")->capture_default_str();
+    app->add_option("--pattern", pattern, "topk | window")->capture_default_str();
+    app->add_option("--keep", keep, "fraction of key blocks kept (topk)")->capture_default_str();
+    app->add_option("--block-q", block_q, "query block size in tokens")->capture_default_str();
+    app->add_option("--block-k", block_k, "key block size in tokens")->capture_default_str();
+    app->add_option("--tile", tile, "token order of 3-D tiles ft,ht,wt (default: raster)");
+    app->add_option("--window", window, "window radius wf,wh,ww in tiles (pattern window)")->capture_default_str();
+    app->add_option("--feature", feature, "linear feature map: relu | elu1 | softmax")->capture_default_str();
+    app->add_flag("--no-linear-rope", no_linear_rope, "drop the RoPE in the linear branch");
+  }
+  Grid to_grid() const {
+    auto v = parse_ints(grid, 3, "--grid");
+    return {v[0], v[1], v[2]};
+  }
+  Options to_options() const {
+    Options o;
+    o.mode = parse_mode(mode);
+    o.pattern = parse_pattern(pattern);
+    o.keep = keep, o.block_q = block_q, o.block_k = block_k;
+    if (!tile.empty()) {
+      auto t = parse_ints(tile, 3, "--tile");
+      o.tile_order = true, o.tile = {t[0], t[1], t[2]};
+    }
+    auto w = parse_ints(window, 3, "--window");
+    o.window = {w[0], w[1], w[2]};
+    o.feature = parse_feature(feature);
+    o.linear_rope = !no_linear_rope;
+    return o;
+  }
+};
+
+at::ScalarType parse_dtype(const std::string& s) {
+  if (s == "float32") return at::kFloat;
+  if (s == "float64") return at::kDouble;
+  if (s == "bfloat16") return at::kBFloat16;
+  if (s == "float16") return at::kHalf;
+  throw ArgumentError("--dtype: expected float32 | float64 | bfloat16 | float16, got '" + s + "'");
+}
+
+void sync(const at::Device& d) {
+  if (d.is_cuda()) torch::cuda::synchronize();
+}
+
+// Median milliseconds of fn over iters runs after warmup runs.
+double median_ms(const std::function<void()>& fn, const at::Device& dev, int warmup, int iters) {
+  for (int i = 0; i < warmup; ++i) fn();
+  sync(dev);
+  std::vector<double> t;
+  for (int i = 0; i < iters; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    sync(dev);
+    t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+const char* sdpa_backend_name(int64_t b) {
+  switch (b) {
+    case 0: return "math";
+    case 1: return "flash";
+    case 2: return "efficient";
+    case 3: return "cudnn";
+    default: return "other";
+  }
+}
+
+int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64_t heads, int64_t dim,
+               const std::string& device, const std::string& dtype_s, int iters, int warmup, bool backward,
+               const std::string& variants_s) {
+  Grid grid = a.to_grid();
+  if (!shape.empty()) {
+    auto it = named_shapes().find(shape);
+    if (it == named_shapes().end()) {
+      std::string names;
+      for (auto& kv : named_shapes()) names += (names.empty() ? "" : " | ") + kv.first;
+      throw ArgumentError("--shape: expected one of " + names + ", got '" + shape + "'");
+    }
+    heads = it->second.heads, dim = it->second.dim, grid = it->second.grid;
+  }
+  if (device != "cpu" && device != "cuda") throw ArgumentError("--device: expected cpu | cuda, got '" + device + "'");
+  if (device == "cuda" && !torch::cuda::is_available())
+    throw ArgumentError("--device: cuda requested but no CUDA device is visible");
+  const at::Device dev(device == "cuda" ? at::kCUDA : at::kCPU);
+  const at::ScalarType dt = dtype_s.empty() ? (dev.is_cuda() ? at::kBFloat16 : at::kFloat) : parse_dtype(dtype_s);
+  Options opt = a.to_options();
+  const int64_t L = grid.size();
+  torch::manual_seed(0);
+  auto topt = at::TensorOptions().dtype(dt).device(dev);
+  at::Tensor q = at::randn({batch, heads, L, dim}, topt), k = at::randn({batch, heads, L, dim}, topt),
+             v = at::randn({batch, heads, L, dim}, topt);
+  if (backward) q.requires_grad_(), k.requires_grad_(), v.requires_grad_();
+  const at::Tensor go = at::randn({batch, heads, L, dim}, topt);
+
+  std::vector<std::string> variants;
+  {
+    std::stringstream ss(variants_s);
+    std::string v_;
+    while (std::getline(ss, v_, ',')) variants.push_back(v_);
+  }
+  std::printf("bench-attn: device %s, dtype %s, B %lld, H %lld, L %lld (grid %lldx%lldx%lld), D %lld, keep %.3f, "
+              "blocks %lld/%lld, threads %d, %d iters (median)\n",
+              device.c_str(), c10::toString(dt), (long long)batch, (long long)heads, (long long)L, (long long)grid.f,
+              (long long)grid.h, (long long)grid.w, (long long)dim, opt.keep, (long long)opt.block_q,
+              (long long)opt.block_k, at::get_num_threads(), iters);
+#ifdef SALAD_WITH_CUDA
+  if (dev.is_cuda()) std::printf("card: %s\n", at::cuda::getCurrentDeviceProperties()->name);
+#endif
+
+  struct Row {
+    std::string name;
+    double fwd = 0, fb = 0;
+    double sparsity = 0;
+  };
+  std::vector<Row> rows;
+  for (const std::string& name : variants) {
+    Row r{name};
+    std::function<std::vector<at::Tensor>()> fwd;
+    if (name == "sdpa") {
+      const int64_t choice = dev.is_cuda() ? at::_fused_sdp_choice(q, k, v) : 0;
+      r.name = std::string("sdpa(") + (dev.is_cuda() ? sdpa_backend_name(choice) : "cpu") + ")";
+      fwd = [&] { return std::vector<at::Tensor>{at::scaled_dot_product_attention(q, k, v)}; };
+    } else {
+      Options o = opt;
+      o.mode = parse_mode(name);
+      if (o.mode != Mode::Dense) {
+        at::NoGradGuard ng;
+        const AttentionOutput out = attention(q.detach(), k.detach(), v.detach(), grid, o);
+        const BlockShape bs = [&] { Params p; p.L = L; p.opt = o; return p.blocks(); }();
+        r.sparsity = 1.0 - out.block_cnt.to(at::kDouble).mean().item<double>() / static_cast<double>(bs.n_k);
+      }
+      fwd = [&, o] {
+        AttentionOutput out = attention(q, k, v, grid, o);
+        return o.mode == Mode::Salad ? std::vector<at::Tensor>{out.o_s, out.o_l} : std::vector<at::Tensor>{out.o_s};
+      };
+    }
+    {
+      at::NoGradGuard ng;
+      r.fwd = median_ms([&] { fwd(); }, dev, warmup, iters);
+    }
+    if (backward) {
+      r.fb = median_ms(
+          [&] {
+            auto outs = fwd();
+            at::Tensor l = (outs[0] * go).sum();
+            if (outs.size() > 1) l = l + (outs[1] * go).sum();
+            l.backward();
+            q.mutable_grad().reset(), k.mutable_grad().reset(), v.mutable_grad().reset();
+          },
+          dev, warmup, iters);
+    }
+    rows.push_back(r);
+  }
+  const double base_f = rows.empty() ? 1 : rows[0].fwd, base_b = rows.empty() ? 1 : rows[0].fb - rows[0].fwd;
+  std::printf("\n%-16s %9s %9s %12s", "variant", "sparsity", "fwd ms", "fwd speed-up");
+  if (backward) std::printf(" %9s %12s", "bwd ms", "bwd speed-up");
+  std::printf("   (speed-up vs %s, same run)\n", rows.empty() ? "-" : rows[0].name.c_str());
+  for (const Row& r : rows) {
+    std::printf("%-16s %8.1f%% %9.3f %11.2fx", r.name.c_str(), 100 * r.sparsity, r.fwd, base_f / r.fwd);
+    if (backward) std::printf(" %9.3f %11.2fx", r.fb - r.fwd, base_b / (r.fb - r.fwd));
+    std::printf("\n");
+  }
+  return 0;
+}
+
+int select_cmd(const AttnArgs& a, int64_t heads, int64_t dim, uint64_t seed) {
+  const Grid grid = a.to_grid();
+  Options o = a.to_options();
+  o.mode = Mode::Sparse;
+  torch::manual_seed(seed);
+  const at::Tensor q = at::randn({1, heads, grid.size(), dim}), k = at::randn({1, heads, grid.size(), dim});
+  auto [idx, cnt] = select_blocks(q, k, grid, o);
+  Params p;
+  p.L = grid.size(), p.opt = o;
+  const BlockShape bs = p.blocks();
+  std::printf("grid %lldx%lldx%lld (L %lld), order %s, pattern %s, blocks %lld/%lld: %lld query blocks x %lld key blocks\n",
+              (long long)grid.f, (long long)grid.h, (long long)grid.w, (long long)grid.size(),
+              o.tile_order ? "tile" : "raster", to_string(o.pattern), (long long)o.block_q, (long long)o.block_k,
+              (long long)bs.n_q, (long long)bs.n_k);
+  // Token-level sparsity: attended (query, key) pairs over L^2, partial blocks counted exactly.
+  double pairs = 0;
+  auto ia = idx.accessor<int32_t, 4>();
+  auto ca = cnt.accessor<int32_t, 3>();
+  for (int64_t h = 0; h < heads; ++h) {
+    double ph = 0;
+    for (int64_t i = 0; i < bs.n_q; ++i) {
+      const int64_t rows = std::min(p.L, (i + 1) * o.block_q) - i * o.block_q;
+      for (int32_t c = 0; c < ca[0][h][i]; ++c) {
+        const int64_t j = ia[0][h][i][c];
+        ph += static_cast<double>(rows) * static_cast<double>(std::min(p.L, (j + 1) * o.block_k) - j * o.block_k);
+      }
+    }
+    std::printf("head %lld: mean kept blocks %.2f of %lld, block sparsity %.2f%%, token sparsity %.2f%%\n",
+                (long long)h, cnt[0][h].to(at::kDouble).mean().item<double>(), (long long)bs.n_k,
+                100.0 * (1.0 - cnt[0][h].to(at::kDouble).mean().item<double>() / static_cast<double>(bs.n_k)),
+                100.0 * (1.0 - ph / (static_cast<double>(p.L) * static_cast<double>(p.L))));
+    pairs += ph;
+  }
+  std::printf("sparsity: %.2f%% (token pairs, all heads); keep %.3f -> k = %lld\n",
+              100.0 * (1.0 - pairs / (static_cast<double>(heads) * p.L * p.L)), o.keep, (long long)bs.max_k);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"salad: SALAD sparse + linear attention for video diffusion transformers"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "salad 0.1.0");
+
+  auto* info = app.add_subcommand("info", "what this build has (CUDA kernels, LibTorch, threads)");
+
+  AttnArgs bench_args;
+  std::string shape, device = "cpu", dtype;
+  int64_t batch = 1, heads = 2, dim = 64;
+  int iters = 10, warmup = 2;
+  bool backward = false;
+  std::string variants = "sdpa,dense,sparse,salad";
+  auto* bench = app.add_subcommand("bench-attn", "time SDPA, dense, sparse and SALAD attention in one run");
+  bench_args.add(bench);
+  bench->add_option("--shape", shape, "named shape: wan1.3b-480p | wan14b-480p | wan14b-720p | cpu-small");
+  bench->add_option("--batch", batch, "batch size")->capture_default_str();
+  bench->add_option("--heads", heads, "heads")->capture_default_str();
+  bench->add_option("--dim", dim, "head width D")->capture_default_str();
+  bench->add_option("--device", device, "cpu | cuda")->capture_default_str();
+  bench->add_option("--dtype", dtype, "float32 | bfloat16 | float16 (default: float32 on cpu, bfloat16 on cuda)");
+  bench->add_option("--iters", iters, "timed iterations (median)")->capture_default_str()->check(CLI::PositiveNumber);
+  bench->add_option("--warmup", warmup, "untimed iterations first")->capture_default_str();
+  bench->add_flag("--backward", backward, "also time forward+backward");
+  bench->add_option("--variants", variants, "comma list of sdpa,dense,sparse,salad; the first is the baseline")
+      ->capture_default_str();
+
+  AttnArgs sel_args;
+  int64_t sel_heads = 2, sel_dim = 64;
+  uint64_t seed = 0;
+  auto* sel = app.add_subcommand("select", "block selection on random q/k: the sparsity actually achieved");
+  sel_args.add(sel);
+  sel->add_option("--heads", sel_heads, "heads")->capture_default_str();
+  sel->add_option("--dim", sel_dim, "head width D")->capture_default_str();
+  sel->add_option("--seed", seed, "random seed")->capture_default_str();
+
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (*info) {
+      std::printf("salad 0.1.0\nCUDA kernels compiled: %s\nCUDA device visible: %s\nLibTorch: %s\nCPU threads: %d\n",
+                  cuda_kernels_compiled() ? "yes" : "no", torch::cuda::is_available() ? "yes" : "no", TORCH_VERSION,
+                  at::get_num_threads());
+      return 0;
+    }
+    if (*bench) return bench_attn(bench_args, shape, batch, heads, dim, device, dtype, iters, warmup, backward, variants);
+    if (*sel) return select_cmd(sel_args, sel_heads, sel_dim, seed);
+  } catch (const ArgumentError& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what_without_backtrace());
+    return 2;
+  }
+  return 0;
+}

@@ -34,6 +34,9 @@ struct AttentionOutput {
 AttentionOutput attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Grid& grid,
                           const Options& opt = {}, Impl impl = Impl::Auto);
 
+// True when this library was built with the CUDA kernels (a GPU may still be absent).
+bool cuda_kernels_compiled();
+
 // Only the block table (idx, cnt) that attention() would use.
 std::pair<at::Tensor, at::Tensor> select_blocks(const at::Tensor& q, const at::Tensor& k, const Grid& grid,
                                                 const Options& opt = {});

@@ -473,6 +473,8 @@ Impl parse_impl(const std::string& s) {
   fail("impl: expected one of auto|reference|fast, got '", s, "'");
 }
 
+bool cuda_kernels_compiled() { return cuda::compiled(); }
+
 AttentionOutput attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Grid& grid,
                           const Options& opt, Impl impl) {
   const OpArgs a = OpArgs::from(grid, opt, impl);

@@ -19,45 +19,102 @@
 namespace salad::cpu {
 namespace {
 
-// C[M x N] (+)= A[M x K] * B[K x N]; row-major with leading dimensions.
-// 4 x 16 register tile: the inner loop over 16 columns vectorises, the 64
-// accumulators stay in registers.
-void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-          float* C, int64_t ldc, bool accumulate) {
-  constexpr int R = 4, W = 16;
+// Portable SIMD through GCC/Clang vector extensions: 16 lanes where AVX-512
+// is enabled, else 8 (AVX2, or two SSE halves).
+#if defined(__AVX512F__)
+constexpr int VL = 16;
+#else
+constexpr int VL = 8;
+#endif
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+
+inline vf loadu(const float* p) {
+  vf v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void storeu(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+inline vf splat(float x) { return vf{} + x; }
+
+// e^x for x <= 0 (softmax arguments after the max is subtracted), to ~2e-7
+// relative: 2^n * e^(f ln 2) with n = round(x / ln 2) and a degree-6 Taylor
+// polynomial on |f ln 2| <= 0.35.
+inline vf vexp(vf x) {
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  const vf t = x * 1.44269504088896341f;
+  const vi n = __builtin_convertvector(t + (t < splat(0.0f) ? splat(-0.5f) : splat(0.5f)), vi);
+  const vf y = (t - __builtin_convertvector(n, vf)) * 0.693147180559945309f;
+  vf p = splat(1.0f / 720);
+  p = p * y + 1.0f / 120;
+  p = p * y + 1.0f / 24;
+  p = p * y + 1.0f / 6;
+  p = p * y + 0.5f;
+  p = p * y + 1.0f;
+  p = p * y + 1.0f;
+  vf scale;
+  const vi bits = (n + 127) << 23;
+  __builtin_memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// x[i] = exp(x[i] * a - b) for i < n; returns the sum.
+float exp_affine(float* x, int64_t n, float a, float b) {
+  vf acc{};
   int64_t i = 0;
-  for (; i + R <= M; i += R) {
-    int64_t j = 0;
-    for (; j + W <= N; j += W) {
-      float c[R][W] = {};
-      for (int64_t k = 0; k < K; ++k) {
-        const float* b = B + k * ldb + j;
-        for (int r = 0; r < R; ++r) {
-          const float a = A[(i + r) * lda + k];
-          for (int x = 0; x < W; ++x) c[r][x] += a * b[x];
-        }
-      }
-      for (int r = 0; r < R; ++r)
-        for (int x = 0; x < W; ++x) {
-          float& out = C[(i + r) * ldc + j + x];
-          out = accumulate ? out + c[r][x] : c[r][x];
-        }
-    }
-    for (; j < N; ++j)
-      for (int r = 0; r < R; ++r) {
-        float s = 0;
-        for (int64_t k = 0; k < K; ++k) s += A[(i + r) * lda + k] * B[k * ldb + j];
-        float& out = C[(i + r) * ldc + j];
-        out = accumulate ? out + s : s;
-      }
+  for (; i + VL <= n; i += VL) {
+    const vf e = vexp(loadu(x + i) * a - b);
+    storeu(x + i, e);
+    acc += e;
   }
-  for (; i < M; ++i) {
+  float sum = 0;
+  for (int l = 0; l < VL; ++l) sum += acc[l];
+  for (; i < n; ++i) sum += (x[i] = std::exp(x[i] * a - b));
+  return sum;
+}
+
+// R x (2 VL) register tile: 2R vector accumulators, one broadcast of A per row.
+template <int R>
+inline void micro_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                       bool accumulate) {
+  vf c0[R], c1[R];
+  for (int r = 0; r < R; ++r) c0[r] = vf{}, c1[r] = vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    const vf b0 = loadu(B + k * ldb), b1 = loadu(B + k * ldb + VL);
+    for (int r = 0; r < R; ++r) {
+      const float a = A[r * lda + k];
+      c0[r] += a * b0;
+      c1[r] += a * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if (accumulate) c0[r] += loadu(C + r * ldc), c1[r] += loadu(C + r * ldc + VL);
+    storeu(C + r * ldc, c0[r]);
+    storeu(C + r * ldc + VL, c1[r]);
+  }
+}
+
+// C[M x N] (+)= A[M x K] * B[K x N]; row-major with leading dimensions. Column
+// strips of 2 VL keep a K x 2VL panel of B in L1 while 6-row tiles of A stream.
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+          int64_t ldc, bool accumulate) {
+  // 8 rows fill 16 of AVX-512's 32 vector registers with accumulators; AVX2 has 16 in all.
+  constexpr int R = VL == 16 ? 8 : 6, W = 2 * VL;
+  int64_t j = 0;
+  for (; j + W <= N; j += W) {
+    int64_t i = 0;
+    for (; i + R <= M; i += R) micro_tile<R>(K, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+    for (; i + 2 <= M; i += 2) micro_tile<2>(K, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+    for (; i < M; ++i) micro_tile<1>(K, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+  }
+  if (j == N) return;
+  for (int64_t i = 0; i < M; ++i) {  // last columns (partial blocks, small D)
     float* c = C + i * ldc;
-    if (!accumulate) std::fill_n(c, N, 0.0f);
+    if (!accumulate) std::fill(c + j, c + N, 0.0f);
     for (int64_t k = 0; k < K; ++k) {
       const float a = A[i * lda + k];
       const float* b = B + k * ldb;
-      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+      for (int64_t x = j; x < N; ++x) c[x] += a * b[x];
     }
   }
 }
@@ -85,8 +142,19 @@ struct FloatRope {
 };
 
 // One (batch, head) gathered into block order for the sparse branch.
+// Block j of rows (block order, L x D) transposed into a contiguous D x bk
+// panel, so a GEMM against it reads one small L1-resident tile; the columns
+// past the end of a partial last block are zero.
+std::vector<float> panels(const std::vector<float>& rows, int64_t L, int64_t D, int64_t bk) {
+  const int64_t n = (L + bk - 1) / bk;
+  std::vector<float> out(n * bk * D, 0.0f);
+  for (int64_t pos = 0; pos < L; ++pos)
+    for (int64_t d = 0; d < D; ++d) out[(pos / bk) * bk * D + d * bk + pos % bk] = rows[pos * D + d];
+  return out;
+}
+
 struct BlockHead {
-  std::vector<float> qr, kr, krT, v;  // qr, kr, v: (L, D); krT: (D, L)
+  std::vector<float> qr, kr, krT, v;  // qr, kr, v: (L, D); krT: key-block panels (see panels())
   void load(const Params& p, const FloatRope& rope, const std::vector<int64_t>& order, int64_t b, int64_t h,
             bool with_transposes) {
     const int64_t L = p.L, D = p.D;
@@ -100,8 +168,7 @@ struct BlockHead {
       rope.apply(t, &kr[pos * D]);
     }
     if (with_transposes) {
-      krT.resize(L * D);
-      transpose(kr.data(), L, D, D, krT.data(), L);
+      krT = panels(kr, L, D, p.opt.block_k);
     }
   }
 };
@@ -133,21 +200,18 @@ void select_topk(const Params& p, const BlockHead& x, int32_t* idx, int32_t* cnt
 
 // Kept key blocks of query block i: (first position, length) runs in block order.
 struct KeptRuns {
-  std::vector<int64_t> start, len;
+  std::vector<int64_t> start, len;  // one run per kept key block, in block order
   int64_t total = 0;
   void build(const Params& p, const int32_t* idx, const int32_t* cnt, int64_t i) {
     start.clear(), len.clear(), total = 0;
     const BlockShape bs = p.blocks();
     const int64_t bk = p.opt.block_k;
     auto add = [&](int64_t lo, int64_t n) {
-      if (!start.empty() && start.back() + len.back() == lo)
-        len.back() += n;  // merge adjacent blocks into one longer GEMM
-      else
-        start.push_back(lo), len.push_back(n);
+      start.push_back(lo), len.push_back(n);
       total += n;
     };
     if (p.opt.mode == Mode::Dense) {
-      add(0, p.L);
+      for (int64_t j = 0; j < bs.n_k; ++j) add(j * bk, std::min(p.L, (j + 1) * bk) - j * bk);
       return;
     }
     for (int32_t c = 0; c < cnt[i]; ++c) {
@@ -159,22 +223,21 @@ struct KeptRuns {
 
 void linear_forward_head(const Params& p, const FloatRope& rope, int64_t b, int64_t h) {
   const int64_t L = p.L, D = p.D, bh = b * p.H + h;
-  std::vector<float> phi(D), c(D), Sv(D * D, 0.0f), z(D, 0.0f);
-  // One pass over K/V: Sv = sum_j c_j v_j^T, z = sum_j phi(k_j).
-  for (int64_t t = 0; t < L; ++t) {
-    feature_map(p.opt.feature, row<float>(p.k, p.k_stride, b, h, t), phi.data(), D);
-    c = phi;
-    if (p.opt.linear_rope) rope.apply(t, c.data());
-    const float* vt = row<float>(p.v, p.v_stride, b, h, t);
-    for (int64_t a = 0; a < D; ++a) {
-      z[a] += phi[a];
-      const float ca = c[a];
-      float* s = &Sv[a * D];
-      for (int64_t e = 0; e < D; ++e) s[e] += ca * vt[e];
+  // One pass over K/V in chunks: Sv += C^T V with C = R phi(K), z = sum_j phi(k_j).
+  constexpr int64_t kChunk = 256;
+  std::vector<float> phi(D), cT(D * kChunk), v(kChunk * D), Sv(D * D, 0.0f), z(D, 0.0f);
+  for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
+    const int64_t n = std::min(kChunk, L - t0);
+    for (int64_t r = 0; r < n; ++r) {
+      feature_map(p.opt.feature, row<float>(p.k, p.k_stride, b, h, t0 + r), phi.data(), D);
+      for (int64_t a = 0; a < D; ++a) z[a] += phi[a];
+      if (p.opt.linear_rope) rope.apply(t0 + r, phi.data());
+      for (int64_t a = 0; a < D; ++a) cT[a * kChunk + r] = phi[a];
+      std::copy_n(row<float>(p.v, p.v_stride, b, h, t0 + r), D, &v[r * D]);
     }
+    gemm(D, D, n, cT.data(), kChunk, v.data(), D, Sv.data(), D, true);
   }
   float* o_l = static_cast<float*>(p.o_l) + bh * L * D;
-  constexpr int64_t kChunk = 256;
   std::vector<float> A(kChunk * D);
   for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
     const int64_t n = std::min(kChunk, L - t0);
@@ -204,7 +267,7 @@ void fast_forward(const Params& p) {
   const FloatRope rope(RopeTable(p.grid, D, p.opt.rope_theta));
   const std::vector<int64_t> order = token_order(p.grid, p.opt);
   const float scale = static_cast<float>(p.softmax_scale());
-  const int64_t bq = p.opt.block_q;
+  const int64_t bq = p.opt.block_q, bk = p.opt.block_k;
   std::vector<int32_t> widx, wcnt;
   if (p.opt.mode != Mode::Dense && p.opt.pattern == Pattern::Window && !p.blocks_given)
     window_table(p.grid, p.opt, &widx, &wcnt);
@@ -238,17 +301,15 @@ void fast_forward(const Params& p) {
         const int64_t q0 = i * bq, m = std::min(L, q0 + bq) - q0, n = runs.total;
         S.resize(m * n);
         for (size_t r = 0, col = 0; r < runs.start.size(); col += runs.len[r], ++r)
-          gemm(m, runs.len[r], D, &x.qr[q0 * D], D, &x.krT[runs.start[r]], L, &S[col], n, false);
+          gemm(m, runs.len[r], D, &x.qr[q0 * D], D, &x.krT[runs.start[r] * D], bk, &S[col], n, false);
         float* lse = p.lse + bh * L;
         for (int64_t r = 0; r < m; ++r) {
           float* s = &S[r * n];
           float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t c = 0; c < n; ++c) mx = std::max(mx, s[c] *= scale);
-          float sum = 0;
-          for (int64_t c = 0; c < n; ++c) sum += (s[c] = std::exp(s[c] - mx));
-          const float inv = 1.0f / sum;
+          for (int64_t c = 0; c < n; ++c) mx = std::max(mx, s[c]);
+          const float sum = exp_affine(s, n, scale, mx * scale), inv = 1.0f / sum;
           for (int64_t c = 0; c < n; ++c) s[c] *= inv;
-          lse[order[q0 + r]] = mx + std::log(sum);
+          lse[order[q0 + r]] = mx * scale + std::log(sum);
         }
         for (size_t r = 0, col = 0; r < runs.start.size(); col += runs.len[r], ++r)
           gemm(m, D, runs.len[r], &S[col], n, &x.v[runs.start[r] * D], D, O.data(), D, r > 0);
@@ -267,7 +328,7 @@ void fast_backward(const BwdParams& p) {
   if (p.dtype != DType::F32)
     throw ArgumentError(std::string("dtype: expected float32 for the fast CPU path, got ") + to_string(p.dtype));
   if (!p.do_s || !p.dq || !p.dk || !p.dv) throw ArgumentError("do_s/dq/dk/dv: expected non-null gradient pointers");
-  const int64_t L = p.L, D = p.D, BH = p.B * p.H, bq = p.opt.block_q;
+  const int64_t L = p.L, D = p.D, BH = p.B * p.H, bq = p.opt.block_q, bk = p.opt.block_k;
   const BlockShape bs = p.blocks();
   const FloatRope rope(RopeTable(p.grid, D, p.opt.rope_theta));
   const std::vector<int64_t> order = token_order(p.grid, p.opt);
@@ -279,8 +340,8 @@ void fast_backward(const BwdParams& p) {
     const int64_t b = bh / p.H, h = bh % p.H;
     BlockHead x;
     x.load(p, rope, order, b, h, true);
-    std::vector<float> vT(D * L), dO(L * D), delta(L), dqr(L * D, 0.0f), dkr(L * D, 0.0f), dv(L * D, 0.0f);
-    transpose(x.v.data(), L, D, D, vT.data(), L);
+    const std::vector<float> vT = panels(x.v, L, D, bk);
+    std::vector<float> dO(L * D), delta(L), dqr(L * D, 0.0f), dkr(L * D, 0.0f), dv(L * D, 0.0f);
     const float* do_s = static_cast<const float*>(p.do_s) + bh * L * D;
     const float* o_s = static_cast<const float*>(p.o_s) + bh * L * D;
     const float* lse = p.lse + bh * L;
@@ -300,16 +361,13 @@ void fast_backward(const BwdParams& p) {
       const int64_t q0 = i * bq, m = std::min(L, q0 + bq) - q0, n = runs.total;
       P.resize(m * n), dS.resize(m * n), T.resize(n * m);
       for (size_t r = 0, col = 0; r < runs.start.size(); col += runs.len[r], ++r) {
-        gemm(m, runs.len[r], D, &x.qr[q0 * D], D, &x.krT[runs.start[r]], L, &P[col], n, false);
-        gemm(m, runs.len[r], D, &dO[q0 * D], D, &vT[runs.start[r]], L, &dS[col], n, false);
+        gemm(m, runs.len[r], D, &x.qr[q0 * D], D, &x.krT[runs.start[r] * D], bk, &P[col], n, false);
+        gemm(m, runs.len[r], D, &dO[q0 * D], D, &vT[runs.start[r] * D], bk, &dS[col], n, false);
       }
       for (int64_t r = 0; r < m; ++r) {
-        const float l = lse[order[q0 + r]], dl = delta[q0 + r];
-        for (int64_t c = 0; c < n; ++c) {
-          const float pr = std::exp(P[r * n + c] * scale - l);
-          P[r * n + c] = pr;
-          dS[r * n + c] = pr * (dS[r * n + c] - dl) * scale;
-        }
+        const float dl = delta[q0 + r];
+        exp_affine(&P[r * n], n, scale, lse[order[q0 + r]]);
+        for (int64_t c = 0; c < n; ++c) dS[r * n + c] = P[r * n + c] * (dS[r * n + c] - dl) * scale;
       }
       // dQ = dS K;  dV += P^T dO;  dK += dS^T Q
       for (size_t r = 0, col = 0; r < runs.start.size(); col += runs.len[r], ++r)
