@@ -37,8 +37,8 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
 }
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
-  // Wan: (x.float() * rsqrt(mean(x.float()^2) + eps)).type_as(x) * weight
-  const at::Tensor xf = x.to(at::kFloat);
+  // Wan: (x.float() * rsqrt(mean(x.float()^2) + eps)).type_as(x) * weight; float64 stays float64.
+  const at::Tensor xf = x.scalar_type() == at::kDouble ? x : x.to(at::kFloat);
   return (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(x.scalar_type()) * weight;
 }
 

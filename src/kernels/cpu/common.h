@@ -50,7 +50,7 @@ template <class T>
 void feature_map(FeatureMap f, const T* x, T* y, int64_t D) {
   switch (f) {
     case FeatureMap::Relu:
-      for (int64_t d = 0; d < D; ++d) y[d] = x[d] > T(0) ? x[d] : T(0);
+      for (int64_t d = 0; d < D; ++d) y[d] = x[d] > T(0) || x[d] != x[d] ? x[d] : T(0);  // NaN stays NaN, as torch.relu
       break;
     case FeatureMap::Elu1:
       for (int64_t d = 0; d < D; ++d) y[d] = x[d] > T(0) ? x[d] + T(1) : std::exp(x[d]);
