@@ -8,8 +8,11 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "common.h"
@@ -73,6 +76,20 @@ float exp_affine(float* x, int64_t n, float a, float b) {
   return sum;
 }
 
+// max of x[0..n); NaN does not propagate (a NaN row gives NaN through exp anyway).
+float row_max(const float* x, int64_t n) {
+  vf m = splat(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + VL <= n; i += VL) {
+    const vf v = loadu(x + i);
+    m = v > m ? v : m;
+  }
+  float r = -std::numeric_limits<float>::infinity();
+  for (int l = 0; l < VL; ++l) r = std::max(r, m[l]);
+  for (; i < n; ++i) r = std::max(r, x[i]);
+  return r;
+}
+
 // R x (2 VL) register tile: 2R vector accumulators, one broadcast of A per row.
 template <int R>
 inline void micro_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
@@ -129,6 +146,21 @@ struct FloatRope {
   int64_t half;
   std::vector<float> cos, sin;
   explicit FloatRope(const RopeTable& t) : half(t.half), cos(t.cos.begin(), t.cos.end()), sin(t.sin.begin(), t.sin.end()) {}
+
+  // The table of the last few (grid, D, theta): a sampler calls every layer at one shape,
+  // and L * D/2 sincos per call would cost more than the linear branch.
+  static std::shared_ptr<const FloatRope> cached(const Grid& g, int64_t D, double theta) {
+    static std::mutex mu;
+    static std::vector<std::pair<std::array<double, 5>, std::shared_ptr<const FloatRope>>> cache;
+    const std::array<double, 5> key = {double(g.f), double(g.h), double(g.w), double(D), theta};
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto& kv : cache)
+      if (kv.first == key) return kv.second;
+    auto made = std::make_shared<const FloatRope>(RopeTable(g, D, theta));
+    if (cache.size() >= 8) cache.erase(cache.begin());
+    cache.emplace_back(key, made);
+    return made;
+  }
   void apply(int64_t tok, float* x, bool inverse = false) const {
     const float* c = &cos[tok * half];
     const float* s = &sin[tok * half];
@@ -264,7 +296,8 @@ void fast_forward(const Params& p) {
     throw ArgumentError(std::string("dtype: expected float32 for the fast CPU path, got ") + to_string(p.dtype));
   const int64_t L = p.L, D = p.D, BH = p.B * p.H;
   const BlockShape bs = p.blocks();
-  const FloatRope rope(RopeTable(p.grid, D, p.opt.rope_theta));
+  const std::shared_ptr<const FloatRope> rope_ptr = FloatRope::cached(p.grid, D, p.opt.rope_theta);
+  const FloatRope& rope = *rope_ptr;
   const std::vector<int64_t> order = token_order(p.grid, p.opt);
   const float scale = static_cast<float>(p.softmax_scale());
   const int64_t bq = p.opt.block_q, bk = p.opt.block_k;
@@ -272,7 +305,11 @@ void fast_forward(const Params& p) {
   if (p.opt.mode != Mode::Dense && p.opt.pattern == Pattern::Window && !p.blocks_given)
     window_table(p.grid, p.opt, &widx, &wcnt);
 
-  std::vector<BlockHead> heads(BH);
+  // Reused across calls (no page faults per call); OpenMP workers see it through
+  // this reference, not through their own thread_local.
+  thread_local std::vector<BlockHead> heads_storage;
+  std::vector<BlockHead>& heads = heads_storage;
+  heads.resize(BH);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t bh = 0; bh < BH; ++bh) {
     heads[bh].load(p, rope, order, bh / p.H, bh % p.H, true);
@@ -289,7 +326,7 @@ void fast_forward(const Params& p) {
 
 #pragma omp parallel
   {
-    std::vector<float> S, O(bq * D);
+    std::vector<float> S, O(bq * D), inv_sum(bq);
     KeptRuns runs;
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t bh = 0; bh < BH; ++bh)
@@ -305,16 +342,16 @@ void fast_forward(const Params& p) {
         float* lse = p.lse + bh * L;
         for (int64_t r = 0; r < m; ++r) {
           float* s = &S[r * n];
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t c = 0; c < n; ++c) mx = std::max(mx, s[c]);
-          const float sum = exp_affine(s, n, scale, mx * scale), inv = 1.0f / sum;
-          for (int64_t c = 0; c < n; ++c) s[c] *= inv;
+          const float mx = row_max(s, n);
+          const float sum = exp_affine(s, n, scale, mx * scale);
+          inv_sum[r] = 1.0f / sum;
           lse[order[q0 + r]] = mx * scale + std::log(sum);
         }
         for (size_t r = 0, col = 0; r < runs.start.size(); col += runs.len[r], ++r)
           gemm(m, D, runs.len[r], &S[col], n, &x.v[runs.start[r] * D], D, O.data(), D, r > 0);
         float* o_s = static_cast<float*>(p.o_s) + bh * L * D;
-        for (int64_t r = 0; r < m; ++r) std::copy_n(&O[r * D], D, o_s + order[q0 + r] * D);
+        for (int64_t r = 0; r < m; ++r)
+          for (int64_t d = 0; d < D; ++d) o_s[order[q0 + r] * D + d] = O[r * D + d] * inv_sum[r];
       }
   }
 
@@ -330,7 +367,8 @@ void fast_backward(const BwdParams& p) {
   if (!p.do_s || !p.dq || !p.dk || !p.dv) throw ArgumentError("do_s/dq/dk/dv: expected non-null gradient pointers");
   const int64_t L = p.L, D = p.D, BH = p.B * p.H, bq = p.opt.block_q, bk = p.opt.block_k;
   const BlockShape bs = p.blocks();
-  const FloatRope rope(RopeTable(p.grid, D, p.opt.rope_theta));
+  const std::shared_ptr<const FloatRope> rope_ptr = FloatRope::cached(p.grid, D, p.opt.rope_theta);
+  const FloatRope& rope = *rope_ptr;
   const std::vector<int64_t> order = token_order(p.grid, p.opt);
   const float scale = static_cast<float>(p.softmax_scale());
 
