@@ -151,6 +151,13 @@ TEST(BadInput, EveryCaseNamesTheArgumentExpectedAndActual) {
   expect_error([&] { attention(q.to(torch::kDouble), q.to(torch::kDouble), q.to(torch::kDouble), g, o, Impl::Fast); },
                "impl: 'fast' runs float32 only");
   expect_error([&] { parse_gate("sometimes"); }, "gate: expected one of none|static|dynamic|static_dynamic, got 'sometimes'");
+}
+
+TEST(BadInput, MixedDevicesAreNamed) {
+  const Grid g{2, 3, 4};
+  const at::Tensor q = torch::randn({1, 2, 24, 8});
+  Options o;
+  o.block_q = 8, o.block_k = 4;
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: the wrong-device case needs one";
   const at::Tensor qc = q.to(torch::kCUDA).to(torch::kBFloat16);
   expect_error([&] { attention(qc, q.to(torch::kBFloat16), qc, g, o); }, "k: expected the device of q");

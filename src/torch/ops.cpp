@@ -8,6 +8,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstdlib>
 #include <sstream>
 
 #include "salad/kernels.h"
@@ -167,6 +169,13 @@ Outputs allocate(const Params& p, const at::TensorOptions& like) {
                     like.dtype(at::kInt));
   o.cnt = at::empty(table ? std::vector<int64_t>{p.B, p.H, bs.n_q} : std::vector<int64_t>{0}, like.dtype(at::kInt));
   if (table) o.idx.fill_(-1);
+  // Tests set SALAD_POISON=1 so that an element a kernel forgets to write fails the comparison.
+  const bool poison = std::getenv("SALAD_POISON") != nullptr;
+  if (poison) {
+    o.o_s.fill_(NAN), o.lse.fill_(NAN);
+    if (o.o_l.numel()) o.o_l.fill_(NAN);
+    if (o.cnt.numel()) o.cnt.fill_(-7);
+  }
   return o;
 }
 

@@ -1,0 +1,145 @@
+// The CUDA kernels through torch.ops.salad.attention, against the float64
+// formula (FlashAttention's rule: the kernel's error is at most twice that of
+// the same naive math done in the kernel's precision, plus a small floor).
+// Every test skips cleanly where no CUDA device (or no CUDA build) exists.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <c10/cuda/CUDACachingAllocator.h>
+
+#include <cstdlib>
+
+#include "naive.h"
+#include "salad/salad.h"
+
+using namespace salad;
+using namespace salad::testing;
+
+namespace {
+
+bool have_cuda() { return torch::cuda::is_available() && cuda_kernels_compiled(); }
+
+double max_err(const at::Tensor& a, const at::Tensor& ref) {
+  return (a.to(at::kDouble).cpu() - ref.to(at::kDouble).cpu()).abs().max().item<double>();
+}
+
+struct CudaCase {
+  int64_t B, H, D;
+  Grid g;
+  Options o;
+  at::ScalarType dt;
+};
+
+std::string label(const CudaCase& c) {
+  std::ostringstream s;
+  s << to_string(c.o.mode) << "/" << to_string(c.o.pattern) << "/" << to_string(c.o.feature) << " D" << c.D << " L"
+    << c.g.size() << " keep " << c.o.keep << " tile " << c.o.tile_order << " lrope " << c.o.linear_rope << " "
+    << c10::toString(c.dt);
+  return s.str();
+}
+
+std::vector<CudaCase> cases() {
+  std::vector<CudaCase> cs;
+  const Grid g{4, 15, 17};  // L = 1020: partial last query and key blocks
+  for (int64_t D : {64, 128}) {
+    for (Mode m : {Mode::Dense, Mode::Sparse, Mode::Salad}) {
+      CudaCase c{2, 3, D, g, {}, at::kBFloat16};
+      c.o.mode = m, c.o.keep = 0.25;
+      cs.push_back(c);
+    }
+    for (FeatureMap f : {FeatureMap::Elu1, FeatureMap::Softmax}) {
+      CudaCase c{2, 3, D, g, {}, at::kBFloat16};
+      c.o.feature = f, c.o.keep = 0.1;
+      cs.push_back(c);
+    }
+  }
+  CudaCase w{2, 3, 128, g, {}, at::kBFloat16};
+  w.o.pattern = Pattern::Window, w.o.tile_order = true, w.o.tile = {2, 4, 8}, w.o.window = {1, 1, 1};
+  cs.push_back(w);
+  CudaCase nr{2, 3, 128, g, {}, at::kHalf};
+  nr.o.linear_rope = false;
+  cs.push_back(nr);
+  CudaCase t{2, 3, 128, g, {}, at::kBFloat16};
+  t.o.tile_order = true, t.o.tile = {1, 4, 4};
+  cs.push_back(t);
+  return cs;
+}
+
+}  // namespace
+
+TEST(SM90_Attention, ForwardAndBackwardMatchFloat64WithinTwiceNaiveError) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
+  setenv("SALAD_POISON", "1", 1);  // outputs start as NaN: an unwritten element fails
+  torch::manual_seed(0);
+  for (const CudaCase& c : cases()) {
+    SCOPED_TRACE(label(c));
+    const int64_t L = c.g.size();
+    auto f64 = at::TensorOptions().dtype(at::kDouble).device(at::kCUDA);
+    const at::Tensor q64 = at::randn({c.B, c.H, L, c.D}, f64), k64 = at::randn_like(q64), v64 = at::randn_like(q64);
+    const at::Tensor gs = at::randn_like(q64), gl = at::randn_like(q64);
+    at::Tensor q = q64.to(c.dt).requires_grad_(), k = k64.to(c.dt).requires_grad_(), v = v64.to(c.dt).requires_grad_();
+    AttentionOutput out = attention(q, k, v, c.g, c.o);
+    at::Tensor mask;
+    if (c.o.mode != Mode::Dense) {
+      mask = mask_from_table(out.block_idx, out.block_cnt, c.g, c.o);
+      // The GPU's table equals the CPU reference's on the same (rounded) inputs, up to near-ties.
+      const auto [ridx, rcnt] =
+          select_blocks(q.detach().to(at::kDouble).cpu(), k.detach().to(at::kDouble).cpu(), c.g, c.o);
+      const double same_rows = ridx.eq(out.block_idx.cpu()).all(-1).to(at::kDouble).mean().item<double>();
+      EXPECT_GE(same_rows, 0.98);
+      EXPECT_TRUE(at::equal(rcnt, out.block_cnt.cpu()));
+    }
+    // Reference in float64 (from the same rounded inputs) and the naive formula in c.dt.
+    at::Tensor qr = q.detach().to(at::kDouble).requires_grad_(), kr = k.detach().to(at::kDouble).requires_grad_(),
+               vr = v.detach().to(at::kDouble).requires_grad_();
+    const Naive ref = naive(qr, kr, vr, c.g, c.o, mask);
+    at::Tensor qn = q.detach().clone().requires_grad_(), kn = k.detach().clone().requires_grad_(),
+               vn = v.detach().clone().requires_grad_();
+    const Naive low = naive(qn, kn, vn, c.g, c.o, mask);
+    const double floor = 2e-3;
+    EXPECT_LE(max_err(out.o_s, ref.o_s), 2 * max_err(low.o_s, ref.o_s) + floor);
+    EXPECT_LE(max_err(out.lse, ref.lse), 2 * max_err(low.lse.to(at::kFloat), ref.lse) + floor);
+    EXPECT_FALSE(at::isnan(out.o_s).any().item<bool>());
+    if (c.o.mode == Mode::Salad) {
+      EXPECT_LE(max_err(out.o_l, ref.o_l), 2 * max_err(low.o_l, ref.o_l) + floor);
+      EXPECT_FALSE(at::isnan(out.o_l).any().item<bool>());
+    }
+    // Gradients: our backward against autograd through the naive formulas.
+    auto loss = [&](const at::Tensor& o_s, const at::Tensor& o_l) {
+      at::Tensor l = (o_s.to(at::kDouble) * gs).sum();
+      if (c.o.mode == Mode::Salad) l = l + (o_l.to(at::kDouble) * gl).sum();
+      return l;
+    };
+    loss(out.o_s, out.o_l).backward();
+    loss(ref.o_s, ref.o_l).backward();
+    loss(low.o_s, low.o_l).backward();
+    const at::Tensor got[3] = {q.grad(), k.grad(), v.grad()}, want[3] = {qr.grad(), kr.grad(), vr.grad()},
+                     base[3] = {qn.grad(), kn.grad(), vn.grad()};
+    for (int i = 0; i < 3; ++i) {
+      SCOPED_TRACE(std::string("grad ") + "qkv"[i]);
+      EXPECT_FALSE(at::isnan(got[i]).any().item<bool>());
+      EXPECT_LE(max_err(got[i], want[i]), 2 * max_err(base[i], want[i]) + 4 * floor);
+    }
+  }
+  unsetenv("SALAD_POISON");
+}
+
+TEST(SM90_Attention, DeterministicRepeatsAndNoQuadraticMemory) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
+  torch::manual_seed(1);
+  const Grid g{21, 30, 52};  // Wan 1.3B 480p token grid, L = 32760
+  auto bf = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  const at::Tensor q = at::randn({1, 2, g.size(), 128}, bf), k = at::randn_like(q), v = at::randn_like(q);
+  Options o;
+  torch::cuda::synchronize();
+  c10::cuda::CUDACachingAllocator::resetPeakStats(0);
+  const size_t before = c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].current;
+  const AttentionOutput a = attention(q, k, v, g, o);
+  torch::cuda::synchronize();
+  const size_t peak = c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].peak;
+  const AttentionOutput b = attention(q, k, v, g, o);
+  EXPECT_TRUE(at::equal(a.o_s, b.o_s));
+  EXPECT_TRUE(at::equal(a.block_idx, b.block_idx));
+  // An L^2 float tensor of 2 heads would be 8.6 GB; allow 64x the inputs.
+  EXPECT_LT(peak - before, 64 * q.numel() * 2) << "peak extra bytes " << (peak - before);
+}
