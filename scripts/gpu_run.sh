@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Run on the GPU machine (device tool, carry [".devdeps", ".cutlass"]): build
+# against the machine's own PyTorch, run every test (CUDA ones included), then
+# the benchmarks. Logs go to $OUT; a short table is printed last.
+#   scripts/gpu_run.sh [test] [bench] [sanitize]   (default: all)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+what=${*:-test bench sanitize}
+export SALAD_CUTLASS_INCLUDE=$PWD/.cutlass
+t0=$(date +%s)
+cmake -S . -B build-gpu -G Ninja -DSALAD_CUDA=ON -DSALAD_PYTHON=python3 -DSALAD_DEPS_DIR=$PWD/.devdeps \
+  -DCMAKE_CUDA_COMPILER=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc) -Wno-dev >"$OUT/configure.log" 2>&1 \
+  || { tail -40 "$OUT/configure.log"; exit 1; }
+ninja -C build-gpu -j 16 >"$OUT/build.log" 2>&1 || { grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+if [[ $what == *test* ]]; then
+  (cd build-gpu && ctest --output-on-failure --timeout 900) >"$OUT/test.log" 2>&1
+  grep -E "tests passed|tests failed|Failure|FAILED|PASSED|SKIPPED" "$OUT/test.log" | head -40
+fi
+if [[ $what == *sanitize* ]]; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 9 build-gpu/salad_op_tests \
+      --gtest_filter='SM90_Attention.ForwardAndBackward*' >"$OUT/sanitize_$tool.log" 2>&1
+    echo "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+  done
+fi
+if [[ $what == *bench* ]]; then
+  for shape in wan1.3b-480p wan14b-480p wan14b-720p; do
+    build-gpu/salad bench-attn --shape $shape --device cuda --iters 20 --warmup 5 --backward \
+      --variants sdpa,sparse,salad 2>&1 | tee "$OUT/bench_$shape.log" | tail -5
+  done
+fi

@@ -1,0 +1,55 @@
+// Internal interface between the CUDA translation units: the workspace plan
+// (one place that decides where every temporary lives) and the launchers.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "common.cuh"
+#include "salad/params.h"
+
+namespace salad::cuda::detail {
+
+// Byte offsets of the temporaries inside the caller's workspace; 0-sized
+// regions are absent. Offsets are 256-byte aligned.
+struct Plan {
+  int64_t BH = 0, L = 0, D = 0, n_q = 0, n_k = 0, max_k = 0;
+  int64_t n_chunk = 0;  // linear branch: token chunks per (b, h) for the state sums
+  bool dense = false, topk_select = false, linear = false, tile_order = false;
+  size_t rope = 0, perm = 0, qr = 0, kr = 0, qmean = 0, kmean = 0;
+  size_t sv_part = 0, z_part = 0, sv = 0, z = 0;
+  // backward only
+  size_t delta = 0, inv_off = 0, inv_rows = 0;
+  size_t dnum = 0, dden = 0, dsv_part = 0, dz_part = 0, dsv = 0, dz = 0;
+  size_t dq_l = 0, dk_l = 0, dv_l = 0;
+  size_t total = 0;
+};
+Plan make_plan(const Params& p, bool backward);
+
+template <class X>
+X* at(void* ws, size_t off) {
+  return reinterpret_cast<X*>(static_cast<char*>(ws) + off);
+}
+
+// Rope table and block permutation (device-computed, no host uploads).
+RopeInfo prepare_order_and_rope(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
+
+// qr/kr (rotated, block order, contiguous (BH, L, D)) and optional block means.
+void launch_rotate(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, bool means,
+                   cudaStream_t s);
+// Top-K table (or window table) into p.block_idx / p.block_cnt.
+void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
+// Inverse table for the backward.
+void launch_invert(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
+
+// Sparse / dense attention over the block table (forward and backward).
+void launch_attn_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s);
+void launch_attn_bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s);
+
+// Linear branch.
+void launch_linear_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s);
+void launch_linear_bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s);
+
+}  // namespace salad::cuda::detail

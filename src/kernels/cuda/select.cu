@@ -1,0 +1,444 @@
+// Workspace plan, token order + RoPE tables, q/k rotation with block means,
+// Top-K block selection, the inverse table, and the public entry points of
+// salad::cuda.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "internal.cuh"
+#include "salad/kernels.h"
+
+namespace salad::cuda::detail {
+namespace {
+
+constexpr int kSelectRows = 8;  // query blocks per selection CTA (one warp each)
+
+size_t align256(size_t x) { return (x + 255) / 256 * 256; }
+
+// ---------------------------------------------------------------- tables
+__global__ void rope_table_kernel(float2* table, int64_t gf, int64_t gh, int64_t gw, int half_d,
+                                  int pf, int ph, double theta) {
+  int64_t n = (gf + gh + gw) * half_d;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    int64_t row = e / half_d;
+    int m = static_cast<int>(e % half_d);
+    int axis = m < pf ? 0 : (m < pf + ph ? 1 : 2);
+    int start = axis == 0 ? 0 : (axis == 1 ? pf : pf + ph);
+    int pairs = axis == 0 ? pf : (axis == 1 ? ph : half_d - pf - ph);
+    int64_t x = axis == 0 ? row : (axis == 1 ? row - gf : row - gf - gh);  // position on that axis
+    double freq = 1.0 / pow(theta, static_cast<double>(2 * (m - start)) / static_cast<double>(2 * pairs));
+    double s, c;
+    sincos(static_cast<double>(x) * freq, &s, &c);
+    table[e] = make_float2(static_cast<float>(c), static_cast<float>(s));
+  }
+}
+
+// perm[position of raster token t in tile order] = t (closed form of salad::token_order).
+__global__ void tile_perm_kernel(int32_t* perm, int64_t gf, int64_t gh, int64_t gw, int64_t tf,
+                                 int64_t th, int64_t tw) {
+  int64_t L = gf * gh * gw;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < L;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    int64_t w = t % gw, h = (t / gw) % gh, f = t / (gw * gh);
+    int64_t bf = f / tf, bh = h / th, bw = w / tw;
+    int64_t sf = min(tf, gf - bf * tf), sh = min(th, gh - bh * th), sw = min(tw, gw - bw * tw);
+    int64_t pos = bf * tf * gh * gw + bh * th * gw * sf + bw * tw * sh * sf +
+                  ((f - bf * tf) * sh + (h - bh * th)) * sw + (w - bw * tw);
+    perm[pos] = static_cast<int32_t>(t);
+  }
+}
+
+// ---------------------------------------------------------------- rotation
+// One CTA per (block, b*h): rotates the block's tokens, writes them in block
+// order and (optionally) the fp32 mean of the rotated block.
+template <class T>
+__global__ void rotate_kernel(const T* __restrict__ src, int64_t s_b, int64_t s_h, int64_t s_t,
+                              int64_t H, T* __restrict__ dst, float* __restrict__ mean, int64_t L,
+                              int D, int64_t bs, RopeInfo r) {
+  extern __shared__ float red[];  // [groups][D]
+  const int half_d = D / 2;
+  const int groups = blockDim.x / half_d;
+  const int m = threadIdx.x % half_d, g = threadIdx.x / half_d;
+  const int64_t bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int64_t p0 = blockIdx.x * bs, p1 = min(L, p0 + bs);
+  float s0 = 0.f, s1 = 0.f;
+  if (g < groups) {
+    const T* base = src + b * s_b + h * s_h;
+    T* out = dst + bh * L * D;
+    for (int64_t p = p0 + g; p < p1; p += groups) {
+      int64_t t = perm_at(r.perm, p);
+      uint32_t u = *reinterpret_cast<const uint32_t*>(base + t * s_t + 2 * m);
+      float2 x = Elem<T>::unpack(u);
+      float2 cs = rope_cs(r, t, m, half_d);
+      float y0 = x.x * cs.x - x.y * cs.y, y1 = x.x * cs.y + x.y * cs.x;
+      *reinterpret_cast<uint32_t*>(out + p * D + 2 * m) = Elem<T>::pack(y0, y1);
+      s0 += y0;
+      s1 += y1;
+    }
+  }
+  if (!mean) return;
+  if (g < groups) {
+    red[g * D + 2 * m] = s0;
+    red[g * D + 2 * m + 1] = s1;
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.f;
+    for (int k = 0; k < groups; ++k) acc += red[k * D + d];
+    mean[(bh * gridDim.x + blockIdx.x) * D + d] = acc / static_cast<float>(p1 - p0);
+  }
+}
+
+// ---------------------------------------------------------------- selection
+__device__ __forceinline__ uint32_t order_key(float s) {
+  if (s != s) return 0u;  // NaN ranks last
+  if (s == 0.f) s = 0.f;  // -0 ties +0
+  uint32_t u = __float_as_uint(s);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// CTA: kSelectRows query blocks of one (b, h). Scores S[i, j] = qmean_i . kmean_j * scale,
+// then per row (one warp) an exact radix select of the k largest, ties to the lower j.
+__global__ void select_kernel(const float* __restrict__ qmean, const float* __restrict__ kmean,
+                              int64_t n_q, int64_t n_k, int D, float scale, int k_keep,
+                              int64_t max_k, int32_t* __restrict__ idx, int32_t* __restrict__ cnt) {
+  extern __shared__ float sm[];
+  float* qm = sm;                       // [kSelectRows][D]
+  float* sc = sm + kSelectRows * D;     // [kSelectRows][n_k]
+  const int64_t bh = blockIdx.y;
+  const int64_t i0 = blockIdx.x * int64_t(kSelectRows);
+  const int rows = static_cast<int>(imin64(kSelectRows, n_q - i0));
+  for (int e = threadIdx.x; e < kSelectRows * D; e += blockDim.x) {
+    int q = e / D;
+    qm[e] = q < rows ? qmean[(bh * n_q + i0 + q) * D + e % D] : 0.f;
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarp = blockDim.x / 32;
+  for (int64_t j = warp; j < n_k; j += nwarp) {
+    const float* km = kmean + (bh * n_k + j) * D;
+    float acc[kSelectRows];
+#pragma unroll
+    for (int q = 0; q < kSelectRows; ++q) acc[q] = 0.f;
+    for (int d = lane; d < D; d += 32) {
+      float kv = km[d];
+#pragma unroll
+      for (int q = 0; q < kSelectRows; ++q) acc[q] = fmaf(qm[q * D + d], kv, acc[q]);
+    }
+#pragma unroll
+    for (int q = 0; q < kSelectRows; ++q) {
+      float v = acc[q];
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) sc[q * n_k + j] = v * scale;
+    }
+  }
+  __syncthreads();
+  for (int q = warp; q < rows; q += nwarp) {
+    const float* row = sc + q * n_k;
+    uint32_t thr = 0;
+    for (int bit = 31; bit >= 0; --bit) {
+      uint32_t cand = thr | (1u << bit);
+      int c = 0;
+      for (int64_t j = lane; j < n_k; j += 32) c += order_key(row[j]) >= cand;
+      c = __reduce_add_sync(0xffffffffu, c);
+      if (c >= k_keep) thr = cand;
+    }
+    int gt = 0;
+    for (int64_t j = lane; j < n_k; j += 32) gt += order_key(row[j]) > thr;
+    gt = __reduce_add_sync(0xffffffffu, gt);
+    const int need_eq = k_keep - gt;
+    int taken = 0, eq_seen = 0;
+    int32_t* out = idx + (bh * n_q + i0 + q) * max_k;
+    const uint32_t lt = (1u << lane) - 1u;
+    for (int64_t base = 0; base < n_k; base += 32) {
+      int64_t j = base + lane;
+      uint32_t key = j < n_k ? order_key(row[j]) : 0u;
+      bool in = j < n_k;
+      bool is_gt = in && key > thr, is_eq = in && key == thr;
+      uint32_t eq_mask = __ballot_sync(0xffffffffu, is_eq);
+      int eq_rank = eq_seen + __popc(eq_mask & lt);
+      bool take = is_gt || (is_eq && eq_rank < need_eq);
+      uint32_t take_mask = __ballot_sync(0xffffffffu, take);
+      if (take) out[taken + __popc(take_mask & lt)] = static_cast<int32_t>(j);
+      taken += __popc(take_mask);
+      eq_seen += __popc(eq_mask);
+    }
+    for (int64_t c = k_keep + lane; c < max_k; c += 32) out[c] = -1;
+    if (lane == 0) cnt[bh * n_q + i0 + q] = k_keep;
+  }
+}
+
+// One CTA per (b, h): offsets by counting, rows filled in ascending query-block order.
+__global__ void invert_kernel(const int32_t* __restrict__ idx, const int32_t* __restrict__ cnt,
+                              int64_t n_q, int64_t n_k, int64_t max_k, int32_t* __restrict__ off,
+                              int32_t* __restrict__ rows) {
+  extern __shared__ int32_t si[];
+  int32_t* count = si;          // n_k + 1
+  int32_t* fill = si + n_k + 1;  // n_k
+  const int64_t bh = blockIdx.x;
+  const int32_t* ib = idx + bh * n_q * max_k;
+  const int32_t* cb = cnt + bh * n_q;
+  for (int64_t j = threadIdx.x; j <= n_k; j += blockDim.x) count[j] = 0;
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < n_q * max_k; e += blockDim.x) {
+    int64_t i = e / max_k, c = e % max_k;
+    if (c < cb[i]) atomicAdd(&count[ib[e] + 1], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0)
+    for (int64_t j = 0; j < n_k; ++j) count[j + 1] += count[j];
+  __syncthreads();
+  int32_t* ob = off + bh * (n_k + 1);
+  for (int64_t j = threadIdx.x; j <= n_k; j += blockDim.x) {
+    ob[j] = count[j];
+    if (j < n_k) fill[j] = count[j];
+  }
+  __syncthreads();
+  int32_t* rb = rows + bh * n_q * max_k;
+  for (int64_t i = 0; i < n_q; ++i) {
+    int c = cb[i];
+    for (int t = threadIdx.x; t < c; t += blockDim.x) {
+      int j = ib[i * max_k + t];  // distinct within a row: no two threads share fill[j]
+      rb[fill[j]++] = static_cast<int32_t>(i);
+    }
+    __syncthreads();
+  }
+}
+
+}  // namespace
+
+Plan make_plan(const Params& p, bool backward) {
+  Plan pl;
+  BlockShape bs = p.blocks();
+  pl.BH = p.B * p.H;
+  pl.L = p.L;
+  pl.D = p.D;
+  pl.n_q = bs.n_q;
+  pl.n_k = bs.n_k;
+  pl.max_k = bs.max_k;
+  pl.dense = p.opt.mode == Mode::Dense;
+  pl.linear = p.opt.mode == Mode::Salad;
+  pl.tile_order = p.opt.tile_order;
+  pl.topk_select = !pl.dense && !p.blocks_given && p.opt.pattern == Pattern::TopK;
+  // Enough chunks to fill ~2 waves of 132 SMs, each at least 256 tokens.
+  pl.n_chunk = std::max<int64_t>(1, std::min<int64_t>((264 + pl.BH - 1) / pl.BH, (p.L + 255) / 256));
+  size_t cur = 0;
+  auto take = [&](size_t bytes) {
+    size_t o = cur;
+    cur += align256(bytes);
+    return o;
+  };
+  const size_t BHLD = static_cast<size_t>(pl.BH * p.L * p.D);
+  pl.rope = take(sizeof(float2) * (p.grid.f + p.grid.h + p.grid.w) * (p.D / 2));
+  if (pl.tile_order) pl.perm = take(sizeof(int32_t) * p.L);
+  pl.qr = take(2 * BHLD);
+  pl.kr = take(2 * BHLD);
+  if (pl.topk_select && !backward) {
+    pl.qmean = take(sizeof(float) * pl.BH * pl.n_q * p.D);
+    pl.kmean = take(sizeof(float) * pl.BH * pl.n_k * p.D);
+  }
+  if (pl.linear) {
+    pl.sv_part = take(sizeof(float) * pl.BH * pl.n_chunk * p.D * p.D);
+    pl.z_part = take(sizeof(float) * pl.BH * pl.n_chunk * p.D);
+    pl.sv = take(sizeof(float) * pl.BH * p.D * p.D);
+    pl.z = take(sizeof(float) * pl.BH * p.D);
+  }
+  if (backward) {
+    pl.delta = take(sizeof(float) * pl.BH * p.L);
+    if (!pl.dense) {
+      pl.inv_off = take(sizeof(int32_t) * pl.BH * (pl.n_k + 1));
+      pl.inv_rows = take(sizeof(int32_t) * pl.BH * pl.n_q * std::max<int64_t>(pl.max_k, 1));
+    }
+    if (pl.linear) {
+      pl.dnum = take(sizeof(float) * BHLD);
+      pl.dden = take(sizeof(float) * pl.BH * p.L);
+      pl.dsv_part = take(sizeof(float) * pl.BH * pl.n_chunk * p.D * p.D);
+      pl.dz_part = take(sizeof(float) * pl.BH * pl.n_chunk * p.D);
+      pl.dsv = take(sizeof(float) * pl.BH * p.D * p.D);
+      pl.dz = take(sizeof(float) * pl.BH * p.D);
+      pl.dq_l = take(sizeof(float) * BHLD);
+      pl.dk_l = take(sizeof(float) * BHLD);
+      pl.dv_l = take(sizeof(float) * BHLD);
+    }
+  }
+  pl.total = cur + 256;  // slack for aligning the caller's base pointer
+  return pl;
+}
+
+RopeInfo prepare_order_and_rope(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
+  RopeInfo r;
+  RopeSplit sp = rope_split(p.D);
+  r.pf = static_cast<int>(sp.f / 2);
+  r.ph = static_cast<int>(sp.h / 2);
+  r.gf = p.grid.f;
+  r.gh = p.grid.h;
+  r.gw = p.grid.w;
+  float2* table = at<float2>(ws, pl.rope);
+  int64_t n = (p.grid.f + p.grid.h + p.grid.w) * (p.D / 2);
+  rope_table_kernel<<<static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 1024)), 256, 0, s>>>(
+      table, p.grid.f, p.grid.h, p.grid.w, static_cast<int>(p.D / 2), r.pf, r.ph, p.opt.rope_theta);
+  SALAD_LAUNCH_CHECK();
+  r.table = table;
+  if (pl.tile_order) {
+    int32_t* perm = at<int32_t>(ws, pl.perm);
+    tile_perm_kernel<<<static_cast<unsigned>(std::min<int64_t>((p.L + 255) / 256, 4096)), 256, 0, s>>>(
+        perm, p.grid.f, p.grid.h, p.grid.w, p.opt.tile.f, p.opt.tile.h, p.opt.tile.w);
+    SALAD_LAUNCH_CHECK();
+    r.perm = perm;
+  }
+  return r;
+}
+
+template <class T>
+static void rotate_t(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, bool means,
+                     cudaStream_t s) {
+  const int threads = 256;
+  const int groups = threads / static_cast<int>(p.D / 2);
+  size_t smem = sizeof(float) * groups * p.D;
+  rotate_kernel<T><<<dim3(static_cast<unsigned>(pl.n_q), static_cast<unsigned>(pl.BH)), threads, smem, s>>>(
+      static_cast<const T*>(p.q), p.q_stride[0], p.q_stride[1], p.q_stride[2], p.H, at<T>(ws, pl.qr),
+      means ? at<float>(ws, pl.qmean) : nullptr, p.L, static_cast<int>(p.D), p.opt.block_q, r);
+  SALAD_LAUNCH_CHECK();
+  rotate_kernel<T><<<dim3(static_cast<unsigned>(pl.n_k), static_cast<unsigned>(pl.BH)), threads, smem, s>>>(
+      static_cast<const T*>(p.k), p.k_stride[0], p.k_stride[1], p.k_stride[2], p.H, at<T>(ws, pl.kr),
+      means ? at<float>(ws, pl.kmean) : nullptr, p.L, static_cast<int>(p.D), p.opt.block_k, r);
+  SALAD_LAUNCH_CHECK();
+}
+
+void launch_rotate(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, bool means,
+                   cudaStream_t s) {
+  if (p.dtype == DType::BF16)
+    rotate_t<__nv_bfloat16>(p, pl, r, ws, means, s);
+  else
+    rotate_t<__half>(p, pl, r, ws, means, s);
+}
+
+void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
+  if (p.opt.pattern == Pattern::Window) {
+    std::vector<int32_t> idx, cnt;
+    window_table(p.grid, p.opt, &idx, &cnt);
+    SALAD_CUDA_CHECK(cudaMemcpyAsync(p.block_idx, idx.data(), idx.size() * sizeof(int32_t),
+                                     cudaMemcpyHostToDevice, s));
+    SALAD_CUDA_CHECK(cudaMemcpyAsync(p.block_cnt, cnt.data(), cnt.size() * sizeof(int32_t),
+                                     cudaMemcpyHostToDevice, s));
+    for (int64_t bh = 1; bh < pl.BH; ++bh) {
+      SALAD_CUDA_CHECK(cudaMemcpyAsync(p.block_idx + bh * idx.size(), p.block_idx,
+                                       idx.size() * sizeof(int32_t), cudaMemcpyDeviceToDevice, s));
+      SALAD_CUDA_CHECK(cudaMemcpyAsync(p.block_cnt + bh * cnt.size(), p.block_cnt,
+                                       cnt.size() * sizeof(int32_t), cudaMemcpyDeviceToDevice, s));
+    }
+    SALAD_CUDA_CHECK(cudaStreamSynchronize(s));  // the host vectors die here
+    return;
+  }
+  size_t smem = sizeof(float) * kSelectRows * (p.D + pl.n_k);
+  if (smem > 200 * 1024)
+    throw ArgumentError("L: too many key blocks for the GPU top-k (n_k=" + std::to_string(pl.n_k) + ")");
+  if (smem > 48 * 1024)
+    SALAD_CUDA_CHECK(cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+  dim3 grid(static_cast<unsigned>((pl.n_q + kSelectRows - 1) / kSelectRows), static_cast<unsigned>(pl.BH));
+  select_kernel<<<grid, 32 * kSelectRows, smem, s>>>(
+      at<float>(ws, pl.qmean), at<float>(ws, pl.kmean), pl.n_q, pl.n_k, static_cast<int>(p.D),
+      static_cast<float>(p.softmax_scale()), static_cast<int>(pl.max_k), pl.max_k, p.block_idx,
+      p.block_cnt);
+  SALAD_LAUNCH_CHECK();
+}
+
+void launch_invert(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
+  size_t smem = sizeof(int32_t) * (2 * pl.n_k + 1);
+  if (smem > 200 * 1024)
+    throw ArgumentError("L: too many key blocks for the GPU inverse table (n_k=" + std::to_string(pl.n_k) + ")");
+  if (smem > 48 * 1024)
+    SALAD_CUDA_CHECK(cudaFuncSetAttribute(invert_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+  invert_kernel<<<static_cast<unsigned>(pl.BH), 256, smem, s>>>(p.block_idx, p.block_cnt, pl.n_q, pl.n_k,
+                                                                pl.max_k, at<int32_t>(ws, pl.inv_off),
+                                                                at<int32_t>(ws, pl.inv_rows));
+  SALAD_LAUNCH_CHECK();
+}
+
+}  // namespace salad::cuda::detail
+
+// ==================================================================== public API
+namespace salad::cuda {
+using namespace detail;
+
+namespace {
+void check_supported(const Params& p) {
+  validate(p);
+  if (p.dtype != DType::BF16 && p.dtype != DType::F16)
+    throw ArgumentError(std::string("dtype: expected bfloat16 or float16 for the CUDA kernels, got ") +
+                        to_string(p.dtype));
+  if (p.D != 64 && p.D != 128)
+    throw ArgumentError("D: expected 64 or 128 for the CUDA kernels, got " + std::to_string(p.D));
+  auto chk = [](const int64_t* st, const char* name) {
+    if (st[2] < 0 || st[2] % 8 != 0 || st[1] % 8 != 0 || st[0] % 8 != 0)
+      throw ArgumentError(std::string(name) +
+                          "_stride: expected strides that are multiples of 8 elements (16-byte rows)");
+  };
+  auto al = [](const void* ptr, const char* name) {
+    if (ptr && reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
+      throw ArgumentError(std::string(name) + ": expected a 16-byte aligned device pointer");
+  };
+  al(p.q, "q"), al(p.k, "k"), al(p.v, "v"), al(p.o_s, "o_s"), al(p.o_l, "o_l");
+  chk(p.q_stride, "q");
+  chk(p.k_stride, "k");
+  chk(p.v_stride, "v");
+}
+void* aligned(void* ws) {
+  uintptr_t u = reinterpret_cast<uintptr_t>(ws);
+  return reinterpret_cast<void*>((u + 255) / 256 * 256);
+}
+}  // namespace
+
+bool compiled() { return true; }
+
+size_t forward_workspace_bytes(const Params& p) { return make_plan(p, false).total; }
+size_t backward_workspace_bytes(const BwdParams& p) { return make_plan(p, true).total; }
+
+void select_blocks(const Params& p, void* workspace, void* stream) {
+  check_supported(p);
+  if (p.opt.mode == Mode::Dense) return;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  void* ws = aligned(workspace);
+  Plan pl = make_plan(p, false);
+  if (p.opt.pattern == Pattern::TopK) {
+    Plan sel = pl;
+    sel.topk_select = true;
+    RopeInfo r = prepare_order_and_rope(p, sel, ws, s);
+    launch_rotate(p, sel, r, ws, true, s);
+  }
+  launch_select(p, pl, ws, s);
+}
+
+void forward(const Params& p, void* workspace, void* stream) {
+  check_supported(p);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  void* ws = aligned(workspace);
+  Plan pl = make_plan(p, false);
+  RopeInfo r = prepare_order_and_rope(p, pl, ws, s);
+  launch_rotate(p, pl, r, ws, pl.topk_select, s);
+  if (!pl.dense && !p.blocks_given) launch_select(p, pl, ws, s);
+  launch_attn_fwd(p, pl, r, ws, s);
+  if (pl.linear) launch_linear_fwd(p, pl, r, ws, s);
+}
+
+void backward(const BwdParams& p, void* workspace, void* stream) {
+  check_supported(p);
+  if (!p.do_s || !p.dq || !p.dk || !p.dv)
+    throw ArgumentError("do_s/dq/dk/dv: expected non-null gradient pointers");
+  for (const void* ptr : {p.do_s, p.do_l, static_cast<const void*>(p.dq), static_cast<const void*>(p.dk),
+                          static_cast<const void*>(p.dv)})
+    if (ptr && reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
+      throw ArgumentError("do_s/do_l/dq/dk/dv: expected 16-byte aligned device pointers");
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  void* ws = aligned(workspace);
+  Plan pl = make_plan(p, true);
+  RopeInfo r = prepare_order_and_rope(p, pl, ws, s);
+  launch_rotate(p, pl, r, ws, false, s);
+  if (!pl.dense) launch_invert(p, pl, ws, s);
+  if (pl.linear) launch_linear_bwd(p, pl, r, ws, s);
+  launch_attn_bwd(p, pl, r, ws, s);
+}
+
+}  // namespace salad::cuda
