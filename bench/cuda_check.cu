@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -513,8 +514,41 @@ void bench(int reps, bool dense) {
         p.blocks_given = true;
         float fa = time_ms([&] { cuda::forward(p, ws.p, nullptr); }, r);
         rows.push_back({s.name, std::string(to_string(m)) + " fwd (table given)", fa, flop / fa * 1e-9});
-        p.blocks_given = false;
       }
+      {  // the mma.sync forward kernel (SALAD_FWD_KERNEL=mma) on the same inputs, and how far apart they are
+        const char* prev = std::getenv("SALAD_FWD_KERNEL");
+        std::string saved = prev ? prev : "";
+        const bool cmp = m == Mode::Sparse && &s == &shapes[0];
+        std::vector<uint16_t> o_new;
+        std::vector<float> l_new;
+        if (cmp) {
+          cuda::forward(p, ws.p, nullptr);
+          CK(cudaDeviceSynchronize());
+          o_new = os.down(), l_new = lse.down();
+        }
+        setenv("SALAD_FWD_KERNEL", "mma", 1);
+        float fm = time_ms([&] { cuda::forward(p, ws.p, nullptr); }, r);
+        rows.push_back({s.name, std::string(to_string(m)) + (m != Mode::Dense ? " fwd (table given) mma" : " fwd mma"),
+                        fm, flop / fm * 1e-9});
+        if (cmp) {
+          CK(cudaDeviceSynchronize());
+          std::vector<uint16_t> o_old = os.down();
+          std::vector<float> l_old = lse.down();
+          double num = 0, den = 0, mx = 0, lmx = 0;
+          bool fin = true;
+          for (size_t i = 0; i < o_old.size(); ++i) {
+            double a = from_low(o_new[i], DType::BF16), b = from_low(o_old[i], DType::BF16);
+            fin &= std::isfinite(a);
+            num += (a - b) * (a - b), den += b * b, mx = std::max(mx, std::fabs(a - b));
+          }
+          for (size_t i = 0; i < l_old.size(); ++i) lmx = std::max(lmx, double(std::fabs(l_new[i] - l_old[i])));
+          std::printf("[%s sparse fwd] default vs mma kernel: o_s max|diff| %.3e rel_l2 %.3e, lse max|diff| %.3e, "
+                      "finite %d\n", s.name, mx, std::sqrt(num / std::max(den, 1e-300)), lmx, fin);
+        }
+        if (prev) setenv("SALAD_FWD_KERNEL", saved.c_str(), 1);
+        else unsetenv("SALAD_FWD_KERNEL");
+      }
+      if (m != Mode::Dense) p.blocks_given = false;
       float b = time_ms([&] { cuda::backward(bp, ws.p, nullptr); }, r);
       rows.push_back({s.name, std::string(to_string(m)) + " bwd", b, 2.5 * flop / b * 1e-9});
     }
@@ -532,15 +566,110 @@ void bench(int reps, bool dense) {
 
 }  // namespace
 
+// ---------------------------------------------------------------- linear branch alone (--linear)
+// Times launch_linear_fwd / launch_linear_bwd by themselves, SALAD_LINEAR_KERNEL=old vs the
+// default, on the Wan shapes, and reports how far the two outputs are apart (first shape).
+#include "../src/kernels/cuda/internal.cuh"
+namespace {
+void bench_linear(int reps) {
+  namespace dt = salad::cuda::detail;
+  const Shape shapes[] = {{"Wan1.3B-480p", 12, {21, 30, 52}}, {"Wan14B-480p", 40, {21, 30, 52}},
+                          {"Wan14B-720p", 40, {21, 45, 80}}};
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const char* prev = std::getenv("SALAD_LINEAR_KERNEL");
+  std::string saved = prev ? prev : "";
+  std::printf("\n== linear branch alone (bf16, B=1, D=128, relu, rope, median of %d) ==\n", reps);
+  std::printf("%-14s %-8s %10s %10s %10s %10s\n", "shape", "impl", "fwd ms", "bwd ms", "fwd GB/s", "fwd TF/s");
+  for (const Shape& s : shapes) {
+    const int64_t B = 1, H = s.H, D = 128, L = s.grid.size(), N = B * H * L * D;
+    std::vector<uint16_t> h(N);
+    Dev<uint16_t> q(N), k(N), v(N), ol(N), dol(N), gq(N), gk(N), gv(N), os(N), dos(N);
+    for (auto* d : {&q, &k, &v, &dol, &dos}) {
+      for (auto& x : h) x = to_low(nd(rng), DType::BF16);
+      d->up(h);
+    }
+    Params p;
+    p.dtype = DType::BF16;
+    p.B = B, p.H = H, p.L = L, p.D = D;
+    p.grid = s.grid;
+    p.opt.keep = 0.10;
+    p.opt.mode = Mode::Salad;
+    int64_t st[3] = {H * L * D, L * D, D};
+    for (int i = 0; i < 3; ++i) p.q_stride[i] = p.k_stride[i] = p.v_stride[i] = st[i];
+    p.q = q.p, p.k = k.p, p.v = v.p, p.o_l = ol.p, p.o_s = os.p;
+    BwdParams bp;
+    static_cast<Params&>(bp) = p;
+    bp.do_s = dos.p, bp.do_l = dol.p, bp.dq = gq.p, bp.dk = gk.p, bp.dv = gv.p;
+    const dt::Plan plf = dt::make_plan(p, false), plb = dt::make_plan(bp, true);
+    Dev<char> ws(std::max(plf.total, plb.total));
+    const dt::RopeInfo r = dt::prepare_order_and_rope(p, plf, ws.p, nullptr);
+    std::vector<uint16_t> o_ref;
+    std::vector<float> g_ref[3];
+    const size_t goff[3] = {plb.dq_l, plb.dk_l, plb.dv_l};
+    for (const char* impl : {"old", "new"}) {
+      setenv("SALAD_LINEAR_KERNEL", impl, 1);
+      float f = time_ms([&] { dt::launch_linear_fwd(p, plf, r, ws.p, nullptr); }, reps);
+      const bool cmp = &s == &shapes[0];
+      std::vector<uint16_t> o_now;
+      if (cmp) o_now = ol.down();
+      float b = time_ms([&] { dt::launch_linear_bwd(bp, plb, r, ws.p, nullptr); }, reps);
+      const double bytes = 4.0 * N * 2, flop = 4.0 * N * D;
+      std::printf("%-14s %-8s %10.4f %10.4f %10.0f %10.1f\n", s.name, impl, f, b, bytes / f * 1e-6, flop / f * 1e-9);
+      if (cmp) {
+        std::vector<float> gnow[3];
+        for (int i = 0; i < 3; ++i) {
+          gnow[i].resize(N);
+          CK(cudaMemcpy(gnow[i].data(), ws.p + goff[i], N * sizeof(float), cudaMemcpyDeviceToHost));
+        }
+        if (o_ref.empty()) {
+          o_ref = o_now;
+          for (int i = 0; i < 3; ++i) g_ref[i] = gnow[i];
+        } else {
+          auto rel = [](auto get_a, auto get_b, size_t n, double* mx) {
+            double num = 0, den = 0;
+            *mx = 0;
+            for (size_t i = 0; i < n; ++i) {
+              double a = get_a(i), bb = get_b(i);
+              num += (a - bb) * (a - bb), den += bb * bb, *mx = std::max(*mx, std::fabs(a - bb));
+            }
+            return std::sqrt(num / std::max(den, 1e-300));
+          };
+          double mx;
+          double ro = rel([&](size_t i) { return (double)from_low(o_now[i], DType::BF16); },
+                          [&](size_t i) { return (double)from_low(o_ref[i], DType::BF16); }, N, &mx);
+          std::printf("  %s vs old: o_l rel_l2 %.3e max|diff| %.3e", impl, ro, mx);
+          const char* nm[3] = {"dq_l", "dk_l", "dv_l"};
+          for (int i = 0; i < 3; ++i) {
+            double rg = rel([&](size_t j) { return (double)gnow[i][j]; }, [&](size_t j) { return (double)g_ref[i][j]; },
+                            N, &mx);
+            std::printf(", %s rel_l2 %.3e", nm[i], rg);
+          }
+          std::printf("\n");
+        }
+      }
+    }
+  }
+  if (prev) setenv("SALAD_LINEAR_KERNEL", saved.c_str(), 1);
+  else unsetenv("SALAD_LINEAR_KERNEL");
+}
+}  // namespace
+
 int main(int argc, char** argv) {
   bool check = true, do_bench = true, dense = true;
+  bool linear_only = false;
   int reps = 20;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--no-bench") do_bench = false;
     else if (a == "--no-check") check = false;
     else if (a == "--no-dense") dense = false;
+    else if (a == "--linear") linear_only = true;  // linear branch alone, then exit
     else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
+  }
+  if (linear_only) {
+    bench_linear(reps);
+    return 0;
   }
   int fails = 0, total = 0;
   if (check) {
@@ -570,6 +699,13 @@ int main(int argc, char** argv) {
       c.name = "salad_fp16", c.mode = Mode::Salad, c.dtype = DType::F16, c.feature = FeatureMap::Elu1;
       cases.push_back(c);
       c.name = "dense_fp16_D64_odd", c.mode = Mode::Dense, c.D = 64, c.grid = {2, 5, 13}, c.block_q = 128, c.block_k = 64;
+      cases.push_back(c);
+      // sm90 forward: key blocks of two 64-key tiles, query blocks of two 128-row CTAs, many tiles per CTA
+      c = Case();
+      c.name = "sparse_topk_bq256_bk128", c.mode = Mode::Sparse, c.grid = {4, 16, 20}, c.block_q = 256, c.block_k = 128,
+      c.keep = 0.6;
+      cases.push_back(c);
+      c.name = "sparse_topk_fp16_D64_bq64", c.dtype = DType::F16, c.D = 64, c.block_q = 64, c.block_k = 64, c.keep = 0.5;
       cases.push_back(c);
     }
     std::mt19937_64 rng(12345);

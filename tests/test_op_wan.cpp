@@ -23,24 +23,24 @@ double rel(const at::Tensor& a, const at::Tensor& b) {
   return ((a.to(at::kDouble) - bd).norm() / bd.norm().clamp_min(1e-300)).item<double>();
 }
 
+// Removes a directory of plain files. Not fs::remove_all, which binds to a
+// broken copy exported by the pip libtorch.so (segfaults).
+void remove_flat_dir(const fs::path& dir) {
+  std::vector<std::string> files;
+  for (const auto& e : fs::directory_iterator(dir)) files.push_back(e.path().string());
+  for (const auto& f : files) std::remove(f.c_str());
+  ::rmdir(dir.c_str());
+}
+
 // A fresh directory under the temp dir, removed at scope exit.
 struct TempDir {
   fs::path path;
   TempDir() {
-    path = fs::temp_directory_path() / ("salad_wan_" + std::to_string(::getpid()) + "_" + std::to_string(counter()++));
+    static int counter = 0;
+    path = fs::temp_directory_path() / ("salad_wan_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
     fs::create_directories(path);
   }
-  // Flat directory; not fs::remove_all, which binds to a broken copy exported by the pip libtorch.so.
-  ~TempDir() {
-    std::vector<std::string> files;
-    for (const auto& e : fs::directory_iterator(path)) files.push_back(e.path().string());
-    for (const auto& f : files) std::remove(f.c_str());
-    ::rmdir(path.c_str());
-  }
-  static int& counter() {
-    static int c = 0;
-    return c;
-  }
+  ~TempDir() { remove_flat_dir(path); }
 };
 
 WanConfig tiny(int64_t layers = 2) {
@@ -285,6 +285,19 @@ TEST(WanCheckpoint, SaveLoadRoundTripBothLayouts) {
     EXPECT_TRUE(rep.unexpected.empty());
     expect_same_state(a, b);
   }
+  // A sharded checkpoint (index + shards), opened by index path and by directory.
+  const fs::path shard_dir = dir.path / "sharded";
+  fs::create_directories(shard_dir);
+  const fs::path index = save_wan_weights_sharded(a, shard_dir, 64 * 1024, WanLayout::Diffusers);
+  EXPECT_GT(std::distance(fs::directory_iterator(shard_dir), fs::directory_iterator()), 2);
+  for (const fs::path& src : {index, shard_dir}) {
+    WanModel b(c, small_plan(Mode::Salad));
+    EXPECT_EQ(load_wan_weights(b, src).layout, WanLayout::Diffusers);
+    expect_same_state(a, b);
+  }
+  EXPECT_EQ(detect_wan_config(shard_dir).num_heads, c.num_heads);
+  remove_flat_dir(shard_dir);
+
   // bf16 on disk loads into a float32 model with bf16 rounding.
   const fs::path f16 = dir.path / "bf16.safetensors";
   save_wan_weights(a, f16, WanLayout::Official, at::kBFloat16);

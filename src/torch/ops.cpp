@@ -457,6 +457,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   return {outs[0], outs[1], outs[2], outs[3], outs[4]};
 }
 
+// Kernels and checks throw salad::ArgumentError; at the dispatcher boundary it
+// becomes c10::ValueError (Python: ValueError), which crosses into Python the
+// way torch's own errors do whatever compiler built this library (a plain
+// std::exception from a gcc-13 build crashed the pip torch's Python binding).
+template <auto Fn>
+struct Translated;
+template <class R, class... A, R (*Fn)(A...)>
+struct Translated<Fn> {
+  static R call(A... a) {
+    try {
+      return Fn(std::forward<A>(a)...);
+    } catch (const ArgumentError& e) {
+      C10_THROW_ERROR(ValueError, e.what());
+    }
+  }
+};
+
 #define SALAD_OPT_SCHEMA_DEFAULTS                                                                          \
   "int[] grid, str mode=\"salad\", str pattern=\"topk\", int block_q=128, int block_k=64, float keep=0.1, " \
   "int[] tile=[], int[] window=[1,1,1], str feature=\"relu\", bool linear_rope=True, float eps=1e-6, "      \
@@ -518,23 +535,23 @@ TORCH_LIBRARY(salad, m) {
 }
 
 TORCH_LIBRARY_IMPL(salad, CPU, m) {
-  m.impl("attention", &salad::attention_cpu);
-  m.impl("attention_backward", &salad::backward_cpu);
-  m.impl("select_blocks", &salad::select_cpu);
+  m.impl("attention", &salad::Translated<&salad::attention_cpu>::call);
+  m.impl("attention_backward", &salad::Translated<&salad::backward_cpu>::call);
+  m.impl("select_blocks", &salad::Translated<&salad::select_cpu>::call);
 }
 
 TORCH_LIBRARY_IMPL(salad, Meta, m) {
-  m.impl("attention", &salad::attention_meta);
-  m.impl("attention_backward", &salad::backward_meta);
-  m.impl("select_blocks", &salad::select_meta);
+  m.impl("attention", &salad::Translated<&salad::attention_meta>::call);
+  m.impl("attention_backward", &salad::Translated<&salad::backward_meta>::call);
+  m.impl("select_blocks", &salad::Translated<&salad::select_meta>::call);
 }
 
-TORCH_LIBRARY_IMPL(salad, Autograd, m) { m.impl("attention", &salad::attention_autograd); }
+TORCH_LIBRARY_IMPL(salad, Autograd, m) { m.impl("attention", &salad::Translated<&salad::attention_autograd>::call); }
 
 #ifdef SALAD_WITH_CUDA
 TORCH_LIBRARY_IMPL(salad, CUDA, m) {
-  m.impl("attention", &salad::attention_cuda);
-  m.impl("attention_backward", &salad::backward_cuda);
-  m.impl("select_blocks", &salad::select_cuda);
+  m.impl("attention", &salad::Translated<&salad::attention_cuda>::call);
+  m.impl("attention_backward", &salad::Translated<&salad::backward_cuda>::call);
+  m.impl("select_blocks", &salad::Translated<&salad::select_cuda>::call);
 }
 #endif

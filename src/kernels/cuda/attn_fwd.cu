@@ -7,6 +7,7 @@
 // the last block of the sequence are masked, never padded with fake keys).
 // Q/K come pre-rotated in block order from the workspace; V is read in place
 // through the block permutation. Output and lse go to caller (raster) order.
+#include "attn_fwd_sm90.cuh"
 #include "internal.cuh"
 
 namespace salad::cuda::detail {
@@ -263,6 +264,8 @@ void launch(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaSt
 }  // namespace
 
 void launch_attn_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
+  // Hopper wgmma/TMA kernel where it applies (attn_fwd_sm90.cu); SALAD_FWD_KERNEL=mma forces this one.
+  if (try_launch_attn_fwd_sm90(p, pl, r, ws, s)) return;
   if (p.dtype == DType::BF16) {
     if (p.D == 64) launch<__nv_bfloat16, 64>(p, pl, r, ws, s);
     else launch<__nv_bfloat16, 128>(p, pl, r, ws, s);

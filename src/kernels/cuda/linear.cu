@@ -11,6 +11,9 @@
 //   dSv = sum_i a_i dnum_i^T, dz = sum_i dden_i phi(q_i),
 //   dphi(q_i) = R_i^T da_i + dden_i z, dc_j = dSv v_j, dv_j = dSv^T c_j,
 //   dphi(k_j) = R_j^T dc_j + dz; then through phi.
+#include <cstdlib>
+#include <cstring>
+
 #include "internal.cuh"
 
 namespace salad::cuda::detail {
@@ -543,10 +546,734 @@ void bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaSt
   SALAD_LAUNCH_CHECK();
 }
 
+// ==================================================================== tensor-core path (bf16)
+// The D x D products run on mma.sync m16n8k16 (bf16 operands, fp32 accumulation);
+// feature map, RoPE, normaliser and every reduction stay in fp32. Rounded to bf16:
+// c = R phi(k) and a = R phi(q) (operands), Sv (hi part in the forward apply; hi + lo
+// in the query-side backward), a / den and dSv in the backward; v and dO are exact.
+// Partial sums per (b, h, chunk) are reduced in fixed order (deterministic).
+namespace mma {
+
+using bf16 = __nv_bfloat16;
+constexpr int kW = 8;          // warps per CTA
+constexpr int kT = kW * 32;    // threads per CTA
+constexpr int kTT = 64;        // tokens per state-kernel tile
+constexpr int kWT = 16;        // tokens per warp tile in the apply kernels
+
+struct Rows {
+  int f, h, w;
+};
+__device__ __forceinline__ Rows tok_rows(const RopeInfo& r, int64_t t) {
+  int64_t w = t % r.gw, h = (t / r.gw) % r.gh, f = t / (r.gw * r.gh);
+  return {static_cast<int>(f), static_cast<int>(r.gf + h), static_cast<int>(r.gf + r.gh + w)};
+}
+__device__ __forceinline__ float2 tok_cs(const RopeInfo& r, const Rows& rw, int m, int half) {
+  int row = m < r.pf ? rw.f : (m < r.pf + r.ph ? rw.h : rw.w);
+  return __ldg(&r.table[static_cast<int64_t>(row) * half + m]);
+}
+
+// 8 consecutive bf16 <-> floats.
+__device__ __forceinline__ void unpack8(const bf16* p, float* x) {
+  uint4 u = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = Elem<bf16>::unpack(w[i]);
+    x[2 * i] = f.x, x[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ uint4 pack8(const float* x) {
+  uint4 u;
+  u.x = Elem<bf16>::pack(x[0], x[1]);
+  u.y = Elem<bf16>::pack(x[2], x[3]);
+  u.z = Elem<bf16>::pack(x[4], x[5]);
+  u.w = Elem<bf16>::pack(x[6], x[7]);
+  return u;
+}
+
+// Reductions over the 8 lanes that share one token row (lanes 8g .. 8g+7).
+__device__ __forceinline__ float g8_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  v += __shfl_xor_sync(0xffffffffu, v, 2);
+  v += __shfl_xor_sync(0xffffffffu, v, 4);
+  return v;
+}
+__device__ __forceinline__ float g8_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
+  return v;
+}
+
+// phi over a row spread across 8 lanes (CPL channels each); softmax also returns max and 1/sum.
+// Must be called by all 32 lanes (shuffles).
+template <int CPL>
+__device__ __forceinline__ void phi8(FeatureMap f, const float* x, float* y, float& mx, float& inv) {
+  mx = 0.f, inv = 1.f;
+  if (f == FeatureMap::Relu) {
+#pragma unroll
+    for (int i = 0; i < CPL; ++i) y[i] = x[i] > 0.f ? x[i] : 0.f;
+  } else if (f == FeatureMap::Elu1) {
+#pragma unroll
+    for (int i = 0; i < CPL; ++i) y[i] = x[i] > 0.f ? x[i] + 1.f : expf(x[i]);
+  } else {
+    float m = x[0];
+#pragma unroll
+    for (int i = 1; i < CPL; ++i) m = fmaxf(m, x[i]);
+    m = g8_max(m);
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < CPL; ++i) s += (y[i] = expf(x[i] - m));
+    s = 1.f / g8_sum(s);
+#pragma unroll
+    for (int i = 0; i < CPL; ++i) y[i] *= s;
+    mx = m, inv = s;
+  }
+}
+
+// Rotates the CPL channels starting at channel c0 (even) of token rows rw.
+template <int CPL, int D>
+__device__ __forceinline__ void rope8(const RopeInfo& r, const Rows& rw, int c0, float* y) {
+#pragma unroll
+  for (int p = 0; p < CPL / 2; ++p) {
+    float2 cs = tok_cs(r, rw, c0 / 2 + p, D / 2);
+    float y0 = y[2 * p], y1 = y[2 * p + 1];
+    y[2 * p] = y0 * cs.x - y1 * cs.y;
+    y[2 * p + 1] = y0 * cs.y + y1 * cs.x;
+  }
+}
+
+// Copies rows [base, base + rows) of a (row stride st) into a swizzled smem tile; rows >= end are zero.
+// Work split over `nthr` threads starting at index `me`.
+template <int D>
+__device__ __forceinline__ void load_rows(bf16* tile, const bf16* src, int64_t st, int64_t base, int64_t end,
+                                          int rows, int me, int nthr) {
+  constexpr int CH = D / 8;
+  for (int idx = me; idx < rows * CH; idx += nthr) {
+    int row = idx / CH, ch = idx % CH;
+    int64_t t = base + row;
+    bool ok = t < end;
+    const bf16* p = src + (ok ? t : base) * st + ch * 8;
+    cp_async16(smem_addr(tile + swz<D>(row, ch * 8)), p, ok ? 16 : 0);
+  }
+}
+
+// The phi / RoPE / z part of the state kernel for one 64-token tile (in place, bf16).
+template <int D>
+__device__ __forceinline__ void state_transform(const LinArgs& g, bf16* X, int64_t base, int64_t t1,
+                                                float (&zacc)[D / 8]) {
+  constexpr int CPL = D / 8;
+  const int s = threadIdx.x & 7;
+#pragma unroll
+  for (int pass = 0; pass < kTT / (kT / 8); ++pass) {
+    const int row = (threadIdx.x >> 3) + pass * (kT / 8);
+    const int64_t t = base + row;
+    const bool ok = t < t1;
+    float x[CPL], y[CPL], mx, inv;
+#pragma unroll
+    for (int c = 0; c < CPL / 8; ++c) unpack8(X + swz<D>(row, s * CPL + 8 * c), x + 8 * c);
+    phi8<CPL>(g.feature, x, y, mx, inv);
+    if (!ok) {
+#pragma unroll
+      for (int i = 0; i < CPL; ++i) y[i] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < CPL; ++i) zacc[i] += y[i];
+    if (g.rope && ok) rope8<CPL, D>(g.r, tok_rows(g.r, t), s * CPL, y);
+#pragma unroll
+    for (int c = 0; c < CPL / 8; ++c)
+      *reinterpret_cast<uint4*>(X + swz<D>(row, s * CPL + 8 * c)) = pack8(y + 8 * c);
+  }
+}
+
+// part[bh][chunk] = X^T Y over the chunk's tokens (D x D, fp32).
+// TRANSFORM: X = k (raw), transformed to c = R phi(k), zpart = sum phi(k).
+// !TRANSFORM: X used as is (a / den), Y = dO; no z.
+template <int D, bool TRANSFORM>
+__global__ void __launch_bounds__(kT) state_mma_kernel(LinArgs g, const bf16* __restrict__ X, int64_t xsb, int64_t xsh,
+                                                       int64_t xst, const bf16* __restrict__ Y, int64_t ysb,
+                                                       int64_t ysh, int64_t yst, float* __restrict__ part,
+                                                       float* __restrict__ zpart) {
+  constexpr int CPL = D / 8;
+  constexpr int MT = D / 32, NT = D / 32;  // warp tile (D/2) x (D/4): MT m16 tiles, NT n8 tiles
+  extern __shared__ __align__(16) unsigned char smraw[];
+  bf16* Xs = reinterpret_cast<bf16*>(smraw);  // [2][kTT * D]
+  bf16* Ys = Xs + 2 * kTT * D;                // [2][kTT * D]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp >> 2, wn = warp & 3;
+  const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
+  const int64_t chunk = (g.L + g.n_chunk - 1) / g.n_chunk;
+  const int64_t t0 = blockIdx.x * chunk, t1 = imin64(g.L, t0 + chunk);
+  const bf16* xb = X + b * xsb + h * xsh;
+  const bf16* yb = Y + b * ysb + h * ysh;
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  float zacc[CPL];
+#pragma unroll
+  for (int i = 0; i < CPL; ++i) zacc[i] = 0.f;
+
+  const int ntile = t1 > t0 ? static_cast<int>((t1 - t0 + kTT - 1) / kTT) : 0;
+  if (ntile > 0) {
+    load_rows<D>(Xs, xb, xst, t0, t1, kTT, tid, kT);
+    load_rows<D>(Ys, yb, yst, t0, t1, kTT, tid, kT);
+  }
+  cp_async_commit();
+  const int mat = lane >> 3, r8 = lane & 7;
+  for (int it = 0; it < ntile; ++it) {
+    const int buf = it & 1;
+    const int64_t base = t0 + int64_t(it) * kTT;
+    if (it + 1 < ntile) {
+      load_rows<D>(Xs + (buf ^ 1) * kTT * D, xb, xst, base + kTT, t1, kTT, tid, kT);
+      load_rows<D>(Ys + (buf ^ 1) * kTT * D, yb, yst, base + kTT, t1, kTT, tid, kT);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    bf16* xt = Xs + buf * kTT * D;
+    const bf16* yt = Ys + buf * kTT * D;
+    if (TRANSFORM) {
+      state_transform<D>(g, xt, base, t1, zacc);
+      __syncthreads();
+    }
+#pragma unroll
+    for (int kk = 0; kk < kTT / 16; ++kk) {
+      uint32_t a[MT][4], bb[NT][2];
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi) {
+        int row = kk * 16 + ((mat >> 1) << 3) + r8;
+        int col = wm * (D / 2) + mi * 16 + ((mat & 1) << 3);
+        ldmatrix_x4_trans(smem_addr(xt + swz<D>(row, col)), a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
+      }
+#pragma unroll
+      for (int nj = 0; nj < NT / 2; ++nj) {
+        int row = kk * 16 + ((mat & 1) << 3) + r8;
+        int col = wn * (D / 4) + nj * 16 + ((mat >> 1) << 3);
+        ldmatrix_x4_trans(smem_addr(yt + swz<D>(row, col)), bb[2 * nj][0], bb[2 * nj][1], bb[2 * nj + 1][0],
+                          bb[2 * nj + 1][1]);
+      }
+#pragma unroll
+      for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NT; ++ni) mma16816<bf16>(acc[mi][ni], a[mi], bb[ni][0], bb[ni][1]);
+    }
+    __syncthreads();
+  }
+  float* out = part + (bh * g.n_chunk + blockIdx.x) * D * D;
+#pragma unroll
+  for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NT; ++ni) {
+      int row = wm * (D / 2) + mi * 16 + (lane >> 2);
+      int col = wn * (D / 4) + ni * 8 + 2 * (lane & 3);
+      *reinterpret_cast<float2*>(out + row * D + col) = make_float2(acc[mi][ni][0], acc[mi][ni][1]);
+      *reinterpret_cast<float2*>(out + (row + 8) * D + col) = make_float2(acc[mi][ni][2], acc[mi][ni][3]);
+    }
+  if (TRANSFORM) {
+    float* zr = reinterpret_cast<float*>(smraw);  // [kT / 8][D], the tiles are dead
+#pragma unroll
+    for (int i = 0; i < CPL; ++i) zr[(tid >> 3) * D + (tid & 7) * CPL + i] = zacc[i];
+    __syncthreads();
+    for (int d = tid; d < D; d += kT) {
+      float s = 0.f;
+      for (int gi = 0; gi < kT / 8; ++gi) s += zr[gi * D + d];
+      zpart[(bh * g.n_chunk + blockIdx.x) * D + d] = s;
+    }
+  }
+}
+
+// Sum over chunks (fixed order) -> bf16 hi (and lo = bf16(s - hi) when split).
+template <int D>
+__global__ void reduce_sv_kernel(const float* __restrict__ part, bf16* __restrict__ out, int64_t n_chunk, bool split) {
+  const int64_t bh = blockIdx.y;
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= D * D) return;
+  float s = 0.f;
+  for (int64_t c = 0; c < n_chunk; ++c) s += part[(bh * n_chunk + c) * D * D + e];
+  bf16 hi = __float2bfloat16_rn(s);
+  if (split) {
+    out[bh * 2 * D * D + e] = hi;
+    out[bh * 2 * D * D + D * D + e] = __float2bfloat16_rn(s - __bfloat162float(hi));
+  } else {
+    out[bh * D * D + e] = hi;
+  }
+}
+
+// Loads a D x D bf16 matrix (row-major) into a swizzled tile (cp.async, no wait).
+template <int D>
+__device__ __forceinline__ void load_mat(bf16* tile, const bf16* src) {
+  for (int idx = threadIdx.x; idx < D * D / 8; idx += blockDim.x) {
+    int row = idx / (D / 8), ch = idx % (D / 8);
+    cp_async16(smem_addr(tile + swz<D>(row, ch * 8)), src + row * D + ch * 8, 16);
+  }
+}
+
+// acc[16 x D] += A (16 x D, swizzled smem tile, row-major, non-trans ldmatrix) x B, with B given by
+// BT: B[k][n] = M[n][k] (M row-major D x D swizzled: non-trans ldmatrix) or
+// !BT: B[k][n] = M[k][n] (trans ldmatrix).
+template <int D, bool BT>
+__device__ __forceinline__ void warp_gemm(float (&acc)[D / 8][4], const bf16* A, const bf16* M, int lane) {
+  const int mat = lane >> 3, r8 = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    ldmatrix_x4(smem_addr(A + swz<D>((lane & 7) + ((lane >> 3) & 1) * 8, kk * 16 + (lane >> 4) * 8)), a[0], a[1],
+                a[2], a[3]);
+#pragma unroll
+    for (int nj = 0; nj < D / 16; ++nj) {
+      uint32_t b0, b1, b2, b3;
+      if (BT) {
+        int row = nj * 16 + ((mat >> 1) << 3) + r8;
+        int col = kk * 16 + ((mat & 1) << 3);
+        ldmatrix_x4(smem_addr(M + swz<D>(row, col)), b0, b1, b2, b3);
+      } else {
+        int row = kk * 16 + ((mat & 1) << 3) + r8;
+        int col = nj * 16 + ((mat >> 1) << 3);
+        ldmatrix_x4_trans(smem_addr(M + swz<D>(row, col)), b0, b1, b2, b3);
+      }
+      mma16816<bf16>(acc[2 * nj], a, b0, b1);
+      mma16816<bf16>(acc[2 * nj + 1], a, b2, b3);
+    }
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void zero_acc(float (&acc)[D / 8][4]) {
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+}
+
+// Token range of this CTA (same chunks as the state kernel).
+struct Range {
+  int64_t t0, t1;
+  int ntile;
+};
+__device__ __forceinline__ Range cta_range(const LinArgs& g) {
+  const int64_t chunk = (g.L + g.n_chunk - 1) / g.n_chunk;
+  Range r;
+  r.t0 = blockIdx.x * chunk;
+  r.t1 = imin64(g.L, r.t0 + chunk);
+  r.ntile = r.t1 > r.t0 ? static_cast<int>((r.t1 - r.t0 + kWT - 1) / kWT) : 0;
+  return r;
+}
+
+// ---------------------------------------------------------------- forward apply (mma)
+// Each warp owns 16-token tiles: q -> a = R phi(q) in place (bf16), den; O = a Sv_hi / den.
+template <int D>
+__global__ void __launch_bounds__(kT, 2) apply_fwd_mma_kernel(LinArgs g, const bf16* __restrict__ q,
+                                                              const bf16* __restrict__ svhl,
+                                                              const float* __restrict__ zv, bf16* __restrict__ o) {
+  constexpr int CPL = D / 8;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  bf16* Svs = reinterpret_cast<bf16*>(smraw);                 // D x D
+  bf16* Wb = Svs + D * D;                                     // [kW][2][kWT * D]
+  float* inv_all = reinterpret_cast<float*>(Wb + kW * 2 * kWT * D);  // [kW][kWT]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, s = lane & 7;
+  const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
+  const Range rg = cta_range(g);
+  load_mat<D>(Svs, svhl + bh * 2 * D * D);
+  cp_async_commit();
+  float zr[CPL];
+#pragma unroll
+  for (int i = 0; i < CPL; ++i) zr[i] = zv[bh * D + s * CPL + i];
+  cp_async_wait<0>();
+  __syncthreads();
+  const bf16* qb = q + b * g.q_sb + h * g.q_sh;
+  bf16* ob = o + bh * g.L * D;
+  bf16* buf0 = Wb + warp * 2 * kWT * D;
+  float* inv = inv_all + warp * kWT;
+  int tile = warp;
+  if (tile < rg.ntile) load_rows<D>(buf0, qb, g.q_st, rg.t0 + int64_t(tile) * kWT, rg.t1, kWT, lane, 32);
+  cp_async_commit();
+  for (int i = 0; tile < rg.ntile; ++i, tile += kW) {
+    bf16* X = buf0 + (i & 1) * kWT * D;
+    const int64_t base = rg.t0 + int64_t(tile) * kWT;
+    if (tile + kW < rg.ntile) {
+      load_rows<D>(buf0 + ((i + 1) & 1) * kWT * D, qb, g.q_st, base + kW * kWT, rg.t1, kWT, lane, 32);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncwarp();
+#pragma unroll
+    for (int rr = 0; rr < kWT / 4; ++rr) {
+      const int row = rr * 4 + (lane >> 3);
+      const int64_t t = base + row;
+      const bool ok = t < rg.t1;
+      float x[CPL], y[CPL], mx, iv;
+#pragma unroll
+      for (int c = 0; c < CPL / 8; ++c) unpack8(X + swz<D>(row, s * CPL + 8 * c), x + 8 * c);
+      phi8<CPL>(g.feature, x, y, mx, iv);
+      float dz = 0.f;
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) dz += y[c] * zr[c];
+      dz = g8_sum(dz) + g.eps;
+      if (!ok) {
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) y[c] = 0.f;
+      }
+      if (g.rope && ok) rope8<CPL, D>(g.r, tok_rows(g.r, t), s * CPL, y);
+#pragma unroll
+      for (int c = 0; c < CPL / 8; ++c) *reinterpret_cast<uint4*>(X + swz<D>(row, s * CPL + 8 * c)) = pack8(y + 8 * c);
+      if (s == 0) inv[row] = ok ? 1.f / dz : 0.f;
+    }
+    __syncwarp();
+    float acc[D / 8][4];
+    zero_acc<D>(acc);
+    warp_gemm<D, false>(acc, X, Svs, lane);
+    __syncwarp();
+    const int r0 = lane >> 2;
+    const float i0 = inv[r0], i1 = inv[r0 + 8];
+#pragma unroll
+    for (int ni = 0; ni < D / 8; ++ni) {
+      const int col = ni * 8 + 2 * (lane & 3);
+      *reinterpret_cast<uint32_t*>(X + swz<D>(r0, col)) = Elem<bf16>::pack(acc[ni][0] * i0, acc[ni][1] * i0);
+      *reinterpret_cast<uint32_t*>(X + swz<D>(r0 + 8, col)) = Elem<bf16>::pack(acc[ni][2] * i1, acc[ni][3] * i1);
+    }
+    __syncwarp();
+    for (int idx = lane; idx < kWT * D / 8; idx += 32) {
+      int row = idx / (D / 8), ch = idx % (D / 8);
+      int64_t t = base + row;
+      if (t < rg.t1) *reinterpret_cast<uint4*>(ob + t * D + ch * 8) = *reinterpret_cast<const uint4*>(X + swz<D>(row, ch * 8));
+    }
+    __syncwarp();
+  }
+}
+
+// dx for the pair (x0, x1) -> g (in place); y from x (softmax: exp(x - mx) * iv).
+__device__ __forceinline__ float phi_y(FeatureMap f, float x, float mx, float iv) {
+  if (f == FeatureMap::Relu) return x > 0.f ? x : 0.f;
+  if (f == FeatureMap::Elu1) return x > 0.f ? x + 1.f : expf(x);
+  return expf(x - mx) * iv;
+}
+
+// Accumulator-layout epilogue shared by both backward kernels: for rows r0 = lane/4 and r0 + 8 of the
+// warp tile, g = R^T (acc * sc[row]) + add_row[row] * zv[col] (+ zv[col] * 1 when add_row is null), then
+// through phi (x from the raw swizzled tile) -> out fp32.
+template <int D>
+__device__ __forceinline__ void bwd_epilogue(const LinArgs& g, float (&acc)[D / 8][4], const bf16* Xraw,
+                                             const float* sc, const float* add_row, const float* zs,
+                                             const float* smx, const float* siv, int64_t base, int64_t t1,
+                                             float* out, int lane) {
+  const int r0 = lane >> 2;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = r0 + 8 * half;
+    const int64_t t = base + row;
+    const bool ok = t < t1;
+    const float scl = sc ? sc[row] : 1.f, ad = add_row ? add_row[row] : 1.f;
+    const float mx = smx[row], iv = siv[row];
+    Rows rw{0, 0, 0};
+    if (g.rope && ok) rw = tok_rows(g.r, t);
+    float dot = 0.f;
+    float gg[D / 8][2], xx[D / 8][2];
+#pragma unroll
+    for (int ni = 0; ni < D / 8; ++ni) {
+      const int col = ni * 8 + 2 * (lane & 3);
+      float g0 = acc[ni][2 * half] * scl, g1 = acc[ni][2 * half + 1] * scl;
+      if (g.rope && ok) {
+        float2 cs = tok_cs(g.r, rw, col / 2, D / 2);  // inverse rotation
+        float a0 = g0 * cs.x + g1 * cs.y, a1 = -g0 * cs.y + g1 * cs.x;
+        g0 = a0, g1 = a1;
+      }
+      g0 += ad * zs[col], g1 += ad * zs[col + 1];
+      float2 xf = Elem<bf16>::unpack(*reinterpret_cast<const uint32_t*>(Xraw + swz<D>(row, col)));
+      gg[ni][0] = g0, gg[ni][1] = g1, xx[ni][0] = xf.x, xx[ni][1] = xf.y;
+      if (g.feature == FeatureMap::Softmax)
+        dot += phi_y(g.feature, xf.x, mx, iv) * g0 + phi_y(g.feature, xf.y, mx, iv) * g1;
+    }
+    if (g.feature == FeatureMap::Softmax) {
+      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+      dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+    }
+    if (ok) {
+#pragma unroll
+      for (int ni = 0; ni < D / 8; ++ni) {
+        const int col = ni * 8 + 2 * (lane & 3);
+        float d2[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float x = xx[ni][e], gv = gg[ni][e];
+          if (g.feature == FeatureMap::Relu) d2[e] = x > 0.f ? gv : 0.f;
+          else if (g.feature == FeatureMap::Elu1) d2[e] = x > 0.f ? gv : gv * expf(x);
+          else d2[e] = phi_y(g.feature, x, mx, iv) * (gv - dot);
+        }
+        *reinterpret_cast<float2*>(out + t * D + col) = make_float2(d2[0], d2[1]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- backward, query side (mma)
+// Per 16-token warp tile: den, dden = -(dO . O) / den, as = R phi(q) / den (bf16, for dSv),
+// dz partial, and dq = phi'(R^T (dO Sv^T) / den + dden z) with Sv = hi + lo.
+template <int D>
+__global__ void __launch_bounds__(kT) apply_bwd_q_mma_kernel(LinArgs g, const bf16* __restrict__ q,
+                                                             const bf16* __restrict__ ol, const bf16* __restrict__ dol,
+                                                             const bf16* __restrict__ svhl, const float* __restrict__ zv,
+                                                             bf16* __restrict__ as_out, float* __restrict__ dzpart,
+                                                             float* __restrict__ dq) {
+  constexpr int CPL = D / 8;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  bf16* Sh = reinterpret_cast<bf16*>(smraw);  // D x D hi
+  bf16* Sl = Sh + D * D;                      // D x D lo
+  bf16* Wb = Sl + D * D;                      // [kW][2][kWT * D]: raw q, dO
+  float* zs = reinterpret_cast<float*>(Wb + kW * 2 * kWT * D);  // D
+  float* st = zs + D;                                           // [kW][4][kWT]
+  float* dzw = st + kW * 4 * kWT;                               // [kW][D]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, s = lane & 7;
+  const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
+  const Range rg = cta_range(g);
+  load_mat<D>(Sh, svhl + bh * 2 * D * D);
+  load_mat<D>(Sl, svhl + bh * 2 * D * D + D * D);
+  cp_async_commit();
+  for (int d = tid; d < D; d += kT) zs[d] = zv[bh * D + d];
+  cp_async_wait<0>();
+  __syncthreads();
+  float zr[CPL], dzacc[CPL];
+#pragma unroll
+  for (int i = 0; i < CPL; ++i) zr[i] = zs[s * CPL + i], dzacc[i] = 0.f;
+  const bf16* qb = q + b * g.q_sb + h * g.q_sh;
+  const bf16* ob = ol + bh * g.L * D;
+  const bf16* gb = dol + bh * g.L * D;
+  bf16* Qs = Wb + warp * 2 * kWT * D;
+  bf16* Gs = Qs + kWT * D;
+  float* s_inv = st + warp * 4 * kWT;
+  float* s_dd = s_inv + kWT;
+  float* s_mx = s_dd + kWT;
+  float* s_iv = s_mx + kWT;
+  for (int tile = warp; tile < rg.ntile; tile += kW) {
+    const int64_t base = rg.t0 + int64_t(tile) * kWT;
+    load_rows<D>(Qs, qb, g.q_st, base, rg.t1, kWT, lane, 32);
+    load_rows<D>(Gs, gb, D, base, rg.t1, kWT, lane, 32);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncwarp();
+#pragma unroll
+    for (int rr = 0; rr < kWT / 4; ++rr) {
+      const int row = rr * 4 + (lane >> 3);
+      const int64_t t = base + row;
+      const bool ok = t < rg.t1;
+      float x[CPL], y[CPL], gv[CPL], ov[CPL], mx, iv;
+#pragma unroll
+      for (int c = 0; c < CPL / 8; ++c) {
+        unpack8(Qs + swz<D>(row, s * CPL + 8 * c), x + 8 * c);
+        unpack8(Gs + swz<D>(row, s * CPL + 8 * c), gv + 8 * c);
+        if (ok) {
+          unpack8(ob + (base + row) * D + s * CPL + 8 * c, ov + 8 * c);
+        } else {
+          for (int e = 0; e < 8; ++e) ov[8 * c + e] = 0.f;
+        }
+      }
+      phi8<CPL>(g.feature, x, y, mx, iv);
+      float dz = 0.f, dot = 0.f;
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) dz += y[c] * zr[c], dot += gv[c] * ov[c];
+      const float den = g8_sum(dz) + g.eps;
+      dot = g8_sum(dot);
+      const float dd = ok ? -dot / den : 0.f, id = 1.f / den;
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) dzacc[c] += dd * y[c];
+      if (ok) {
+        if (g.rope) rope8<CPL, D>(g.r, tok_rows(g.r, t), s * CPL, y);
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) y[c] *= id;
+#pragma unroll
+        for (int c = 0; c < CPL / 8; ++c)
+          *reinterpret_cast<uint4*>(as_out + (bh * g.L + t) * D + s * CPL + 8 * c) = pack8(y + 8 * c);
+      }
+      if (s == 0) s_inv[row] = ok ? id : 0.f, s_dd[row] = dd, s_mx[row] = mx, s_iv[row] = iv;
+    }
+    __syncwarp();
+    float acc[D / 8][4];
+    zero_acc<D>(acc);
+    warp_gemm<D, true>(acc, Gs, Sh, lane);
+    warp_gemm<D, true>(acc, Gs, Sl, lane);
+    bwd_epilogue<D>(g, acc, Qs, s_inv, s_dd, zs, s_mx, s_iv, base, rg.t1, dq + bh * g.L * D, lane);
+    __syncwarp();
+  }
+  // dz: lanes with the same s hold the same channels; fixed-order reduction.
+#pragma unroll
+  for (int c = 0; c < CPL; ++c) {
+    dzacc[c] += __shfl_xor_sync(0xffffffffu, dzacc[c], 8);
+    dzacc[c] += __shfl_xor_sync(0xffffffffu, dzacc[c], 16);
+  }
+  if (lane < 8)
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) dzw[warp * D + s * CPL + c] = dzacc[c];
+  __syncthreads();
+  for (int d = tid; d < D; d += kT) {
+    float acc = 0.f;
+    for (int w = 0; w < kW; ++w) acc += dzw[w * D + d];
+    dzpart[(bh * g.n_chunk + blockIdx.x) * D + d] = acc;
+  }
+}
+
+// ---------------------------------------------------------------- backward, key side (mma)
+// Per 16-token warp tile: dc = v dSv^T -> dk = phi'(R^T dc + dz); dv = c dSv with c = R phi(k).
+template <int D>
+__global__ void __launch_bounds__(kT) apply_bwd_k_mma_kernel(LinArgs g, const bf16* __restrict__ kin,
+                                                             const bf16* __restrict__ vin, const bf16* __restrict__ dsv,
+                                                             const float* __restrict__ dzv, float* __restrict__ dk,
+                                                             float* __restrict__ dv) {
+  constexpr int CPL = D / 8;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  bf16* Ms = reinterpret_cast<bf16*>(smraw);  // dSv, D x D
+  bf16* Wb = Ms + D * D;                      // [kW][3][kWT * D]: raw k, v, c
+  float* zs = reinterpret_cast<float*>(Wb + kW * 3 * kWT * D);  // D
+  float* st = zs + D;                                           // [kW][2][kWT]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, s = lane & 7;
+  const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
+  const Range rg = cta_range(g);
+  load_mat<D>(Ms, dsv + bh * D * D);
+  cp_async_commit();
+  for (int d = tid; d < D; d += kT) zs[d] = dzv[bh * D + d];
+  cp_async_wait<0>();
+  __syncthreads();
+  const bf16* kb = kin + b * g.k_sb + h * g.k_sh;
+  const bf16* vb = vin + b * g.v_sb + h * g.v_sh;
+  bf16* Ks = Wb + warp * 3 * kWT * D;
+  bf16* Vs = Ks + kWT * D;
+  bf16* Cs = Vs + kWT * D;
+  float* s_mx = st + warp * 2 * kWT;
+  float* s_iv = s_mx + kWT;
+  for (int tile = warp; tile < rg.ntile; tile += kW) {
+    const int64_t base = rg.t0 + int64_t(tile) * kWT;
+    load_rows<D>(Ks, kb, g.k_st, base, rg.t1, kWT, lane, 32);
+    load_rows<D>(Vs, vb, g.v_st, base, rg.t1, kWT, lane, 32);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncwarp();
+#pragma unroll
+    for (int rr = 0; rr < kWT / 4; ++rr) {
+      const int row = rr * 4 + (lane >> 3);
+      const int64_t t = base + row;
+      const bool ok = t < rg.t1;
+      float x[CPL], y[CPL], mx, iv;
+#pragma unroll
+      for (int c = 0; c < CPL / 8; ++c) unpack8(Ks + swz<D>(row, s * CPL + 8 * c), x + 8 * c);
+      phi8<CPL>(g.feature, x, y, mx, iv);
+      if (!ok) {
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) y[c] = 0.f;
+      }
+      if (g.rope && ok) rope8<CPL, D>(g.r, tok_rows(g.r, t), s * CPL, y);
+#pragma unroll
+      for (int c = 0; c < CPL / 8; ++c) *reinterpret_cast<uint4*>(Cs + swz<D>(row, s * CPL + 8 * c)) = pack8(y + 8 * c);
+      if (s == 0) s_mx[row] = mx, s_iv[row] = iv;
+    }
+    __syncwarp();
+    float acc[D / 8][4];
+    zero_acc<D>(acc);
+    warp_gemm<D, true>(acc, Vs, Ms, lane);
+    bwd_epilogue<D>(g, acc, Ks, nullptr, nullptr, zs, s_mx, s_iv, base, rg.t1, dk + bh * g.L * D, lane);
+    zero_acc<D>(acc);
+    warp_gemm<D, false>(acc, Cs, Ms, lane);
+    float* dvb = dv + bh * g.L * D;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = (lane >> 2) + 8 * half;
+      const int64_t t = base + row;
+      if (t < rg.t1)
+#pragma unroll
+        for (int ni = 0; ni < D / 8; ++ni)
+          *reinterpret_cast<float2*>(dvb + t * D + ni * 8 + 2 * (lane & 3)) =
+              make_float2(acc[ni][2 * half], acc[ni][2 * half + 1]);
+    }
+    __syncwarp();
+  }
+}
+
+template <class K>
+void set_smem_mma(K kernel, size_t bytes) {
+  SALAD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+template <int D, bool TRANSFORM>
+void state_mma(const LinArgs& g, const Plan& pl, const bf16* x, const int64_t* xs, const bf16* y, const int64_t* ys,
+               float* part, float* zpart, bf16* out, bool split, float* zout, cudaStream_t s) {
+  const size_t smem = sizeof(bf16) * 4 * kTT * D;
+  set_smem_mma(state_mma_kernel<D, TRANSFORM>, smem);
+  state_mma_kernel<D, TRANSFORM><<<dim3(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH)), kT, smem, s>>>(
+      g, x, xs[0], xs[1], xs[2], y, ys[0], ys[1], ys[2], part, zpart);
+  SALAD_LAUNCH_CHECK();
+  reduce_sv_kernel<D><<<dim3((D * D + 255) / 256, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(part, out, pl.n_chunk,
+                                                                                           split);
+  SALAD_LAUNCH_CHECK();
+  if (zout) {
+    reduce_chunks_kernel<<<dim3(1, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(zpart, zout, pl.n_chunk, D);
+    SALAD_LAUNCH_CHECK();
+  }
+}
+
+template <int D>
+void fwd_state(const Params& p, const Plan& pl, const LinArgs& g, void* ws, cudaStream_t s) {
+  state_mma<D, true>(g, pl, static_cast<const bf16*>(p.k), p.k_stride, static_cast<const bf16*>(p.v), p.v_stride,
+                     at<float>(ws, pl.sv_part), at<float>(ws, pl.z_part), at<bf16>(ws, pl.sv), true, at<float>(ws, pl.z),
+                     s);
+}
+
+template <int D>
+void fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
+  LinArgs g = make_args(p, pl, r);
+  fwd_state<D>(p, pl, g, ws, s);
+  const size_t smem = sizeof(bf16) * (D * D + kW * 2 * kWT * D) + sizeof(float) * kW * kWT;
+  set_smem_mma(apply_fwd_mma_kernel<D>, smem);
+  apply_fwd_mma_kernel<D><<<dim3(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH)), kT, smem, s>>>(
+      g, static_cast<const bf16*>(p.q), at<bf16>(ws, pl.sv), at<float>(ws, pl.z), static_cast<bf16*>(p.o_l));
+  SALAD_LAUNCH_CHECK();
+}
+
+template <int D>
+void bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
+  LinArgs g = make_args(p, pl, r);
+  fwd_state<D>(p, pl, g, ws, s);
+  const dim3 grid(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH));
+  bf16* as = at<bf16>(ws, pl.dnum);  // a / den, (BH, L, D) bf16 in the fp32 dnum region
+  const size_t smem_q = sizeof(bf16) * (2 * D * D + kW * 2 * kWT * D) + sizeof(float) * (D + kW * 4 * kWT + kW * D);
+  set_smem_mma(apply_bwd_q_mma_kernel<D>, smem_q);
+  apply_bwd_q_mma_kernel<D><<<grid, kT, smem_q, s>>>(g, static_cast<const bf16*>(p.q), static_cast<const bf16*>(p.o_l),
+                                                     static_cast<const bf16*>(p.do_l), at<bf16>(ws, pl.sv),
+                                                     at<float>(ws, pl.z), as, at<float>(ws, pl.dz_part),
+                                                     at<float>(ws, pl.dq_l));
+  SALAD_LAUNCH_CHECK();
+  const int64_t cs[3] = {p.H * p.L * D, p.L * D, D};  // contiguous (B, H, L, D)
+  state_mma<D, false>(g, pl, as, cs, static_cast<const bf16*>(p.do_l), cs, at<float>(ws, pl.dsv_part), nullptr,
+                      at<bf16>(ws, pl.dsv), false, nullptr, s);
+  reduce_chunks_kernel<<<dim3(1, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(at<float>(ws, pl.dz_part),
+                                                                             at<float>(ws, pl.dz), pl.n_chunk, D);
+  SALAD_LAUNCH_CHECK();
+  const size_t smem_k = sizeof(bf16) * (D * D + kW * 3 * kWT * D) + sizeof(float) * (D + kW * 2 * kWT);
+  set_smem_mma(apply_bwd_k_mma_kernel<D>, smem_k);
+  apply_bwd_k_mma_kernel<D><<<grid, kT, smem_k, s>>>(g, static_cast<const bf16*>(p.k), static_cast<const bf16*>(p.v),
+                                                     at<bf16>(ws, pl.dsv), at<float>(ws, pl.dz), at<float>(ws, pl.dk_l),
+                                                     at<float>(ws, pl.dv_l));
+  SALAD_LAUNCH_CHECK();
+}
+
+}  // namespace mma
+
+// SALAD_LINEAR_KERNEL=old selects the fp32 CUDA-core path (also used for fp16 inputs).
+bool use_mma(DType t) {
+  if (t != DType::BF16) return false;
+  const char* e = std::getenv("SALAD_LINEAR_KERNEL");
+  return !(e && std::strcmp(e, "old") == 0);
+}
+
 }  // namespace
 
 void launch_linear_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
-  if (p.dtype == DType::BF16) {
+  if (use_mma(p.dtype)) {
+    if (p.D == 64) mma::fwd<64>(p, pl, r, ws, s);
+    else mma::fwd<128>(p, pl, r, ws, s);
+  } else if (p.dtype == DType::BF16) {
     if (p.D == 64) fwd<__nv_bfloat16, 64>(p, pl, r, ws, s);
     else fwd<__nv_bfloat16, 128>(p, pl, r, ws, s);
   } else {
@@ -558,7 +1285,10 @@ void launch_linear_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void*
 void launch_linear_bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
   if (!p.do_l) return;  // zero incoming gradient: the branch adds nothing
   if (!p.o_l) throw ArgumentError("o_l: expected the forward's linear output for the backward in mode salad");
-  if (p.dtype == DType::BF16) {
+  if (use_mma(p.dtype)) {
+    if (p.D == 64) mma::bwd<64>(p, pl, r, ws, s);
+    else mma::bwd<128>(p, pl, r, ws, s);
+  } else if (p.dtype == DType::BF16) {
     if (p.D == 64) bwd<__nv_bfloat16, 64>(p, pl, r, ws, s);
     else bwd<__nv_bfloat16, 128>(p, pl, r, ws, s);
   } else {

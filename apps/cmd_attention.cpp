@@ -14,6 +14,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #endif
 
+#include "commands.h"
 #include "salad/kernels.h"
 #include "salad/salad.h"
 
@@ -269,19 +270,22 @@ int select_cmd(const AttnArgs& a, int64_t heads, int64_t dim, uint64_t seed) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  CLI::App app{"salad: SALAD sparse + linear attention for video diffusion transformers"};
-  app.require_subcommand(1);
-  app.set_version_flag("--version", "salad 0.1.0");
-
+namespace salad::cli {
+void add_attention_commands(CLI::App& app, Commands& cmds) {
   auto* info = app.add_subcommand("info", "what this build has (CUDA kernels, LibTorch, threads)");
+  cmds.push_back({info, [] {
+                    std::printf("salad 0.1.0\nCUDA kernels compiled: %s\nCUDA device visible: %s\nLibTorch: %s\nCPU threads: %d\n",
+                                cuda_kernels_compiled() ? "yes" : "no", torch::cuda::is_available() ? "yes" : "no",
+                                TORCH_VERSION, at::get_num_threads());
+                    return 0;
+                  }});
 
-  AttnArgs bench_args;
-  std::string shape, device = "cpu", dtype;
-  int64_t batch = 1, heads = 2, dim = 64;
-  int iters = 10, warmup = 2;
-  bool backward = false;
-  std::string variants = "sdpa,dense,sparse,salad";
+  static AttnArgs bench_args;
+  static std::string shape, device = "cpu", dtype;
+  static int64_t batch = 1, heads = 2, dim = 64;
+  static int iters = 10, warmup = 2;
+  static bool backward = false;
+  static std::string variants = "sdpa,dense,sparse,salad";
   auto* bench = app.add_subcommand("bench-attn", "time SDPA, dense, sparse and SALAD attention in one run");
   bench_args.add(bench);
   bench->add_option("--shape", shape, "named shape: wan1.3b-480p | wan14b-480p | wan14b-720p | cpu-small");
@@ -295,32 +299,19 @@ int main(int argc, char** argv) {
   bench->add_flag("--backward", backward, "also time forward+backward");
   bench->add_option("--variants", variants, "comma list of sdpa,dense,sparse,salad; the first is the baseline")
       ->capture_default_str();
+  cmds.push_back({bench, [] {
+                    return bench_attn(bench_args, shape, batch, heads, dim, device, dtype, iters, warmup, backward,
+                                      variants);
+                  }});
 
-  AttnArgs sel_args;
-  int64_t sel_heads = 2, sel_dim = 64;
-  uint64_t seed = 0;
+  static AttnArgs sel_args;
+  static int64_t sel_heads = 2, sel_dim = 64;
+  static uint64_t seed = 0;
   auto* sel = app.add_subcommand("select", "block selection on random q/k: the sparsity actually achieved");
   sel_args.add(sel);
   sel->add_option("--heads", sel_heads, "heads")->capture_default_str();
   sel->add_option("--dim", sel_dim, "head width D")->capture_default_str();
   sel->add_option("--seed", seed, "random seed")->capture_default_str();
-
-  CLI11_PARSE(app, argc, argv);
-  try {
-    if (*info) {
-      std::printf("salad 0.1.0\nCUDA kernels compiled: %s\nCUDA device visible: %s\nLibTorch: %s\nCPU threads: %d\n",
-                  cuda_kernels_compiled() ? "yes" : "no", torch::cuda::is_available() ? "yes" : "no", TORCH_VERSION,
-                  at::get_num_threads());
-      return 0;
-    }
-    if (*bench) return bench_attn(bench_args, shape, batch, heads, dim, device, dtype, iters, warmup, backward, variants);
-    if (*sel) return select_cmd(sel_args, sel_heads, sel_dim, seed);
-  } catch (const ArgumentError& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    return 2;
-  } catch (const c10::Error& e) {
-    std::fprintf(stderr, "error: %s\n", e.what_without_backtrace());
-    return 2;
-  }
-  return 0;
+  cmds.push_back({sel, [] { return select_cmd(sel_args, sel_heads, sel_dim, seed); }});
 }
+}  // namespace salad::cli

@@ -1,0 +1,557 @@
+// Hopper-native (sm_90a) block-sparse FlashAttention forward: TMA loads of
+// Q/K/V tiles into 128-byte-swizzled shared memory on mbarriers, a producer
+// warpgroup (setmaxnreg 40) and two consumer warpgroups (setmaxnreg 232), each
+// owning 64 of the CTA's 128 query rows. S = Q K^T and O += P V run on wgmma
+// (m64n64k16, A = Q / P from registers, B = K / V from shared memory; V through
+// the transposed "MN-major" descriptor), with the QK^T of tile t overlapping
+// the PV of tile t-1 and the softmax of tile t overlapping that PV (FA3's
+// intra-warpgroup overlap). Same semantics as attn_fwd.cu's mma.sync kernel:
+// kept key blocks of p.block_idx / p.block_cnt (or all blocks in mode dense),
+// exp2 online softmax, o_s and lse (natural log) in caller order.
+//
+// Limits (else launch_attn_fwd keeps the mma.sync kernel): bf16/fp16, D 64 or
+// 128, block_k a multiple of 64 (any block_q), raster token order (V is read
+// in place by TMA, which cannot gather through the tile-order permutation).
+// env SALAD_FWD_KERNEL=mma forces the mma.sync kernel.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "attn_fwd_sm90.cuh"
+
+namespace salad::cuda::detail {
+namespace {
+
+constexpr int kM = 128;  // query rows per CTA (2 consumer warpgroups x 64)
+constexpr int kN = 64;   // keys per tile
+#ifndef SALAD_SM90_STAGES
+#define SALAD_SM90_STAGES 4
+#endif
+constexpr int kStages = SALAD_SM90_STAGES;
+constexpr int kThreads = 384;  // warpgroup 0: producer; 1, 2: consumers
+
+// ---------------------------------------------------------------- wgmma (A from registers)
+__device__ __forceinline__ void wgmma_m64n64k16_bf16_rs_t0(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+__device__ __forceinline__ void wgmma_m64n64k16_bf16_rs_t1(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+__device__ __forceinline__ void wgmma_m64n64k16_f16_rs_t0(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+__device__ __forceinline__ void wgmma_m64n64k16_f16_rs_t1(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+__device__ __forceinline__ void wgmma_m64n128k16_bf16_rs_t1(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+__device__ __forceinline__ void wgmma_m64n128k16_f16_rs_t1(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+
+template <class T, int N, int TR>
+__device__ __forceinline__ void wgmma_rs(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
+  constexpr bool bf = std::is_same<T, __nv_bfloat16>::value;
+  if constexpr (N == 64 && TR == 0) {
+    if constexpr (bf) wgmma_m64n64k16_bf16_rs_t0(d, a, desc, scale_d);
+    else wgmma_m64n64k16_f16_rs_t0(d, a, desc, scale_d);
+  } else if constexpr (N == 64 && TR == 1) {
+    if constexpr (bf) wgmma_m64n64k16_bf16_rs_t1(d, a, desc, scale_d);
+    else wgmma_m64n64k16_f16_rs_t1(d, a, desc, scale_d);
+  } else {
+    static_assert(N == 128 && TR == 1, "unsupported wgmma shape");
+    if constexpr (bf) wgmma_m64n128k16_bf16_rs_t1(d, a, desc, scale_d);
+    else wgmma_m64n128k16_f16_rs_t1(d, a, desc, scale_d);
+  }
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving register reads/writes across a wgmma wait.
+template <int R>
+__device__ __forceinline__ void fence_regs(float* r) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int R>
+__device__ __forceinline__ void fence_regs_u(uint32_t* r) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle (tile base 1024-byte aligned).
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+// ---------------------------------------------------------------- mbarrier / TMA
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void tma_prefetch(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+struct Sm90Args {
+  void* o;
+  float* lse;
+  const int32_t* idx;
+  const int32_t* cnt;
+  int64_t L, n_q, n_k, max_k, block_q, block_k, H;
+  int sub_q, tiles_per_block, dense, v_swap;
+  float scale_log2;
+};
+
+// Shared memory (1024-byte aligned): Q [D/64][128 rows][128 B], K and V stages
+// [kStages][D/64][64 rows][128 B] (TMA 128-byte swizzle), then the valid-key
+// count of each stage and the mbarriers.
+template <int D>
+struct Smem {
+  static constexpr int kQ = kM * D * 2;
+  static constexpr int kTile = kN * D * 2;
+  static constexpr int kSub = kN * 128;  // one 64-row x 128-byte sub-tile
+  static constexpr int kK = kQ;
+  static constexpr int kV = kK + kStages * kTile;
+  static constexpr int kValid = kV + kStages * kTile;
+  static constexpr int kBar = kValid + 16 * kStages;
+  static constexpr int kBytes = kBar + 8 * (3 * kStages + 1);
+  static constexpr int kAlloc = kBytes + 1024;  // slack for aligning the dynamic base
+};
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    attn_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
+                         const __grid_constant__ CUtensorMap tv, const Sm90Args a) {
+  static_assert(D == 64 || D == 128, "head width 64 or 128");
+  using S = Smem<D>;
+  constexpr int NH = D / 64;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* gbase = smem_raw + (base - raw);
+  int* sValid = reinterpret_cast<int*>(gbase + S::kValid);
+  const uint32_t sQ = base, sK = base + S::kK, sV = base + S::kV, sBar = base + S::kBar;
+  auto fullK = [&](int s) { return sBar + 8u * s; };
+  auto fullV = [&](int s) { return sBar + 8u * (kStages + s); };
+  auto empty = [&](int s) { return sBar + 8u * (2 * kStages + s); };
+  const uint32_t barQ = sBar + 8u * (3 * kStages);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t bh = blockIdx.y;
+  const int64_t qi = blockIdx.x / a.sub_q, sub = blockIdx.x % a.sub_q;
+  const int64_t row0 = qi * a.block_q + sub * kM;
+  const int64_t row_end = imin64(imin64(row0 + kM, (qi + 1) * a.block_q), a.L);
+  if (row0 >= row_end) return;
+  const int64_t nblk = a.dense ? a.n_k : a.cnt[bh * a.n_q + qi];
+  const int32_t* list = a.dense ? nullptr : a.idx + (bh * a.n_q + qi) * a.max_k;
+  const int ntiles = static_cast<int>(nblk) * a.tiles_per_block;
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(fullK(s), 1);
+      mbar_init(fullV(s), 1);
+      mbar_init(empty(s), 8);  // one arrival per consumer warp
+    }
+    mbar_init(barQ, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp < 4) {
+    // ================= producer warpgroup: one thread issues every TMA load
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (warp == 0 && lane == 0) {
+      tma_prefetch(&tq);
+      tma_prefetch(&tk);
+      tma_prefetch(&tv);
+      const int b = static_cast<int>(bh / a.H), h = static_cast<int>(bh % a.H);
+      mbar_expect_tx(barQ, S::kQ);
+#pragma unroll
+      for (int hh = 0; hh < NH; ++hh)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          tma_load_3d(sQ + hh * (kM * 128) + r * (64 * 128), &tq, hh * 64, static_cast<int>(row0 + r * 64),
+                      static_cast<int>(bh), barQ);
+      int c = 0, kt = 0;
+      for (int t = 0; t < ntiles; ++t) {
+        const int s = t % kStages;
+        mbar_wait(empty(s), ((t / kStages) & 1) ^ 1);
+        const int64_t j = a.dense ? c : list[c];
+        const int row = static_cast<int>(j * a.block_k + kt * kN);
+        sValid[s] = static_cast<int>(imin64(kN, a.L - row));
+        mbar_expect_tx(fullK(s), S::kTile);
+#pragma unroll
+        for (int hh = 0; hh < NH; ++hh)
+          tma_load_3d(sK + s * S::kTile + hh * S::kSub, &tk, hh * 64, row, static_cast<int>(bh), fullK(s));
+        mbar_expect_tx(fullV(s), S::kTile);
+#pragma unroll
+        for (int hh = 0; hh < NH; ++hh)
+          tma_load_4d(sV + s * S::kTile + hh * S::kSub, &tv, hh * 64, row, h, b, fullV(s));
+        if (++kt == a.tiles_per_block) kt = 0, ++c;
+      }
+    }
+  } else {
+    // ================= consumer warpgroups
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int cw = warp - 4;     // consumer warp 0..7
+    const int wrow = cw * 16;    // first CTA row of this warp (rows wrow + g, wrow + g + 8)
+    const int g = lane >> 2, tq4 = lane & 3;
+    const float sl2 = a.scale_log2;
+
+    mbar_wait(barQ, 0);
+    uint32_t qf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int r = wrow + (lane & 7) + ((lane >> 3) & 1) * 8;
+      const int col = kk * 16 + (lane >> 4) * 8;
+      const int hh = col / 64, ch = (col % 64) / 8;
+      ldmatrix_x4(sQ + hh * (kM * 128) + r * 128 + ((ch ^ (r & 7)) << 4), qf[kk][0], qf[kk][1], qf[kk][2],
+                  qf[kk][3]);
+    }
+
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    float sacc[kN / 2];
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    uint32_t pf[kN / 16][4], pg[kN / 16][4];
+
+    const uint32_t vlbo = a.v_swap ? 1024u : static_cast<uint32_t>(S::kSub);
+    const uint32_t vsbo = a.v_swap ? static_cast<uint32_t>(S::kSub) : 1024u;
+    auto issue_qk = [&](int s) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t addr = sK + s * S::kTile + (kk / 4) * S::kSub + (kk % 4) * 32;
+        wgmma_rs<T, kN, 0>(sacc, qf[kk], desc_sw128(addr, 16, 1024), kk > 0);
+      }
+    };
+    auto issue_pv = [&](int s, uint32_t (*p)[4]) {
+#pragma unroll
+      for (int kk = 0; kk < kN / 16; ++kk) {
+        const uint32_t addr = sV + s * S::kTile + kk * 16 * 128;
+        wgmma_rs<T, D, 1>(o, p[kk], desc_sw128(addr, vlbo, vsbo), 1);
+      }
+    };
+    // Online softmax of sacc (this thread: rows g and g + 8 of the warp), P into pn.
+    auto softmax = [&](int valid, uint32_t (*pn)[4], float& c0, float& c1) {
+      if (valid < kN) {
+#pragma unroll
+        for (int nt = 0; nt < kN / 8; ++nt) {
+          const int col = nt * 8 + 2 * tq4;
+          if (col >= valid) sacc[4 * nt] = sacc[4 * nt + 2] = -INFINITY;
+          if (col + 1 >= valid) sacc[4 * nt + 1] = sacc[4 * nt + 3] = -INFINITY;
+        }
+      }
+      float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt) {
+        mx0 = fmaxf(mx0, fmaxf(sacc[4 * nt], sacc[4 * nt + 1]));
+        mx1 = fmaxf(mx1, fmaxf(sacc[4 * nt + 2], sacc[4 * nt + 3]));
+      }
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+      const float mn0 = fmaxf(m0, mx0 * sl2), mn1 = fmaxf(m1, mx1 * sl2);
+      const float ms0 = mn0 == -INFINITY ? 0.f : mn0, ms1 = mn1 == -INFINITY ? 0.f : mn1;
+      c0 = ex2(m0 - ms0);
+      c1 = ex2(m1 - ms1);
+      m0 = mn0;
+      m1 = mn1;
+      float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt) {
+        const float e0 = ex2(fmaf(sacc[4 * nt], sl2, -ms0));
+        const float e1 = ex2(fmaf(sacc[4 * nt + 1], sl2, -ms0));
+        const float e2 = ex2(fmaf(sacc[4 * nt + 2], sl2, -ms1));
+        const float e3 = ex2(fmaf(sacc[4 * nt + 3], sl2, -ms1));
+        rs0 += e0 + e1;
+        rs1 += e2 + e3;
+        // A fragment of m64k16 chunk nt / 2: a0/a1 from the even n8 chunk, a2/a3 from the odd one.
+        pn[nt / 2][(nt & 1) * 2 + 0] = Elem<T>::pack(e0, e1);
+        pn[nt / 2][(nt & 1) * 2 + 1] = Elem<T>::pack(e2, e3);
+      }
+      l0 = l0 * c0 + rs0;
+      l1 = l1 * c1 + rs1;
+    };
+    auto release = [&](int s) {
+      if (lane == 0) mbar_arrive(empty(s));
+    };
+
+    if (ntiles > 0) {
+      float c0 = 1.f, c1 = 1.f;
+      mbar_wait(fullK(0), 0);
+      fence_regs<kN / 2>(sacc);
+      wgmma_fence();
+      issue_qk(0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs<kN / 2>(sacc);
+      softmax(sValid[0], pf, c0, c1);
+      // Tile t: QK_t and PV_{t-1} in flight together, softmax of S_t overlaps PV_{t-1}.
+      // P alternates between two register sets (no copies inside the wgmma pipeline).
+      auto step = [&](int t, uint32_t (*pin)[4], uint32_t (*pout)[4]) {
+        const int s = t % kStages, ps = (t - 1) % kStages;
+        mbar_wait(fullK(s), (t / kStages) & 1);
+        mbar_wait(fullV(ps), ((t - 1) / kStages) & 1);  // loaded with K_{t-1}: no spin inside the wgmma stage
+        fence_regs<D / 2>(o);
+        fence_regs<kN / 2>(sacc);
+        fence_regs_u<kN / 4>(&pin[0][0]);
+        wgmma_fence();
+        issue_qk(s);
+        wgmma_commit();
+        issue_pv(ps, pin);
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_regs<kN / 2>(sacc);
+        softmax(sValid[s], pout, c0, c1);
+        wgmma_wait<0>();
+        fence_regs<D / 2>(o);
+        fence_regs_u<kN / 4>(&pin[0][0]);
+        release(ps);
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+          o[4 * i] *= c0;
+          o[4 * i + 1] *= c0;
+          o[4 * i + 2] *= c1;
+          o[4 * i + 3] *= c1;
+        }
+      };
+      int t = 1;
+      for (; t + 1 < ntiles; t += 2) {
+        step(t, pf, pg);
+        step(t + 1, pg, pf);
+      }
+      const bool odd_tail = t < ntiles;
+      if (odd_tail) step(t, pf, pg);
+      const int ls = (ntiles - 1) % kStages;
+      mbar_wait(fullV(ls), ((ntiles - 1) / kStages) & 1);
+      auto last = [&](uint32_t (*p)[4]) {
+        fence_regs<D / 2>(o);
+        fence_regs_u<kN / 4>(&p[0][0]);
+        wgmma_fence();
+        issue_pv(ls, p);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs<D / 2>(o);
+        fence_regs_u<kN / 4>(&p[0][0]);
+      };
+      if (odd_tail) last(pg);
+      else last(pf);
+      release(ls);
+    }
+
+    // ---- epilogue: normalise, stage this warp's 16 rows in its own Q rows, 16-byte stores
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const int hh = i / 8, ch = i % 8;
+      const int r0 = wrow + g, r1 = wrow + g + 8;
+      const uint32_t a0 = sQ + hh * (kM * 128) + r0 * 128 + ((ch ^ (r0 & 7)) << 4) + tq4 * 4;
+      const uint32_t a1 = sQ + hh * (kM * 128) + r1 * 128 + ((ch ^ (r1 & 7)) << 4) + tq4 * 4;
+      asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a0), "r"(Elem<T>::pack(o[4 * i] * inv0, o[4 * i + 1] * inv0))
+                   : "memory");
+      asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a1),
+                   "r"(Elem<T>::pack(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1))
+                   : "memory");
+    }
+    __syncwarp();
+    T* out = static_cast<T*>(a.o) + bh * a.L * D;
+    constexpr int CH = D / 8;
+#pragma unroll
+    for (int it = 0; it < 16 * CH / 32; ++it) {
+      const int e = it * 32 + lane, rr = e / CH, cc = e % CH;
+      const int r = wrow + rr;
+      const uint32_t src = sQ + (cc / 8) * (kM * 128) + r * 128 + (((cc % 8) ^ (r & 7)) << 4);
+      uint4 v;
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                   : "r"(src)
+                   : "memory");
+      const int64_t gr = row0 + r;
+      if (gr < row_end) *reinterpret_cast<uint4*>(out + gr * D + cc * 8) = v;
+    }
+    if (tq4 == 0) {
+      constexpr float kLn2 = 0.6931471805599453f;
+      const int64_t gr0 = row0 + wrow + g, gr1 = gr0 + 8;
+      if (gr0 < row_end) a.lse[bh * a.L + gr0] = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : INFINITY;
+      if (gr1 < row_end) a.lse[bh * a.L + gr1] = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : INFINITY;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- host side
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// Row-major tiles of 64 rows x 64 elements (128 bytes, 128-byte swizzle).
+bool make_map(CUtensorMap* map, DType t, int rank, const void* ptr, const cuuint64_t* dims,
+              const cuuint64_t* strides) {
+  PFN_cuTensorMapEncodeTiled_v12000 enc = encode_fn();
+  if (!enc) return false;
+  const cuuint32_t box[4] = {64, 64, 1, 1}, es[4] = {1, 1, 1, 1};
+  CUresult r = enc(map, t == DType::BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                   static_cast<cuuint32_t>(rank), const_cast<void*>(ptr), dims, strides, box, es,
+                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
+
+template <class T, int D>
+bool launch(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
+  const cuuint64_t BH = static_cast<cuuint64_t>(pl.BH), L = static_cast<cuuint64_t>(p.L);
+  CUtensorMap mq, mk, mv;
+  const cuuint64_t dqk[3] = {static_cast<cuuint64_t>(D), L, BH};
+  const cuuint64_t sqk[2] = {D * 2ull, L * D * 2ull};
+  if (!make_map(&mq, p.dtype, 3, at<T>(ws, pl.qr), dqk, sqk)) return false;
+  if (!make_map(&mk, p.dtype, 3, at<T>(ws, pl.kr), dqk, sqk)) return false;
+  // V in place: (D, L, H, B) with the caller's strides (a size-1 dim's stride is never used).
+  const cuuint64_t dv[4] = {static_cast<cuuint64_t>(D), L, static_cast<cuuint64_t>(p.H),
+                            static_cast<cuuint64_t>(p.B)};
+  cuuint64_t sv[3] = {static_cast<cuuint64_t>(p.v_stride[2]) * 2, static_cast<cuuint64_t>(p.v_stride[1]) * 2,
+                      static_cast<cuuint64_t>(p.v_stride[0]) * 2};
+  if (p.H == 1) sv[1] = 16;
+  if (p.B == 1) sv[2] = 16;
+  if (!make_map(&mv, p.dtype, 4, p.v, dv, sv)) return false;
+
+  Sm90Args a;
+  a.o = p.o_s;
+  a.lse = p.lse;
+  a.idx = p.block_idx;
+  a.cnt = p.block_cnt;
+  a.L = p.L;
+  a.n_q = pl.n_q;
+  a.n_k = pl.n_k;
+  a.max_k = pl.max_k;
+  a.block_q = p.opt.block_q;
+  a.block_k = p.opt.block_k;
+  a.H = p.H;
+  a.sub_q = static_cast<int>((p.opt.block_q + kM - 1) / kM);
+  a.tiles_per_block = static_cast<int>(p.opt.block_k / kN);
+  a.dense = pl.dense ? 1 : 0;
+  const char* sw = std::getenv("SALAD_SM90_VSWAP");
+  a.v_swap = sw && std::strcmp(sw, "1") == 0;
+  a.scale_log2 = static_cast<float>(p.softmax_scale() * 1.4426950408889634);
+  constexpr int smem = Smem<D>::kAlloc;
+  SALAD_CUDA_CHECK(cudaFuncSetAttribute(attn_fwd_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  dim3 grid(static_cast<unsigned>(pl.n_q * a.sub_q), static_cast<unsigned>(pl.BH));
+  attn_fwd_sm90_kernel<T, D><<<grid, kThreads, smem, s>>>(mq, mk, mv, a);
+  SALAD_LAUNCH_CHECK();
+  return true;
+}
+
+}  // namespace
+
+bool sm90_fwd_disabled() {
+  const char* e = std::getenv("SALAD_FWD_KERNEL");
+  return e && std::strcmp(e, "mma") == 0;
+}
+
+bool try_launch_attn_fwd_sm90(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
+  if (sm90_fwd_disabled()) return false;
+  if (p.dtype != DType::BF16 && p.dtype != DType::F16) return false;
+  if (p.D != 64 && p.D != 128) return false;
+  if (r.perm) return false;  // tile order: V needs a gather
+  if (p.opt.block_k % kN != 0 || p.opt.block_q <= 0) return false;
+  if (p.L >= (int64_t(1) << 31) - 2 * kM || pl.BH >= 65536 || pl.n_q * ((p.opt.block_q + kM - 1) / kM) >= (int64_t(1) << 31))
+    return false;
+  if (!pl.dense && (!p.block_idx || !p.block_cnt)) return false;
+  bool ok;
+  if (p.dtype == DType::BF16)
+    ok = p.D == 128 ? launch<__nv_bfloat16, 128>(p, pl, ws, s) : launch<__nv_bfloat16, 64>(p, pl, ws, s);
+  else
+    ok = p.D == 128 ? launch<__half, 128>(p, pl, ws, s) : launch<__half, 64>(p, pl, ws, s);
+  static bool warned = false;
+  if (!ok && !warned) {
+    warned = true;
+    std::fprintf(stderr, "salad: sm90 attention forward: TMA descriptor setup failed, using the mma.sync kernel\n");
+  }
+  return ok;
+}
+
+}  // namespace salad::cuda::detail
