@@ -180,13 +180,13 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
     double sparsity = 0;
   };
   std::vector<Row> rows;
+  std::vector<std::function<std::vector<at::Tensor>()>> fwds;
   for (const std::string& name : variants) {
     Row r{name};
-    std::function<std::vector<at::Tensor>()> fwd;
     if (name == "sdpa") {
       const int64_t choice = dev.is_cuda() ? at::_fused_sdp_choice(q, k, v) : 0;
       r.name = std::string("sdpa(") + (dev.is_cuda() ? sdpa_backend_name(choice) : "cpu") + ")";
-      fwd = [&] { return std::vector<at::Tensor>{at::scaled_dot_product_attention(q, k, v)}; };
+      fwds.push_back([&] { return std::vector<at::Tensor>{at::scaled_dot_product_attention(q, k, v)}; });
     } else {
       Options o = opt;
       o.mode = parse_mode(name);
@@ -196,28 +196,39 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
         const BlockShape bs = [&] { Params p; p.L = L; p.opt = o; return p.blocks(); }();
         r.sparsity = 1.0 - out.block_cnt.to(at::kDouble).mean().item<double>() / static_cast<double>(bs.n_k);
       }
-      fwd = [&, o] {
+      fwds.push_back([&, o] {
         AttentionOutput out = attention(q, k, v, grid, o);
         return o.mode == Mode::Salad ? std::vector<at::Tensor>{out.o_s, out.o_l} : std::vector<at::Tensor>{out.o_s};
-      };
-    }
-    {
-      at::NoGradGuard ng;
-      r.fwd = median_ms([&] { fwd(); }, dev, warmup, iters);
-    }
-    if (backward) {
-      r.fb = median_ms(
-          [&] {
-            auto outs = fwd();
-            at::Tensor l = (outs[0] * go).sum();
-            if (outs.size() > 1) l = l + (outs[1] * go).sum();
-            l.backward();
-            q.mutable_grad().reset(), k.mutable_grad().reset(), v.mutable_grad().reset();
-          },
-          dev, warmup, iters);
+      });
     }
     rows.push_back(r);
   }
+  // Variants take turns within each iteration, so a busy machine slows all of them alike.
+  auto time_all = [&](const std::function<void(size_t)>& fn, double Row::*field) {
+    for (int w = 0; w < warmup; ++w)
+      for (size_t i = 0; i < rows.size(); ++i) fn(i);
+    std::vector<std::vector<double>> t(rows.size());
+    for (int it = 0; it < iters; ++it)
+      for (size_t i = 0; i < rows.size(); ++i) t[i].push_back(median_ms([&] { fn(i); }, dev, 0, 1));
+    for (size_t i = 0; i < rows.size(); ++i) {
+      std::sort(t[i].begin(), t[i].end());
+      rows[i].*field = t[i][t[i].size() / 2];
+    }
+  };
+  {
+    at::NoGradGuard ng;
+    time_all([&](size_t i) { fwds[i](); }, &Row::fwd);
+  }
+  if (backward)
+    time_all(
+        [&](size_t i) {
+          auto outs = fwds[i]();
+          at::Tensor l = (outs[0] * go).sum();
+          if (outs.size() > 1) l = l + (outs[1] * go).sum();
+          l.backward();
+          q.mutable_grad().reset(), k.mutable_grad().reset(), v.mutable_grad().reset();
+        },
+        &Row::fb);
   const double base_f = rows.empty() ? 1 : rows[0].fwd, base_b = rows.empty() ? 1 : rows[0].fb - rows[0].fwd;
   std::printf("\n%-16s %9s %9s %12s", "variant", "sparsity", "fwd ms", "fwd speed-up");
   if (backward) std::printf(" %9s %12s", "bwd ms", "bwd speed-up");
