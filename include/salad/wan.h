@@ -46,7 +46,8 @@ struct WanConfig {
   // Throws ArgumentError naming the first bad field.
   void validate() const;
 
-  // "wan2.1-1.3b", "wan2.1-14b", "tiny" (dim 64, 2 heads of 32, 2 layers, 4
+  // "wan2.1-1.3b", "wan2.1-14b", "world" (the embedded shapes world: 3 channels,
+  // dim 128 = 2 heads of 64, 4 layers, text 16 x 64), "tiny" (dim 64, 2 heads of 32, 2 layers, 4
   // channels, text_dim 32, text_len 0; for tests).
   static WanConfig preset(const std::string& name);
 };

@@ -64,8 +64,12 @@ WanConfig WanConfig::preset(const std::string& name) {
   } else if (name == "tiny") {
     c.in_dim = 4, c.out_dim = 4, c.dim = 64, c.ffn_dim = 128, c.freq_dim = 32, c.text_dim = 32;
     c.num_heads = 2, c.num_layers = 2, c.text_len = 0;
+  } else if (name == "world") {
+    // The embedded shapes world: pixel space (3 channels, patch 1x2x2), 2 heads of 64.
+    c.in_dim = 3, c.out_dim = 3, c.dim = 128, c.ffn_dim = 512, c.freq_dim = 64, c.text_dim = 64;
+    c.num_heads = 2, c.num_layers = 4, c.text_len = 16;
   } else {
-    fail("preset: expected one of wan2.1-1.3b|wan2.1-14b|tiny, got '", name, "'");
+    fail("preset: expected one of wan2.1-1.3b|wan2.1-14b|world|tiny, got '", name, "'");
   }
   return c;
 }
