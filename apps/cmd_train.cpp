@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "commands.h"
+#include "salad/lora.h"
 #include "salad/train.h"
 #include "salad/wan.h"
 
@@ -26,9 +27,9 @@ struct TrainArgs {
   uint64_t seed = 0;
   bool resume = false, bf16 = false, quiet = false;
   // attention
-  std::string mode, feature = "relu", gate = "static_dynamic";
-  double keep = 0.10;
-  int64_t block_q = 128, block_k = 64;
+  std::string mode, feature = "relu", gate = "static_dynamic", lora_targets = "q,k,v,o", adapter;
+  double keep = 0.10, lora_alpha = 16;
+  int64_t block_q = 128, block_k = 64, lora_rank = 0;
 
   void add(CLI::App* app, const std::string& default_mode, const std::string& default_trainable) {
     mode = default_mode, trainable = default_trainable;
@@ -54,6 +55,19 @@ struct TrainArgs {
     app->add_option("--block-k", block_k, "key block size")->capture_default_str();
     app->add_option("--feature", feature, "linear feature map: relu | elu1 | softmax")->capture_default_str();
     app->add_option("--gate", gate, "none | static | dynamic | static_dynamic")->capture_default_str();
+  }
+  void add_lora(CLI::App* app) {
+    app->add_option("--lora-rank", lora_rank, "LoRA rank on the targets (0: none)")->capture_default_str();
+    app->add_option("--lora-alpha", lora_alpha, "LoRA alpha (scale alpha/rank)")->capture_default_str();
+    app->add_option("--lora-targets", lora_targets, "LoRA target modules")->capture_default_str();
+    app->add_option("--adapter", adapter, "start from this adapter file instead of a fresh conversion");
+  }
+  SaladConvertOptions convert_options() const {
+    SaladConvertOptions c;
+    c.attn.keep = keep, c.attn.block_q = block_q, c.attn.block_k = block_k, c.attn.feature = parse_feature(feature);
+    c.gate = parse_gate(gate);
+    c.lora.rank = lora_rank, c.lora.alpha = lora_alpha, c.lora.targets = split(lora_targets);
+    return c;
   }
 
   WanAttentionPlan plan() const {
@@ -86,12 +100,7 @@ int run_training(WanModel& model, const TrainArgs& a, bool full_model) {
   if (full_model) {
     save_wan_weights(model, out);
   } else {
-    std::map<std::string, at::Tensor> t;
-    auto named = model->named_parameters();
-    for (const auto& n : r.trained) t[n] = named[n].detach().cpu().contiguous();
-    write_tensor_file(out, t, {{"format", "salad.adapter"}, {"mode", a.mode}, {"keep", std::to_string(a.keep)},
-                               {"block_q", std::to_string(a.block_q)}, {"block_k", std::to_string(a.block_k)},
-                               {"feature", a.feature}, {"gate", a.gate}});
+    save_adapter(model, out);
   }
   std::printf("trained %zu tensors for steps %lld..%lld, last loss %.6f\nwrote %s\n", r.trained.size(),
               (long long)r.start_step, (long long)r.final_step, r.last_loss, out.string().c_str());
@@ -105,11 +114,20 @@ void add_train_commands(CLI::App& app, Commands& cmds) {
   static std::string ft_model;
   static int64_t ft_heads = 0;
   auto* f = app.add_subcommand("finetune", "SALAD fine-tuning: frozen base, train W_l, gates, scales (and LoRA)");
-  ft.add(f, "salad", "linear_o,gate,static_scale");
+  ft.add(f, "salad", "lora,linear_o,gate,static_scale");
+  ft.add_lora(f);
   f->add_option("--model", ft_model, "base checkpoint (file, index or directory)")->required();
   f->add_option("--heads", ft_heads, "attention heads (default: from the checkpoint)");
   cmds.push_back({f, [] {
-                    WanModel m = load_wan_model(ft_model, ft.plan(), ft_heads);
+                    const SaladConvertOptions conv = ft.convert_options();
+                    WanModel m = load_wan_model(ft_model, conv.plan(), ft_heads);
+                    if (!ft.adapter.empty())
+                      load_adapter(m, ft.adapter);
+                    else
+                      convert_to_salad(m, conv);
+                    // --mode sparse: the "sparse + LoRA" baseline (no linear branch).
+                    const Mode mode = parse_mode(ft.mode);
+                    for (int64_t i = 0; i < m->config().num_layers; ++i) m->block(i)->self_attn->config().attn.mode = mode;
                     return run_training(m, ft, false);
                   }});
 

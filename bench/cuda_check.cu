@@ -12,7 +12,7 @@
 // 2. Benchmark: Wan shapes (bf16, B=1, keep 0.10), median of event timings;
 //    prints a table last, with our dense kernel as the in-run baseline.
 //
-// Usage: cuda_check [--no-bench] [--no-check] [--no-dense] [--reps N]
+// Usage: cuda_check [--no-bench] [--no-check] [--no-dense] [--fwd-only] [--reps N]
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -31,6 +31,7 @@
 #include "salad/layout.h"
 #include "salad/params.h"
 #include "../src/kernels/cpu/common.h"  // cpu::RopeTable for the naive low-precision baseline
+#include "../src/kernels/cuda/internal.cuh"  // attention kernel alone (launch_attn_fwd) for kernel-only timings
 
 using namespace salad;
 
@@ -456,7 +457,7 @@ float time_ms(const std::function<void()>& f, int reps) {
   return ts[ts.size() / 2];
 }
 
-void bench(int reps, bool dense) {
+void bench(int reps, bool dense, bool fwd_only) {
   const Shape shapes[] = {{"Wan1.3B-480p", 12, {21, 30, 52}}, {"Wan14B-480p", 40, {21, 30, 52}},
                           {"Wan14B-720p", 40, {21, 45, 80}}};
   std::mt19937_64 rng(7);
@@ -497,6 +498,7 @@ void bench(int reps, bool dense) {
     const double dense_flop = 4.0 * B * H * double(L) * L * D;
     for (Mode m : {Mode::Dense, Mode::Sparse, Mode::Salad}) {
       if (m == Mode::Dense && !dense) continue;
+      if (m == Mode::Salad && fwd_only) continue;
       p.opt.mode = m;
       p.blocks_given = false;
       BwdParams bp;
@@ -548,9 +550,37 @@ void bench(int reps, bool dense) {
         if (prev) setenv("SALAD_FWD_KERNEL", saved.c_str(), 1);
         else unsetenv("SALAD_FWD_KERNEL");
       }
+      if (m == Mode::Sparse) {  // the attention kernel alone (no RoPE / rotation), each forward kernel variant
+        namespace dd = salad::cuda::detail;
+        void* wsa = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(ws.p) + 255) / 256 * 256);
+        const dd::Plan pl = dd::make_plan(p, false);
+        const dd::RopeInfo ri = dd::prepare_order_and_rope(p, pl, wsa, nullptr);
+        const char* prev = std::getenv("SALAD_FWD_KERNEL");
+        std::string saved = prev ? prev : "";
+        struct V {
+          const char* name;
+          const char* kern;
+          const char* pers;
+          const char* pp;
+        };
+        for (V v : {V{"attn kernel sm90", "", "1", "0"}, V{"attn kernel sm90 1CTA/item", "", "0", "0"},
+                    V{"attn kernel mma", "mma", "1", "0"}}) {
+          setenv("SALAD_FWD_KERNEL", v.kern, 1);
+          setenv("SALAD_SM90_PERSISTENT", v.pers, 1);
+          setenv("SALAD_SM90_PINGPONG", v.pp, 1);
+          float fk = time_ms([&] { dd::launch_attn_fwd(p, pl, ri, wsa, nullptr); }, r);
+          rows.push_back({s.name, v.name, fk, flop / fk * 1e-9});
+        }
+        unsetenv("SALAD_SM90_PERSISTENT");
+        unsetenv("SALAD_SM90_PINGPONG");
+        if (prev) setenv("SALAD_FWD_KERNEL", saved.c_str(), 1);
+        else unsetenv("SALAD_FWD_KERNEL");
+      }
       if (m != Mode::Dense) p.blocks_given = false;
-      float b = time_ms([&] { cuda::backward(bp, ws.p, nullptr); }, r);
-      rows.push_back({s.name, std::string(to_string(m)) + " bwd", b, 2.5 * flop / b * 1e-9});
+      if (!fwd_only) {
+        float b = time_ms([&] { cuda::backward(bp, ws.p, nullptr); }, r);
+        rows.push_back({s.name, std::string(to_string(m)) + " bwd", b, 2.5 * flop / b * 1e-9});
+      }
     }
   }
   int dev;
@@ -571,24 +601,39 @@ void bench(int reps, bool dense) {
 // default, on the Wan shapes, and reports how far the two outputs are apart (first shape).
 #include "../src/kernels/cuda/internal.cuh"
 namespace {
+// Approximately N(0, 1) bf16 values from a counter hash (sum of 4 uniforms).
+__global__ void lin_fill_kernel(uint16_t* p, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint64_t z = (i + 1) * 0x9E3779B97F4A7C15ull ^ (seed * 0xBF58476D1CE4E5B9ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float u = 0.f;
+    for (int j = 0; j < 4; ++j) u += float((z >> (16 * j)) & 0xFFFF) * (1.f / 65536.f);
+    __nv_bfloat16 b = __float2bfloat16_rn((u - 2.f) * 1.7320508f);
+    p[i] = *reinterpret_cast<uint16_t*>(&b);
+  }
+}
+
 void bench_linear(int reps) {
   namespace dt = salad::cuda::detail;
   const Shape shapes[] = {{"Wan1.3B-480p", 12, {21, 30, 52}}, {"Wan14B-480p", 40, {21, 30, 52}},
                           {"Wan14B-720p", 40, {21, 45, 80}}};
   std::mt19937_64 rng(11);
-  std::normal_distribution<float> nd(0.f, 1.f);
+  setvbuf(stdout, nullptr, _IOLBF, 0);  // line-buffered: partial results survive a timeout
   const char* prev = std::getenv("SALAD_LINEAR_KERNEL");
   std::string saved = prev ? prev : "";
   std::printf("\n== linear branch alone (bf16, B=1, D=128, relu, rope, median of %d) ==\n", reps);
   std::printf("%-14s %-8s %10s %10s %10s %10s\n", "shape", "impl", "fwd ms", "bwd ms", "fwd GB/s", "fwd TF/s");
   for (const Shape& s : shapes) {
     const int64_t B = 1, H = s.H, D = 128, L = s.grid.size(), N = B * H * L * D;
-    std::vector<uint16_t> h(N);
     Dev<uint16_t> q(N), k(N), v(N), ol(N), dol(N), gq(N), gk(N), gv(N), os(N), dos(N);
+    uint64_t seed = rng();
     for (auto* d : {&q, &k, &v, &dol, &dos}) {
-      for (auto& x : h) x = to_low(nd(rng), DType::BF16);
-      d->up(h);
+      lin_fill_kernel<<<1024, 256>>>(d->p, size_t(N), seed++);  // device-side fill: host RNG is too slow here
+      CK(cudaGetLastError());
     }
+    CK(cudaDeviceSynchronize());
     Params p;
     p.dtype = DType::BF16;
     p.B = B, p.H = H, p.L = L, p.D = D;
@@ -607,6 +652,32 @@ void bench_linear(int reps) {
     std::vector<uint16_t> o_ref;
     std::vector<float> g_ref[3];
     const size_t goff[3] = {plb.dq_l, plb.dk_l, plb.dv_l};
+    {  // full operator: sparse (reference) and salad with each linear implementation
+      BlockShape bs0 = p.blocks();
+      Dev<int32_t> idx(B * H * bs0.n_q * bs0.max_k), cnt(B * H * bs0.n_q);
+      Dev<float> lse(B * H * L);
+      Params fp = p;
+      fp.lse = lse.p, fp.block_idx = idx.p, fp.block_cnt = cnt.p;
+      BwdParams fb = bp;
+      static_cast<Params&>(fb) = fp;
+      fb.blocks_given = true;
+      fb.do_s = dos.p, fb.do_l = dol.p, fb.dq = gq.p, fb.dk = gk.p, fb.dv = gv.p;
+      Dev<char> fws(std::max(cuda::forward_workspace_bytes(fp), cuda::backward_workspace_bytes(fb)));
+      const int fr = std::max(3, reps / 2);
+      for (const char* impl : {"sparse", "old", "new"}) {
+        const bool sp = std::strcmp(impl, "sparse") == 0;
+        fp.opt.mode = fb.opt.mode = sp ? Mode::Sparse : Mode::Salad;
+        fb.do_l = sp ? nullptr : dol.p;
+        if (!sp) setenv("SALAD_LINEAR_KERNEL", impl, 1);
+        fp.blocks_given = false;
+        float f = time_ms([&] { cuda::forward(fp, fws.p, nullptr); }, fr);
+        fp.blocks_given = true;
+        float fg = time_ms([&] { cuda::forward(fp, fws.p, nullptr); }, fr);
+        float b = time_ms([&] { cuda::backward(fb, fws.p, nullptr); }, fr);
+        std::printf("%-14s %-8s full op (%s): fwd %.3f ms, fwd (table given) %.3f ms, bwd %.3f ms\n", s.name,
+                    sp ? "-" : impl, sp ? "sparse" : "salad", f, fg, b);
+      }
+    }
     for (const char* impl : {"old", "new"}) {
       setenv("SALAD_LINEAR_KERNEL", impl, 1);
       float f = time_ms([&] { dt::launch_linear_fwd(p, plf, r, ws.p, nullptr); }, reps);
@@ -656,7 +727,7 @@ void bench_linear(int reps) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool check = true, do_bench = true, dense = true;
+  bool check = true, do_bench = true, dense = true, fwd_only = false;
   bool linear_only = false;
   int reps = 20;
   for (int i = 1; i < argc; ++i) {
@@ -664,6 +735,7 @@ int main(int argc, char** argv) {
     if (a == "--no-bench") do_bench = false;
     else if (a == "--no-check") check = false;
     else if (a == "--no-dense") dense = false;
+    else if (a == "--fwd-only") fwd_only = true;
     else if (a == "--linear") linear_only = true;  // linear branch alone, then exit
     else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
   }
@@ -718,7 +790,7 @@ int main(int argc, char** argv) {
     }
     std::printf("\n== correctness: %d / %d cases passed ==\n", total - fails, total);
   }
-  if (do_bench) bench(reps, dense);
+  if (do_bench) bench(reps, dense, fwd_only);
   if (check) std::printf("correctness: %d / %d cases passed\n", total - fails, total);
   return fails ? 1 : 0;
 }

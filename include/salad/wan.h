@@ -17,6 +17,7 @@
 
 #include <array>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <optional>
 #include <set>
@@ -47,7 +48,7 @@ struct WanConfig {
   void validate() const;
 
   // "wan2.1-1.3b", "wan2.1-14b", "world" (the embedded shapes world: 3 channels,
-  // dim 128 = 2 heads of 64, 4 layers, text 16 x 64), "tiny" (dim 64, 2 heads of 32, 2 layers, 4
+  // dim 128 = 2 heads of 64, 4 layers, text 32 x 64), "tiny" (dim 64, 2 heads of 32, 2 layers, 4
   // channels, text_dim 32, text_len 0; for tests).
   static WanConfig preset(const std::string& name);
 };
@@ -150,6 +151,10 @@ class WanModelImpl : public torch::nn::Module {
   torch::nn::Sequential time_projection{nullptr};  // 0: SiLU, 1: Linear C -> 6C
   torch::nn::ModuleList blocks{nullptr};
   WanHead head{nullptr};
+
+  // Run at the start of every forward, by name (apply_lora registers "lora",
+  // which re-composes the adapted weights from their factors).
+  std::map<std::string, std::function<void()>> pre_forward;
 
  private:
   WanConfig cfg_;

@@ -89,7 +89,8 @@ std::string map_key(const std::string& key, bool to_diffusers) {
 // Parameters that a base (non-SALAD) checkpoint does not have.
 bool is_salad_extra(const std::string& official) {
   return official.find(".self_attn.linear_o.") != std::string::npos ||
-         official.find(".self_attn.gate.") != std::string::npos ||
+         official.find(".self_attn.gate.") != std::string::npos || official.find(".lora_A.") != std::string::npos ||
+         official.find(".lora_B.") != std::string::npos ||
          (official.size() >= 13 && official.compare(official.size() - 13, 13, ".static_scale") == 0);
 }
 

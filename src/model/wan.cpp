@@ -67,7 +67,7 @@ WanConfig WanConfig::preset(const std::string& name) {
   } else if (name == "world") {
     // The embedded shapes world: pixel space (3 channels, patch 1x2x2), 2 heads of 64.
     c.in_dim = 3, c.out_dim = 3, c.dim = 128, c.ffn_dim = 512, c.freq_dim = 64, c.text_dim = 64;
-    c.num_heads = 2, c.num_layers = 4, c.text_len = 16;
+    c.num_heads = 2, c.num_layers = 4, c.text_len = 32;
   } else {
     fail("preset: expected one of wan2.1-1.3b|wan2.1-14b|world|tiny, got '", name, "'");
   }
@@ -227,6 +227,7 @@ at::Tensor WanModelImpl::timestep_embedding(const at::Tensor& t) const {
 }
 
 at::Tensor WanModelImpl::forward(const at::Tensor& x, const at::Tensor& t, const at::Tensor& context) {
+  for (auto& [name, hook] : pre_forward) hook();
   const Grid grid = grid_of(x.sizes());
   const int64_t B = x.size(0), C = cfg_.dim;
   if (x.size(1) != cfg_.in_dim) fail("x: expected ", cfg_.in_dim, " channels, got shape ", shape_str(x.sizes()));

@@ -2,17 +2,22 @@
 // Q/K/V tiles into 128-byte-swizzled shared memory on mbarriers, a producer
 // warpgroup (setmaxnreg 40) and two consumer warpgroups (setmaxnreg 232), each
 // owning 64 of the CTA's 128 query rows. S = Q K^T and O += P V run on wgmma
-// (m64n64k16, A = Q / P from registers, B = K / V from shared memory; V through
-// the transposed "MN-major" descriptor), with the QK^T of tile t overlapping
-// the PV of tile t-1 and the softmax of tile t overlapping that PV (FA3's
-// intra-warpgroup overlap). Same semantics as attn_fwd.cu's mma.sync kernel:
-// kept key blocks of p.block_idx / p.block_cnt (or all blocks in mode dense),
-// exp2 online softmax, o_s and lse (natural log) in caller order.
+// (m64n64k16 / m64nDk16, A = Q / P from registers, B = K / V from shared memory;
+// V through the transposed "MN-major" descriptor), with the QK^T of tile t
+// issued together with the PV of tile t-1 and the softmax of tile t overlapping
+// that PV (FA3's intra-warpgroup overlap). Persistent CTAs (one per SM) walk
+// the work items (b*h, 128-row query tile) head-major; the producer loads the
+// next item's Q and K/V while the consumers finish the current one. Same
+// semantics as attn_fwd.cu's mma.sync kernel: kept key blocks of
+// p.block_idx / p.block_cnt (or all blocks in mode dense), exp2 online
+// softmax, o_s and lse (natural log) in caller order.
 //
 // Limits (else launch_attn_fwd keeps the mma.sync kernel): bf16/fp16, D 64 or
 // 128, block_k a multiple of 64 (any block_q), raster token order (V is read
 // in place by TMA, which cannot gather through the tile-order permutation).
-// env SALAD_FWD_KERNEL=mma forces the mma.sync kernel.
+// env SALAD_FWD_KERNEL=mma forces the mma.sync kernel; SALAD_SM90_PERSISTENT=0
+// launches one CTA per work item; SALAD_SM90_GRID=N caps the persistent grid
+// (testing); SALAD_SM90_VSWAP=1 swaps the V descriptor's LBO/SBO (debugging).
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
@@ -170,22 +175,24 @@ struct Sm90Args {
   const int32_t* cnt;
   int64_t L, n_q, n_k, max_k, block_q, block_k, H;
   int sub_q, tiles_per_block, dense, v_swap;
+  int num_work;  // work items: (b*h, query block, 128-row part), head-major
   float scale_log2;
 };
 
-// Shared memory (1024-byte aligned): Q [D/64][128 rows][128 B], K and V stages
-// [kStages][D/64][64 rows][128 B] (TMA 128-byte swizzle), then the valid-key
-// count of each stage and the mbarriers.
+// Shared memory (1024-byte aligned): Q [D/64][128 rows][128 B], the output
+// staging tile (same layout), K and V stages [kStages][D/64][64 rows][128 B]
+// (TMA 128-byte swizzle), then the valid-key count of each stage and the mbarriers.
 template <int D>
 struct Smem {
   static constexpr int kQ = kM * D * 2;
   static constexpr int kTile = kN * D * 2;
   static constexpr int kSub = kN * 128;  // one 64-row x 128-byte sub-tile
-  static constexpr int kK = kQ;
+  static constexpr int kO = kQ;
+  static constexpr int kK = kO + kQ;
   static constexpr int kV = kK + kStages * kTile;
   static constexpr int kValid = kV + kStages * kTile;
   static constexpr int kBar = kValid + 16 * kStages;
-  static constexpr int kBytes = kBar + 8 * (3 * kStages + 1);
+  static constexpr int kBytes = kBar + 8 * (3 * kStages + 2);
   static constexpr int kAlloc = kBytes + 1024;  // slack for aligning the dynamic base
 };
 
@@ -205,17 +212,31 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto fullK = [&](int s) { return sBar + 8u * s; };
   auto fullV = [&](int s) { return sBar + 8u * (kStages + s); };
   auto empty = [&](int s) { return sBar + 8u * (2 * kStages + s); };
-  const uint32_t barQ = sBar + 8u * (3 * kStages);
+  const uint32_t barQ = sBar + 8u * (3 * kStages);       // Q tile landed
+  const uint32_t barQfree = sBar + 8u * (3 * kStages + 1);  // Q copied to registers by all consumer warps
+  const uint32_t sO = base + S::kO;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int64_t bh = blockIdx.y;
-  const int64_t qi = blockIdx.x / a.sub_q, sub = blockIdx.x % a.sub_q;
-  const int64_t row0 = qi * a.block_q + sub * kM;
-  const int64_t row_end = imin64(imin64(row0 + kM, (qi + 1) * a.block_q), a.L);
-  if (row0 >= row_end) return;
-  const int64_t nblk = a.dense ? a.n_k : a.cnt[bh * a.n_q + qi];
-  const int32_t* list = a.dense ? nullptr : a.idx + (bh * a.n_q + qi) * a.max_k;
-  const int ntiles = static_cast<int>(nblk) * a.tiles_per_block;
+  // Persistent CTAs: work item w = (bh, query block, 128-row part), w = blockIdx.x + k * gridDim.x.
+  // Producer and consumers walk the same items; tile and item counters run on across items, so
+  // the producer loads the next item's Q and first K/V tiles while the consumers finish this one.
+  struct Item {
+    int64_t bh, row0, row_end;
+    const int32_t* list;
+    int ntiles;
+  };
+  const int64_t per_bh = a.n_q * a.sub_q;
+  auto item = [&](int w) {
+    Item it;
+    it.bh = w / per_bh;
+    const int64_t x = w % per_bh, qi = x / a.sub_q, sub = x % a.sub_q;
+    it.row0 = qi * a.block_q + sub * kM;
+    it.row_end = imin64(imin64(it.row0 + kM, (qi + 1) * a.block_q), a.L);
+    const int64_t nblk = it.row0 >= it.row_end ? 0 : (a.dense ? a.n_k : a.cnt[it.bh * a.n_q + qi]);
+    it.list = a.dense ? nullptr : a.idx + (it.bh * a.n_q + qi) * a.max_k;
+    it.ntiles = static_cast<int>(nblk) * a.tiles_per_block;
+    return it;
+  };
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -224,6 +245,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(empty(s), 8);  // one arrival per consumer warp
     }
     mbar_init(barQ, 1);
+    mbar_init(barQfree, 8);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -235,30 +257,38 @@ __global__ void __launch_bounds__(kThreads, 1)
       tma_prefetch(&tq);
       tma_prefetch(&tk);
       tma_prefetch(&tv);
-      const int b = static_cast<int>(bh / a.H), h = static_cast<int>(bh % a.H);
-      mbar_expect_tx(barQ, S::kQ);
-#pragma unroll
-      for (int hh = 0; hh < NH; ++hh)
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-          tma_load_3d(sQ + hh * (kM * 128) + r * (64 * 128), &tq, hh * 64, static_cast<int>(row0 + r * 64),
-                      static_cast<int>(bh), barQ);
-      int c = 0, kt = 0;
-      for (int t = 0; t < ntiles; ++t) {
-        const int s = t % kStages;
-        mbar_wait(empty(s), ((t / kStages) & 1) ^ 1);
-        const int64_t j = a.dense ? c : list[c];
-        const int row = static_cast<int>(j * a.block_k + kt * kN);
-        sValid[s] = static_cast<int>(imin64(kN, a.L - row));
-        mbar_expect_tx(fullK(s), S::kTile);
+      int gt = 0, n = 0;  // tiles / items issued so far
+      for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
+        const Item it = item(w);
+        if (it.row0 >= it.row_end) continue;
+        const int bh = static_cast<int>(it.bh);
+        const int b = static_cast<int>(it.bh / a.H), h = static_cast<int>(it.bh % a.H);
+        mbar_wait(barQfree, (n & 1) ^ 1);
+        mbar_expect_tx(barQ, S::kQ);
 #pragma unroll
         for (int hh = 0; hh < NH; ++hh)
-          tma_load_3d(sK + s * S::kTile + hh * S::kSub, &tk, hh * 64, row, static_cast<int>(bh), fullK(s));
-        mbar_expect_tx(fullV(s), S::kTile);
 #pragma unroll
-        for (int hh = 0; hh < NH; ++hh)
-          tma_load_4d(sV + s * S::kTile + hh * S::kSub, &tv, hh * 64, row, h, b, fullV(s));
-        if (++kt == a.tiles_per_block) kt = 0, ++c;
+          for (int r = 0; r < 2; ++r)
+            tma_load_3d(sQ + hh * (kM * 128) + r * (64 * 128), &tq, hh * 64, static_cast<int>(it.row0 + r * 64), bh,
+                        barQ);
+        int c = 0, kt = 0;
+        for (int t = 0; t < it.ntiles; ++t, ++gt) {
+          const int s = gt % kStages;
+          mbar_wait(empty(s), ((gt / kStages) & 1) ^ 1);
+          const int64_t j = a.dense ? c : it.list[c];
+          const int row = static_cast<int>(j * a.block_k + kt * kN);
+          sValid[s] = static_cast<int>(imin64(kN, a.L - row));
+          mbar_expect_tx(fullK(s), S::kTile);
+#pragma unroll
+          for (int hh = 0; hh < NH; ++hh)
+            tma_load_3d(sK + s * S::kTile + hh * S::kSub, &tk, hh * 64, row, bh, fullK(s));
+          mbar_expect_tx(fullV(s), S::kTile);
+#pragma unroll
+          for (int hh = 0; hh < NH; ++hh)
+            tma_load_4d(sV + s * S::kTile + hh * S::kSub, &tv, hh * 64, row, h, b, fullV(s));
+          if (++kt == a.tiles_per_block) kt = 0, ++c;
+        }
+        ++n;
       }
     }
   } else {
@@ -268,27 +298,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int wrow = cw * 16;    // first CTA row of this warp (rows wrow + g, wrow + g + 8)
     const int g = lane >> 2, tq4 = lane & 3;
     const float sl2 = a.scale_log2;
-
-    mbar_wait(barQ, 0);
-    uint32_t qf[D / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int r = wrow + (lane & 7) + ((lane >> 3) & 1) * 8;
-      const int col = kk * 16 + (lane >> 4) * 8;
-      const int hh = col / 64, ch = (col % 64) / 8;
-      ldmatrix_x4(sQ + hh * (kM * 128) + r * 128 + ((ch ^ (r & 7)) << 4), qf[kk][0], qf[kk][1], qf[kk][2],
-                  qf[kk][3]);
-    }
-
-    float o[D / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-    float sacc[kN / 2];
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-    uint32_t pf[kN / 16][4], pg[kN / 16][4];
-
     const uint32_t vlbo = a.v_swap ? 1024u : static_cast<uint32_t>(S::kSub);
     const uint32_t vsbo = a.v_swap ? static_cast<uint32_t>(S::kSub) : 1024u;
+
+    uint32_t qf[D / 16][4];
+    float o[D / 2];
+    float sacc[kN / 2];
+    float m0, m1, l0, l1;
+    uint32_t pf[kN / 16][4], pg[kN / 16][4];
+
     auto issue_qk = [&](int s) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
@@ -349,108 +367,139 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane == 0) mbar_arrive(empty(s));
     };
 
-    if (ntiles > 0) {
-      float c0 = 1.f, c1 = 1.f;
-      mbar_wait(fullK(0), 0);
-      fence_regs<kN / 2>(sacc);
-      wgmma_fence();
-      issue_qk(0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs<kN / 2>(sacc);
-      softmax(sValid[0], pf, c0, c1);
-      // Tile t: QK_t and PV_{t-1} in flight together, softmax of S_t overlaps PV_{t-1}.
-      // P alternates between two register sets (no copies inside the wgmma pipeline).
-      auto step = [&](int t, uint32_t (*pin)[4], uint32_t (*pout)[4]) {
-        const int s = t % kStages, ps = (t - 1) % kStages;
-        mbar_wait(fullK(s), (t / kStages) & 1);
-        mbar_wait(fullV(ps), ((t - 1) / kStages) & 1);  // loaded with K_{t-1}: no spin inside the wgmma stage
-        fence_regs<D / 2>(o);
-        fence_regs<kN / 2>(sacc);
-        fence_regs_u<kN / 4>(&pin[0][0]);
-        wgmma_fence();
-        issue_qk(s);
-        wgmma_commit();
-        issue_pv(ps, pin);
-        wgmma_commit();
-        wgmma_wait<1>();
-        fence_regs<kN / 2>(sacc);
-        softmax(sValid[s], pout, c0, c1);
-        wgmma_wait<0>();
-        fence_regs<D / 2>(o);
-        fence_regs_u<kN / 4>(&pin[0][0]);
-        release(ps);
-#pragma unroll
-        for (int i = 0; i < D / 8; ++i) {
-          o[4 * i] *= c0;
-          o[4 * i + 1] *= c0;
-          o[4 * i + 2] *= c1;
-          o[4 * i + 3] *= c1;
-        }
-      };
-      int t = 1;
-      for (; t + 1 < ntiles; t += 2) {
-        step(t, pf, pg);
-        step(t + 1, pg, pf);
-      }
-      const bool odd_tail = t < ntiles;
-      if (odd_tail) step(t, pf, pg);
-      const int ls = (ntiles - 1) % kStages;
-      mbar_wait(fullV(ls), ((ntiles - 1) / kStages) & 1);
-      auto last = [&](uint32_t (*p)[4]) {
-        fence_regs<D / 2>(o);
-        fence_regs_u<kN / 4>(&p[0][0]);
-        wgmma_fence();
-        issue_pv(ls, p);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs<D / 2>(o);
-        fence_regs_u<kN / 4>(&p[0][0]);
-      };
-      if (odd_tail) last(pg);
-      else last(pf);
-      release(ls);
-    }
+    int gt = 0, n = 0;  // tiles / items consumed so far (same sequence as the producer)
+    for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
+      const Item it = item(w);
+      if (it.row0 >= it.row_end) continue;
+      const int ntiles = it.ntiles;
 
-    // ---- epilogue: normalise, stage this warp's 16 rows in its own Q rows, 16-byte stores
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+      mbar_wait(barQ, n & 1);
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      const int hh = i / 8, ch = i % 8;
-      const int r0 = wrow + g, r1 = wrow + g + 8;
-      const uint32_t a0 = sQ + hh * (kM * 128) + r0 * 128 + ((ch ^ (r0 & 7)) << 4) + tq4 * 4;
-      const uint32_t a1 = sQ + hh * (kM * 128) + r1 * 128 + ((ch ^ (r1 & 7)) << 4) + tq4 * 4;
-      asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a0), "r"(Elem<T>::pack(o[4 * i] * inv0, o[4 * i + 1] * inv0))
-                   : "memory");
-      asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a1),
-                   "r"(Elem<T>::pack(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1))
-                   : "memory");
-    }
-    __syncwarp();
-    T* out = static_cast<T*>(a.o) + bh * a.L * D;
-    constexpr int CH = D / 8;
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const int r = wrow + (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int col = kk * 16 + (lane >> 4) * 8;
+        const int hh = col / 64, ch = (col % 64) / 8;
+        ldmatrix_x4(sQ + hh * (kM * 128) + r * 128 + ((ch ^ (r & 7)) << 4), qf[kk][0], qf[kk][1], qf[kk][2],
+                    qf[kk][3]);
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(barQfree);  // the producer may load the next item's Q
+
 #pragma unroll
-    for (int it = 0; it < 16 * CH / 32; ++it) {
-      const int e = it * 32 + lane, rr = e / CH, cc = e % CH;
-      const int r = wrow + rr;
-      const uint32_t src = sQ + (cc / 8) * (kM * 128) + r * 128 + (((cc % 8) ^ (r & 7)) << 4);
-      uint4 v;
-      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                   : "r"(src)
-                   : "memory");
-      const int64_t gr = row0 + r;
-      if (gr < row_end) *reinterpret_cast<uint4*>(out + gr * D + cc * 8) = v;
-    }
-    if (tq4 == 0) {
-      constexpr float kLn2 = 0.6931471805599453f;
-      const int64_t gr0 = row0 + wrow + g, gr1 = gr0 + 8;
-      if (gr0 < row_end) a.lse[bh * a.L + gr0] = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : INFINITY;
-      if (gr1 < row_end) a.lse[bh * a.L + gr1] = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : INFINITY;
+      for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+      m0 = m1 = -INFINITY;
+      l0 = l1 = 0.f;
+
+      if (ntiles > 0) {
+        float c0 = 1.f, c1 = 1.f;
+        {
+          const int s0 = gt % kStages;
+          mbar_wait(fullK(s0), (gt / kStages) & 1);
+          fence_regs<kN / 2>(sacc);
+          wgmma_fence();
+          issue_qk(s0);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs<kN / 2>(sacc);
+          softmax(sValid[s0], pf, c0, c1);
+        }
+        // Tile t: QK_t and PV_{t-1} in flight together, softmax of S_t overlaps PV_{t-1}.
+        // P alternates between two register sets (no copies inside the wgmma pipeline).
+        auto step = [&](int t, uint32_t (*pin)[4], uint32_t (*pout)[4]) {
+          const int u = gt + t;
+          const int s = u % kStages, ps = (u - 1) % kStages;
+          mbar_wait(fullK(s), (u / kStages) & 1);
+          mbar_wait(fullV(ps), ((u - 1) / kStages) & 1);  // loaded with K_{t-1}: no spin inside the wgmma stage
+          fence_regs<D / 2>(o);
+          fence_regs<kN / 2>(sacc);
+          fence_regs_u<kN / 4>(&pin[0][0]);
+          wgmma_fence();
+          issue_qk(s);
+          wgmma_commit();
+          issue_pv(ps, pin);
+          wgmma_commit();
+          wgmma_wait<1>();
+          fence_regs<kN / 2>(sacc);
+          softmax(sValid[s], pout, c0, c1);
+          wgmma_wait<0>();
+          fence_regs<D / 2>(o);
+          fence_regs_u<kN / 4>(&pin[0][0]);
+          release(ps);
+#pragma unroll
+          for (int i = 0; i < D / 8; ++i) {
+            o[4 * i] *= c0;
+            o[4 * i + 1] *= c0;
+            o[4 * i + 2] *= c1;
+            o[4 * i + 3] *= c1;
+          }
+        };
+        int t = 1;
+        for (; t + 1 < ntiles; t += 2) {
+          step(t, pf, pg);
+          step(t + 1, pg, pf);
+        }
+        const bool odd_tail = t < ntiles;
+        if (odd_tail) step(t, pf, pg);
+        const int lu = gt + ntiles - 1, ls = lu % kStages;
+        mbar_wait(fullV(ls), (lu / kStages) & 1);
+        auto last = [&](uint32_t (*p)[4]) {
+          fence_regs<D / 2>(o);
+          fence_regs_u<kN / 4>(&p[0][0]);
+          wgmma_fence();
+          issue_pv(ls, p);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs<D / 2>(o);
+          fence_regs_u<kN / 4>(&p[0][0]);
+        };
+        if (odd_tail) last(pg);
+        else last(pf);
+        release(ls);
+        gt += ntiles;
+      }
+      ++n;
+
+      // ---- epilogue: normalise, stage this warp's 16 rows in sO, 16-byte stores
+      l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+      l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+      const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+      __syncwarp();  // this warp's reads of sO for the previous item are done
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        const int hh = i / 8, ch = i % 8;
+        const int r0 = wrow + g, r1 = wrow + g + 8;
+        const uint32_t a0 = sO + hh * (kM * 128) + r0 * 128 + ((ch ^ (r0 & 7)) << 4) + tq4 * 4;
+        const uint32_t a1 = sO + hh * (kM * 128) + r1 * 128 + ((ch ^ (r1 & 7)) << 4) + tq4 * 4;
+        asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a0), "r"(Elem<T>::pack(o[4 * i] * inv0, o[4 * i + 1] * inv0))
+                     : "memory");
+        asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a1),
+                     "r"(Elem<T>::pack(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1))
+                     : "memory");
+      }
+      __syncwarp();
+      T* out = static_cast<T*>(a.o) + it.bh * a.L * D;
+      constexpr int CH = D / 8;
+#pragma unroll
+      for (int k = 0; k < 16 * CH / 32; ++k) {
+        const int e = k * 32 + lane, rr = e / CH, cc = e % CH;
+        const int r = wrow + rr;
+        const uint32_t src = sO + (cc / 8) * (kM * 128) + r * 128 + (((cc % 8) ^ (r & 7)) << 4);
+        uint4 v;
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "r"(src)
+                     : "memory");
+        const int64_t gr = it.row0 + r;
+        if (gr < it.row_end) *reinterpret_cast<uint4*>(out + gr * D + cc * 8) = v;
+      }
+      if (tq4 == 0) {
+        constexpr float kLn2 = 0.6931471805599453f;
+        const int64_t gr0 = it.row0 + wrow + g, gr1 = gr0 + 8;
+        if (gr0 < it.row_end) a.lse[it.bh * a.L + gr0] = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : INFINITY;
+        if (gr1 < it.row_end) a.lse[it.bh * a.L + gr1] = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : INFINITY;
+      }
     }
   }
 }
@@ -519,7 +568,16 @@ bool launch(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
   a.scale_log2 = static_cast<float>(p.softmax_scale() * 1.4426950408889634);
   constexpr int smem = Smem<D>::kAlloc;
   SALAD_CUDA_CHECK(cudaFuncSetAttribute(attn_fwd_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  dim3 grid(static_cast<unsigned>(pl.n_q * a.sub_q), static_cast<unsigned>(pl.BH));
+  const int64_t work = pl.n_q * a.sub_q * pl.BH;
+  a.num_work = static_cast<int>(work);
+  int dev = 0, sms = 0;
+  SALAD_CUDA_CHECK(cudaGetDevice(&dev));
+  SALAD_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const char* pe = std::getenv("SALAD_SM90_PERSISTENT");  // "0": one CTA per work item
+  const bool persistent = !(pe && std::strcmp(pe, "0") == 0);
+  int64_t cap = sms;
+  if (const char* g = std::getenv("SALAD_SM90_GRID")) cap = imax64(1, std::atoll(g));  // testing: fewer CTAs
+  const unsigned grid = static_cast<unsigned>(persistent ? imin64(work, cap) : work);
   attn_fwd_sm90_kernel<T, D><<<grid, kThreads, smem, s>>>(mq, mk, mv, a);
   SALAD_LAUNCH_CHECK();
   return true;
@@ -538,7 +596,7 @@ bool try_launch_attn_fwd_sm90(const Params& p, const Plan& pl, const RopeInfo& r
   if (p.D != 64 && p.D != 128) return false;
   if (r.perm) return false;  // tile order: V needs a gather
   if (p.opt.block_k % kN != 0 || p.opt.block_q <= 0) return false;
-  if (p.L >= (int64_t(1) << 31) - 2 * kM || pl.BH >= 65536 || pl.n_q * ((p.opt.block_q + kM - 1) / kM) >= (int64_t(1) << 31))
+  if (p.L >= (int64_t(1) << 31) - 2 * kM || pl.BH * pl.n_q * ((p.opt.block_q + kM - 1) / kM) >= (int64_t(1) << 31))
     return false;
   if (!pl.dense && (!p.block_idx || !p.block_cnt)) return false;
   bool ok;
