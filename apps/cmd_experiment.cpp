@@ -32,7 +32,9 @@ at::Device parse_device(const std::string& d) {
 // every layer to `mode` at `keep` (keep <= 0: leave the adapter's).
 WanModel load_for_eval(const std::string& base, const std::string& adapter, Mode mode, double keep,
                        const at::Device& dev, const std::vector<int64_t>& skip_layers = {}) {
-  WanModel m = load_wan_model(base, WanAttentionPlan::uniform(mode), 0, 32);
+  const WanAttentionPlan plan =
+      adapter.empty() ? WanAttentionPlan::uniform(mode) : read_adapter_options(adapter).plan();  // the adapter's gate layout
+  WanModel m = load_wan_model(base, plan, 0, 32);
   if (!adapter.empty()) load_adapter(m, adapter);
   for (int64_t i = 0; i < m->config().num_layers; ++i) {
     LayerConfig& c = m->block(i)->self_attn->config();
@@ -171,7 +173,7 @@ void add_experiment_commands(CLI::App& app, Commands& cmds) {
   // salad eval ---------------------------------------------------------------
   struct EvalArgs {
     std::string model, adapter, data, device = "cpu", out, label, mode = "salad", gif_dir, skip;
-    double keep = 0;
+    double keep = 0, drop_linear = 0;
     int64_t videos = 8, loss_samples = 64, steps = 20;
     uint64_t seed = 1000;
   };
@@ -183,6 +185,8 @@ void add_experiment_commands(CLI::App& app, Commands& cmds) {
   ev->add_option("--mode", e.mode, "dense | sparse | salad")->capture_default_str();
   ev->add_option("--keep", e.keep, "Top-K keep fraction (0: the adapter's or 0.1)");
   ev->add_option("--skip-linear", e.skip, "comma list of layers whose linear branch is dropped");
+  ev->add_option("--drop-linear", e.drop_linear,
+                 "drop the linear branch of this fraction of layers, those with the smallest mean |s(x)| on held-out data");
   ev->add_option("--videos", e.videos, "videos generated and scored")->capture_default_str();
   ev->add_option("--loss-samples", e.loss_samples, "held-out samples for the loss")->capture_default_str();
   ev->add_option("--steps", e.steps, "sampling steps (UniPC)")->capture_default_str();
@@ -201,6 +205,20 @@ void add_experiment_commands(CLI::App& app, Commands& cmds) {
                     const double keep = e.keep > 0 ? e.keep : (e.adapter.empty() ? 0.1 : 0.0);
                     WanModel m = load_for_eval(e.model, e.adapter, mode, keep, dev, skip);
                     const FlowDataset held(e.data);
+                    std::string dropped;
+                    if (e.drop_linear > 0) {
+                      flow_matching_loss(m, held, 8, 1);  // one pass records every layer's s(x)
+                      std::vector<std::pair<double, int64_t>> by_scale;
+                      for (int64_t i = 0; i < m->config().num_layers; ++i)
+                        by_scale.push_back({m->block(i)->self_attn->last_scale().abs().mean().item<double>(), i});
+                      std::sort(by_scale.begin(), by_scale.end());
+                      const auto n = static_cast<size_t>(std::llround(e.drop_linear * static_cast<double>(by_scale.size())));
+                      for (size_t j = 0; j < n && j < by_scale.size(); ++j) {
+                        m->block(by_scale[j].second)->self_attn->config().skip_linear = true;
+                        dropped += (dropped.empty() ? "" : ",") + std::to_string(by_scale[j].second);
+                      }
+                      std::fprintf(stderr, "eval: dropped the linear branch of layers %s\n", dropped.c_str());
+                    }
                     SamplerConfig sc;
                     sc.steps = e.steps;
                     Row r = evaluate_model(m, held, e.loss_samples, load_prompts(e.data, e.videos), sc, e.seed, dev);

@@ -25,7 +25,7 @@ struct TrainArgs {
   int64_t steps = 100, batch = 8, save_every = 100, warmup = 0;
   double lr = 1e-4, weight_decay = 0.01, clip = 1.0, shift = 5.0;
   uint64_t seed = 0;
-  bool resume = false, bf16 = false, quiet = false;
+  bool resume = false, bf16 = false, quiet = false, no_linear_rope = false;
   // attention
   std::string mode, feature = "relu", gate = "static_dynamic", lora_targets = "q,k,v,o", adapter;
   double keep = 0.10, lora_alpha = 16;
@@ -55,6 +55,7 @@ struct TrainArgs {
     app->add_option("--block-k", block_k, "key block size")->capture_default_str();
     app->add_option("--feature", feature, "linear feature map: relu | elu1 | softmax")->capture_default_str();
     app->add_option("--gate", gate, "none | static | dynamic | static_dynamic")->capture_default_str();
+    app->add_flag("--no-linear-rope", no_linear_rope, "drop the RoPE in the linear branch");
   }
   void add_lora(CLI::App* app) {
     app->add_option("--lora-rank", lora_rank, "LoRA rank on the targets (0: none)")->capture_default_str();
@@ -65,6 +66,7 @@ struct TrainArgs {
   SaladConvertOptions convert_options() const {
     SaladConvertOptions c;
     c.attn.keep = keep, c.attn.block_q = block_q, c.attn.block_k = block_k, c.attn.feature = parse_feature(feature);
+    c.attn.linear_rope = !no_linear_rope;
     c.gate = parse_gate(gate);
     c.lora.rank = lora_rank, c.lora.alpha = lora_alpha, c.lora.targets = split(lora_targets);
     return c;
@@ -74,6 +76,7 @@ struct TrainArgs {
     WanAttentionPlan p = WanAttentionPlan::uniform(parse_mode(mode));
     p.base.attn.keep = keep, p.base.attn.block_q = block_q, p.base.attn.block_k = block_k;
     p.base.attn.feature = parse_feature(feature);
+    p.base.attn.linear_rope = !no_linear_rope;
     p.base.gate = parse_gate(gate);
     return p;
   }
@@ -135,6 +138,7 @@ void add_train_commands(CLI::App& app, Commands& cmds) {
   static std::string pt_config = "world";
   auto* p = app.add_subcommand("pretrain", "train every weight of a fresh model (the recipe of the shipped base)");
   pt.add(p, "dense", "all");
+  pt.gate = "none";  // a base carries no gates: any SALAD gate variant can be fine-tuned from it
   p->add_option("--config", pt_config, "model preset: world | tiny | wan2.1-1.3b | wan2.1-14b")->capture_default_str();
   cmds.push_back({p, [] {
                     torch::manual_seed(pt.seed);

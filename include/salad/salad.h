@@ -84,6 +84,9 @@ class SaladSelfAttentionImpl : public torch::nn::Module {
 
   LayerConfig& config() { return cfg_; }
   const AttentionOutput& last_attention() const { return last_; }
+  // s(x) of the last salad-mode forward, (B,) or (B, H) (undefined before one):
+  // the layers with the smallest mean |s| are the ones to drop.
+  const at::Tensor& last_scale() const { return last_scale_; }
 
   torch::nn::Linear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr}, linear_o{nullptr}, gate{nullptr};
   RMSNorm norm_q{nullptr}, norm_k{nullptr};
@@ -92,6 +95,7 @@ class SaladSelfAttentionImpl : public torch::nn::Module {
  private:
   LayerConfig cfg_;
   AttentionOutput last_;
+  at::Tensor last_scale_;
 };
 TORCH_MODULE(SaladSelfAttention);
 

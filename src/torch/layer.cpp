@@ -100,6 +100,7 @@ at::Tensor SaladSelfAttentionImpl::forward(const at::Tensor& x, const Grid& grid
   at::Tensor y = o->forward(last_.o_s.transpose(1, 2).reshape({B, L, C}));
   if (opt.mode != Mode::Salad) return y;
   at::Tensor s = scale(x);
+  last_scale_ = s.detach();
   const at::Tensor ol = last_.o_l * (s.dim() == 2 ? s.view({B, H, 1, 1}) : s.view({B, 1, 1, 1}));
   return y + linear_o->forward(ol.transpose(1, 2).reshape({B, L, C}));
 }
