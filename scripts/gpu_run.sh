@@ -7,6 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 what=${*:-test bench sanitize}
+exec > >(tee -a "$OUT/gpu.log") 2>&1
 export SALAD_CUTLASS_INCLUDE=$PWD/.cutlass
 t0=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DSALAD_CUDA=ON -DSALAD_PYTHON=python3 -DSALAD_DEPS_DIR=$PWD/.devdeps -DSALAD_WERROR=OFF \
@@ -16,19 +17,26 @@ ninja -C build-gpu -j 16 >"$OUT/build.log" 2>&1 || { grep -E "error|Error" "$OUT
 echo "build: $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if [[ $what == *test* ]]; then
-  (cd build-gpu && ctest --output-on-failure --timeout 900) >"$OUT/test.log" 2>&1
-  grep -E "tests passed|tests failed|Failure|FAILED|PASSED|SKIPPED" "$OUT/test.log" | head -40
+  (cd build-gpu && ctest --output-on-failure --timeout 900) >/tmp/test.log 2>&1
+  grep -E "tests passed|tests failed|Failure|FAILED|PASSED|SKIPPED|Expected|actual|Which is" /tmp/test.log | head -40
 fi
 if [[ $what == *sanitize* ]]; then
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 9 build-gpu/salad_op_tests \
-      --gtest_filter='SM90_Attention.ForwardAndBackward*' >"$OUT/sanitize_$tool.log" 2>&1
-    echo "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+    SALAD_TEST_QUICK=1 compute-sanitizer --tool $tool --error-exitcode 9 build-gpu/salad_op_tests \
+      --gtest_filter='SM90_Attention.ForwardAndBackward*' >/tmp/sanitize_$tool.log 2>&1
+    echo "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' /tmp/sanitize_$tool.log | tail -2 | tr '\n' ' ')"
   done
 fi
 if [[ $what == *bench* ]]; then
   for shape in wan1.3b-480p wan14b-480p wan14b-720p; do
     build-gpu/salad bench-attn --shape $shape --device cuda --iters 20 --warmup 5 --backward \
-      --variants sdpa,sparse,salad 2>&1 | tee "$OUT/bench_$shape.log" | tail -5
+      --variants sdpa,sparse,salad 2>&1 | tail -5
   done
+fi
+if [[ $what == *dit* ]]; then
+  build-gpu/salad bench-dit --config wan2.1-1.3b --frames 81 --height 480 --width 832 --device cuda --iters 3 \
+    --warmup 1 2>&1 | tail -8
+fi
+if [[ $what == *world* ]]; then
+  DEADLINE_S=${DEADLINE_S:-480} COPY_TO=$OUT scripts/world_experiment.sh build-gpu/salad /tmp/world cuda 2>&1 | tail -30
 fi

@@ -290,7 +290,17 @@ void check_cuda_dtype(const at::Tensor& q) {
     fail("dtype: expected bfloat16 or float16 for CUDA tensors, got ", q.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cuda(
+// The CUDA kernels run bf16/fp16. float32 inputs (what autocast leaves after an
+// RMSNorm with a float32 weight) are rounded to bf16, computed, and the
+// outputs returned in float32.
+at::Tensor lowp(const at::Tensor& t) {
+  return t.defined() && t.scalar_type() == at::kFloat ? t.to(at::kBFloat16) : t;
+}
+at::Tensor like_input(const at::Tensor& t, const at::Tensor& in) {
+  return t.defined() && in.scalar_type() == at::kFloat ? t.to(at::kFloat) : t;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cuda_lowp(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, SALAD_OPT_PARAMS) {
   const OpArgs a = make_args(SALAD_OPT_NAMES);
   make_params(q_in, k_in, v_in, a);
@@ -306,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   return o.tuple();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_lowp(
     const at::Tensor& go_s, const std::optional<at::Tensor>& go_l, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& o_s, const at::Tensor& o_l, const at::Tensor& lse,
     const at::Tensor& idx, const at::Tensor& cnt, SALAD_OPT_PARAMS, bool deterministic) {
@@ -339,10 +349,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   return {dq, dk, dv};
 }
 
-std::tuple<at::Tensor, at::Tensor> select_cuda(const at::Tensor& q_in, const at::Tensor& k_in, c10::IntArrayRef grid,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, SALAD_OPT_PARAMS) {
+  auto [o_s, o_l, lse, idx, cnt] = attention_cuda_lowp(lowp(q), lowp(k), lowp(v), SALAD_OPT_NAMES);
+  const bool f32 = q.scalar_type() == at::kFloat;
+  return {f32 ? o_s.to(at::kFloat) : o_s, f32 ? o_l.to(at::kFloat) : o_l, lse, idx, cnt};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& go_s, const std::optional<at::Tensor>& go_l, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& o_s, const at::Tensor& o_l, const at::Tensor& lse, const at::Tensor& idx,
+    const at::Tensor& cnt, SALAD_OPT_PARAMS, bool deterministic) {
+  std::optional<at::Tensor> gl;
+  if (go_l.has_value() && go_l->defined()) gl = lowp(*go_l);
+  auto [dq, dk, dv] = backward_cuda_lowp(lowp(go_s), gl, lowp(q), lowp(k), lowp(v), lowp(o_s), lowp(o_l), lse, idx, cnt,
+                                         SALAD_OPT_NAMES, deterministic);
+  return {like_input(dq, q), like_input(dk, k), like_input(dv, v)};
+}
+
+std::tuple<at::Tensor, at::Tensor> select_cuda(const at::Tensor& q_in0, const at::Tensor& k_in0, c10::IntArrayRef grid,
                                                c10::string_view pattern, int64_t block_q, int64_t block_k, double keep,
                                                c10::IntArrayRef tile, c10::IntArrayRef window, double scale,
                                                double rope_theta) {
+  const at::Tensor q_in = lowp(q_in0), k_in = lowp(k_in0);
   OpArgs a = make_args(grid, "sparse", pattern, block_q, block_k, keep, tile, window, "relu", true, 1e-6, scale,
                        rope_theta, "auto");
   check_cuda_dtype(q_in);
