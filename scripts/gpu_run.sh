@@ -38,5 +38,5 @@ if [[ $what == *dit* ]]; then
     --warmup 1 2>&1 | tail -8
 fi
 if [[ $what == *world* ]]; then
-  DEADLINE_S=${DEADLINE_S:-480} COPY_TO=$OUT scripts/world_experiment.sh build-gpu/salad /tmp/world cuda 2>&1 | tail -30
+  DEADLINE_S=${DEADLINE_S:-440} COPY_TO=$OUT scripts/world_experiment.sh build-gpu/salad /tmp/world cuda 2>&1 | tail -30
 fi

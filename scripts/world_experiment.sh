@@ -6,7 +6,7 @@
 # "quick" shrinks every count for a smoke run. Rows go to <work>/results.jsonl.
 set -euo pipefail
 SALAD=$1; W=$2; DEV=${3:-cuda}; QUICK=${4:-}
-CLIPS=2000; HELD=64; PRE_STEPS=${PRE_STEPS:-3000}; FT_STEPS=1600; ABL_STEPS=${ABL_STEPS:-400}; BATCH=8; VIDEOS=8; EVAL_STEPS=20
+CLIPS=2000; HELD=64; PRE_STEPS=${PRE_STEPS:-2000}; FT_STEPS=1600; ABL_STEPS=${ABL_STEPS:-200}; BATCH=8; VIDEOS=8; EVAL_STEPS=20
 if [ "$QUICK" = quick ]; then CLIPS=16; HELD=8; PRE_STEPS=4; FT_STEPS=3; ABL_STEPS=2; BATCH=2; VIDEOS=2; EVAL_STEPS=2; fi
 BF16=""; [ "$DEV" = cuda ] && BF16=--bf16
 mkdir -p "$W"; R=$W/results.jsonl; : > "$R"
@@ -37,12 +37,12 @@ ft() {  # label, then finetune args
   "$SALAD" finetune --model "$BASE" --data "$W/train" --out "$W/$name" --batch $BATCH --lr 1e-3 --warmup 50 --shift 3 \
     --device $DEV $BF16 --quiet --save-every 400 --keep 0.10 "$@"
 }
-left "sparse + LoRA" && { t "sparse + LoRA"; ft sparse_lora --steps $FT_STEPS --mode sparse --trainable lora --lora-rank 16
-ev --mode sparse --keep 0.10 --adapter "$W/sparse_lora/adapter.safetensors" --label "sparse + LoRA keep 0.10"; }
 t SALAD; ft salad --steps $FT_STEPS --mode salad --lora-rank 16
 [ -n "$COPY_TO" ] && cp "$W/salad/adapter.safetensors" "$COPY_TO/adapter.safetensors" && cp "$W/salad/metrics.jsonl" "$COPY_TO/tuning.jsonl" || true
 ev --mode salad --adapter "$W/salad/adapter.safetensors" --label "SALAD keep 0.10"
 ev --mode salad --adapter "$W/salad/adapter.safetensors" --drop-linear 0.25 --label "SALAD keep 0.10, linear branch dropped in 1 of 4 layers (smallest |s|)"
+left "sparse + LoRA" && { t "sparse + LoRA"; ft sparse_lora --steps $FT_STEPS --mode sparse --trainable lora --lora-rank 16
+ev --mode sparse --keep 0.10 --adapter "$W/sparse_lora/adapter.safetensors" --label "sparse + LoRA keep 0.10"; }
 for g in none static dynamic; do
   left "ablation gate $g" || continue
   t "ablation gate $g"; ft "gate_$g" --steps $ABL_STEPS --mode salad --lora-rank 16 --gate $g

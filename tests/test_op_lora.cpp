@@ -206,8 +206,9 @@ TEST(LoRA, TrainableGroupsAndFrozenBase) {
   }
   EXPECT_NE(error_of([&] { trainable_parameters(m, {"lora", "bias"}); }).find("'bias'"), std::string::npos);
 
-  // A training step: only the selected groups get gradients; a second step
-  // without refresh_lora is refused with a message that says what to do.
+  // A training step: only the selected groups get gradients; every forward
+  // re-composes the adapted weights (the model's "lora" pre-forward hook), so
+  // consecutive steps need no explicit refresh.
   trainable_parameters(m, {"lora", "linear_o"});
   randomize_lora_b(m);
   const Inputs in = make_inputs(c);
@@ -216,9 +217,13 @@ TEST(LoRA, TrainableGroupsAndFrozenBase) {
     const std::string g = parameter_group(p.key());
     EXPECT_EQ(p.value().grad().defined(), g == "lora" || g == "linear_o") << p.key();
   }
+  EXPECT_EQ(error_of([&] { m->forward(in.x, in.t, in.context).square().mean().backward(); }), "");
+  // Without the hook, a second backward through stale weights says what to do.
+  auto hook = m->pre_forward.at("lora");
+  m->pre_forward.erase("lora");
   const std::string e = error_of([&] { m->forward(in.x, in.t, in.context).square().mean().backward(); });
   EXPECT_NE(e.find("refresh_lora"), std::string::npos) << e;
-  refresh_lora(m);
+  m->pre_forward["lora"] = hook;
   m->forward(in.x, in.t, in.context).square().mean().backward();  // fine again
 }
 
