@@ -34,7 +34,7 @@ WanModel load_for_eval(const std::string& base, const std::string& adapter, Mode
                        const at::Device& dev, const std::vector<int64_t>& skip_layers = {}) {
   const WanAttentionPlan plan =
       adapter.empty() ? WanAttentionPlan::uniform(mode) : read_adapter_options(adapter).plan();  // the adapter's gate layout
-  WanModel m = load_wan_model(base, plan, 0, 32);
+  WanModel m = load_wan_model(base, plan);  // text_len from the checkpoint
   if (!adapter.empty()) load_adapter(m, adapter);
   for (int64_t i = 0; i < m->config().num_layers; ++i) {
     LayerConfig& c = m->block(i)->self_attn->config();

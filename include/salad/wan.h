@@ -209,12 +209,13 @@ struct WanLoadReport {
 // `strict`, unexpected keys throw as well.
 WanLoadReport load_wan_weights(WanModel& model, const std::filesystem::path& checkpoint, bool strict = true);
 
+// text_len < 0: the checkpoint's recorded "text_len" (our files), else 512 (Wan).
 // Detects the architecture, builds the model directly in `dtype` (see
 // set_dtype; no float32 copy of a bf16 model is ever made), moves it to
 // `device` and loads the weights tensor by tensor (host memory: the model in
 // `dtype` while it is built, then one tensor at a time).
 WanModel load_wan_model(const std::filesystem::path& checkpoint, const WanAttentionPlan& plan = {},
-                        int64_t num_heads = 0, int64_t text_len = 512, at::ScalarType dtype = at::kFloat,
+                        int64_t num_heads = 0, int64_t text_len = -1, at::ScalarType dtype = at::kFloat,
                         const at::Device& device = at::kCPU);
 
 // Writes every parameter of `model` to one .safetensors file in `layout`

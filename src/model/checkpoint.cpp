@@ -281,7 +281,10 @@ WanConfig detect_wan_config(const std::filesystem::path& checkpoint, int64_t num
     const auto dir = std::filesystem::is_directory(checkpoint) ? checkpoint : checkpoint.parent_path();
     num_heads = heads_from_json(dir.empty() ? std::filesystem::path(".") : dir);
   }
-  return detect_wan_config(shapes_of(ck), num_heads);
+  WanConfig c = detect_wan_config(shapes_of(ck), num_heads);
+  // The context padding is not visible in the shapes; our own files record it.
+  if (auto it = ck.metadata().find("text_len"); it != ck.metadata().end()) c.text_len = std::stoll(it->second);
+  return c;
 }
 
 WanLoadReport load_wan_weights(WanModel& model, const std::filesystem::path& checkpoint, bool strict) {
@@ -332,7 +335,7 @@ WanLoadReport load_wan_weights(WanModel& model, const std::filesystem::path& che
 WanModel load_wan_model(const std::filesystem::path& checkpoint, const WanAttentionPlan& plan, int64_t num_heads,
                         int64_t text_len, at::ScalarType dtype, const at::Device& device) {
   WanConfig cfg = detect_wan_config(checkpoint, num_heads);
-  cfg.text_len = text_len;
+  if (text_len >= 0) cfg.text_len = text_len;
   // Build with `dtype` as the default dtype so the initial weights are never
   // float32 for a bf16 model; the process-wide default is restored at once.
   struct DefaultDtype {
@@ -389,6 +392,7 @@ std::map<std::string, at::Tensor> export_state(WanModel& model, WanLayout layout
       {"num_heads", std::to_string(c.num_heads)},
       {"dim", std::to_string(c.dim)},
       {"num_layers", std::to_string(c.num_layers)},
+      {"text_len", std::to_string(c.text_len)},
   };
   return tensors;
 }
