@@ -3,7 +3,7 @@
 # dense / training-free sparse / SALAD on held-out data; builds only the CLI.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/out}; STEPS=${STEPS:-1000}
+OUT=${OUT:-/tmp/out}; STEPS=${STEPS:-1000}; export SALAD_CUTLASS_INCLUDE=$PWD/.cutlass
 cmake -S . -B build-gpu -G Ninja -DSALAD_CUDA=ON -DSALAD_PYTHON=python3 -DSALAD_DEPS_DIR=$PWD/.devdeps -DSALAD_WERROR=OFF \
   -DSALAD_TESTS=OFF -DSALAD_CUTLASS_INCLUDE=$PWD/.cutlass -Wno-dev >/dev/null 2>&1 || exit 1
 SALAD_CUTLASS_INCLUDE=$PWD/.cutlass ninja -C build-gpu -j 16 salad_cli >/tmp/build.log 2>&1 || { grep error /tmp/build.log | head; exit 1; }
