@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Sets up, builds and runs the main job on the embedded default (CPU, no download):
-# the SALAD operator against dense attention at the CPU benchmark shape
-# (B 1, H 2, L 8192 = 8x32x32, D 64, keep 0.10), plus the sparsity it achieves.
+# Sets up, builds and runs the main job on the embedded default (CPU, no
+# download): `salad demo` generates held-out shapes-world prompts with dense,
+# sparse-only and SALAD attention from the shipped checkpoints (assets/),
+# scores them and writes an HTML report (salad-demo/index.html). Then the
+# operator benchmark at the CPU shape. Extra arguments go to `salad demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
 scripts/build.sh
 build/salad info
-build/salad select --grid 8,32,32 --keep 0.10
-build/salad bench-attn --shape cpu-small --iters 5 --backward "$@"
+build/salad demo --assets assets --out salad-demo "$@"
+build/salad bench-attn --shape cpu-small --iters 5
