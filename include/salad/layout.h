@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -17,6 +18,14 @@ namespace salad {
 struct ArgumentError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
+
+// Throws ArgumentError with the parts streamed into one message.
+template <class... A>
+[[noreturn]] void fail(const A&... parts) {
+  std::ostringstream s;
+  (s << ... << parts);
+  throw ArgumentError(s.str());
+}
 
 // Checks sizes, grid, options and the pointers `p` needs; throws ArgumentError.
 void validate(const Params& p);

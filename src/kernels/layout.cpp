@@ -8,13 +8,6 @@
 namespace salad {
 namespace {
 
-template <class... A>
-[[noreturn]] void fail(const A&... parts) {
-  std::ostringstream s;
-  (s << ... << parts);
-  throw ArgumentError(s.str());
-}
-
 template <class S>
 void topk_impl(const S* scores, int64_t n, int64_t k, int32_t* out) {
   std::vector<int32_t> ids(static_cast<size_t>(n));

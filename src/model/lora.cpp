@@ -12,13 +12,6 @@
 
 namespace salad {
 namespace {
-template <class... A>
-[[noreturn]] void fail(const A&... parts) {
-  std::ostringstream s;
-  (s << ... << parts);
-  throw ArgumentError(s.str());
-}
-
 std::string shape_str(at::IntArrayRef s) {
   std::ostringstream o;
   o << '[';

@@ -6,12 +6,6 @@
 
 namespace salad {
 namespace {
-template <class... A>
-[[noreturn]] void fail(const A&... parts) {
-  std::ostringstream s;
-  (s << ... << parts);
-  throw ArgumentError(s.str());
-}
 }  // namespace
 
 const char* to_string(Gate g) {

@@ -23,13 +23,6 @@
 namespace salad {
 namespace {
 
-template <class... A>
-[[noreturn]] void fail(const A&... parts) {
-  std::ostringstream s;
-  (s << ... << parts);
-  throw ArgumentError(s.str());
-}
-
 // The option arguments every op takes, as owned values (schema order).
 struct OpArgs {
   std::vector<int64_t> grid;
