@@ -146,14 +146,25 @@ media::Image loss_curve(const fs::path& jsonl, int64_t w = 480, int64_t h = 200)
   double lo = 1e30, hi = -1e30;
   for (double l : loss) lo = std::min(lo, std::log(l)), hi = std::max(hi, std::log(l));
   if (hi - lo < 1e-9) hi = lo + 1;
+  auto ypix = [&](double l) { return static_cast<int64_t>((1.0 - (std::log(l) - lo) / (hi - lo)) * (h - 12)) + 6; };
+  auto xpix = [&](size_t i) {
+    return static_cast<int64_t>(static_cast<double>(i) / static_cast<double>(loss.size() - 1) * (w - 1));
+  };
+  for (size_t i = 0; i < loss.size(); ++i) {  // every step, light
+    uint8_t* px = img.at(xpix(i), std::clamp<int64_t>(ypix(loss[i]), 0, h - 1));
+    px[0] = 170, px[1] = 190, px[2] = 235;
+  }
+  double ema = loss[0];  // exponential moving average (0.05), dark, connected
+  int64_t prev_y = ypix(ema);
   for (size_t i = 1; i < loss.size(); ++i) {
-    const int64_t x = static_cast<int64_t>(static_cast<double>(i) / static_cast<double>(loss.size() - 1) * (w - 1));
-    const int64_t y = static_cast<int64_t>((1.0 - (std::log(loss[i]) - lo) / (hi - lo)) * (h - 12)) + 6;
-    for (int64_t d = -1; d <= 1; ++d) {
-      const int64_t yy = std::clamp<int64_t>(y + d, 0, h - 1);
-      uint8_t* px = img.at(x, yy);
-      px[0] = 30, px[1] = 80, px[2] = 200;
-    }
+    ema = 0.95 * ema + 0.05 * loss[i];
+    const int64_t y = ypix(ema);
+    for (int64_t yy = std::min(prev_y, y); yy <= std::max(prev_y, y); ++yy)
+      for (int64_t d = 0; d <= 1; ++d) {
+        uint8_t* px = img.at(xpix(i), std::clamp<int64_t>(yy + d, 0, h - 1));
+        px[0] = 20, px[1] = 50, px[2] = 160;
+      }
+    prev_y = y;
   }
   media::draw_text(img, 4, 4, "LOSS (LOG), " + std::to_string(loss.size()) + " STEPS", 1, {40, 40, 40});
   return img;
@@ -292,7 +303,8 @@ void add_experiment_commands(CLI::App& app, Commands& cmds) {
                     for (size_t i = 0; i < prompts.size(); ++i) {
                       std::vector<at::Tensor> vids = {media::cfhw_to_fchw(prompts[i].latents)};
                       std::vector<std::string> labels = {"REAL"};
-                      for (const Row& r : rows) vids.push_back(media::cfhw_to_fchw(r.videos[i])), labels.push_back(r.label);
+                      for (const Row& r : rows)
+                        vids.push_back(media::cfhw_to_fchw(r.videos[i])), labels.push_back(r.mode);  // short: fits the panel
                       media::write_side_by_side_gif(out / ("prompt_" + std::to_string(i) + ".gif"), vids, labels, 4);
                     }
                     if (!maps.empty())
