@@ -12,8 +12,10 @@
 // layer code calls Linear::forward, which cannot be intercepted, so the
 // effective weight is materialised instead of adding x A^T B^T to the output.
 //
-//   !! Call refresh_lora(model) before every forward that follows a change of
-//   !! A, B or W0 (an optimizer step, set_dtype, to(), load_wan_weights).
+//   apply_lora registers a "lora" pre-forward hook on the model, so every
+//   WanModel forward re-composes the weights itself. Without it (a hook removed,
+//   or the adapted Linear used directly), call refresh_lora(model) before every
+//   forward that follows a change of A, B or W0 (an optimizer step, set_dtype, to()).
 //   !! apply_lora, convert_to_salad, load_adapter and trainable_parameters call
 //   !! it themselves. A training step that forgets it fails loudly in
 //   !! backward() with a message naming refresh_lora.

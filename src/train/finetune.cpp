@@ -8,9 +8,9 @@
 #include <cstdio>
 #include <fstream>
 #include <random>
-#include <set>
 #include <sstream>
 
+#include "salad/lora.h"
 #include "salad/train.h"
 
 namespace salad {
@@ -91,23 +91,8 @@ std::pair<at::Tensor, at::Tensor> FlowDataset::batch(const std::vector<int64_t>&
 }
 
 std::vector<std::string> select_trainable(WanModel& model, const std::vector<std::string>& groups) {
-  const std::set<std::string> known = {"all", "lora", "linear_o", "gate", "static_scale"};
-  for (const auto& g : groups)
-    if (!known.count(g)) fail("trainable: expected groups from all|lora|linear_o|gate|static_scale, got '", g, "'");
-  const bool all = std::find(groups.begin(), groups.end(), "all") != groups.end();
   std::vector<std::string> names;
-  for (auto& kv : model->named_parameters()) {
-    const std::string& n = kv.key();
-    bool pick = all;
-    for (const auto& g : groups) {
-      if (g == "lora" && n.find("lora_") != std::string::npos) pick = true;
-      if (g == "linear_o" && n.find(".linear_o.") != std::string::npos) pick = true;
-      if (g == "gate" && n.find(".self_attn.gate.") != std::string::npos) pick = true;
-      if (g == "static_scale" && n.find(".static_scale") != std::string::npos) pick = true;
-    }
-    kv.value().set_requires_grad(pick);
-    if (pick) names.push_back(n);
-  }
+  for (const auto& kv : trainable_parameters(model, groups)) names.push_back(kv.key());  // src/model/lora.cpp
   if (names.empty()) fail("trainable: the groups selected no parameter of this model");
   return names;
 }
