@@ -15,10 +15,12 @@
 #endif
 
 #include "commands.h"
+#include "timing.h"
 #include "salad/kernels.h"
 #include "salad/salad.h"
 
 using namespace salad;
+using salad::cli::median_ms;
 
 namespace {
 
@@ -101,25 +103,6 @@ at::ScalarType parse_dtype(const std::string& s) {
   if (s == "bfloat16") return at::kBFloat16;
   if (s == "float16") return at::kHalf;
   throw ArgumentError("--dtype: expected float32 | float64 | bfloat16 | float16, got '" + s + "'");
-}
-
-void sync(const at::Device& d) {
-  if (d.is_cuda()) torch::cuda::synchronize();
-}
-
-// Median milliseconds of fn over iters runs after warmup runs.
-double median_ms(const std::function<void()>& fn, const at::Device& dev, int warmup, int iters) {
-  for (int i = 0; i < warmup; ++i) fn();
-  sync(dev);
-  std::vector<double> t;
-  for (int i = 0; i < iters; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    sync(dev);
-    t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
 }
 
 const char* sdpa_backend_name(int64_t b) {

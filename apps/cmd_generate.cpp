@@ -18,39 +18,15 @@
 #include "salad/lora.h"
 #include "salad/sampler.h"
 #include "salad/wan.h"
+#include "timing.h"
 
 using namespace salad;
+using salad::cli::median;
+using salad::cli::median_ms;
+using salad::cli::ms_since;
+using salad::cli::sync_device;
 
 namespace {
-
-double ms_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-void sync(const at::Device& d) {
-  if (d.is_cuda()) torch::cuda::synchronize();
-}
-
-// Median wall milliseconds of fn over `iters` runs after `warmup` runs (device synchronised around each).
-double time_ms(const std::function<void()>& fn, const at::Device& dev, int warmup, int iters) {
-  for (int i = 0; i < warmup; ++i) fn();
-  sync(dev);
-  std::vector<double> t;
-  for (int i = 0; i < iters; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    sync(dev);
-    t.push_back(ms_since(t0));
-  }
-  return median(t);
-}
 
 at::Device parse_device(const std::string& s) {
   if (s == "cpu") return at::kCPU;
@@ -166,7 +142,7 @@ int run_generate(const GenerateArgs& a) {
     }
   }
   model->eval();
-  sync(dev);
+  sync_device(dev);
   const double load_ms = ms_since(t0);
   const WanConfig& cfg = model->config();
   const Options& attn0 = model->block(0)->self_attn->config().attn;
@@ -293,7 +269,7 @@ int run_bench_dit(const BenchDitArgs& a) {
   torch::manual_seed(a.seed);
   auto t0 = std::chrono::steady_clock::now();
   WanModel model = build_random_model(cfg, plan, dt, dev);
-  sync(dev);
+  sync_device(dev);
   const double build_ms = ms_since(t0);
 
   const std::vector<int64_t> shape = wan_latent_shape(a.frames, a.height, a.width, cfg.in_dim);
@@ -337,7 +313,7 @@ int run_bench_dit(const BenchDitArgs& a) {
   for (Mode m : modes) {
     Row r{m};
     set_attention_mode(model, m);
-    r.step_built = time_ms([&] { model->forward(x, t, context); }, dev, a.warmup, a.iters);
+    r.step_built = median_ms([&] { model->forward(x, t, context); }, dev, a.warmup, a.iters);
     const LayerConfig& lc = blk->self_attn->config();
     if (m != Mode::Dense) {
       const AttentionOutput& out = blk->self_attn->last_attention();
@@ -347,10 +323,10 @@ int run_bench_dit(const BenchDitArgs& a) {
     }
     Options opt = lc.attn;
     if (lc.skip_linear && opt.mode == Mode::Salad) opt.mode = Mode::Sparse;
-    r.attn = time_ms([&] { attention(q, k, v, grid, opt, lc.impl); }, dev, a.warmup, a.iters);
-    r.self_attn = time_ms([&] { blk->self_attn->forward(xa, grid); }, dev, a.warmup, a.iters);
+    r.attn = median_ms([&] { attention(q, k, v, grid, opt, lc.impl); }, dev, a.warmup, a.iters);
+    r.self_attn = median_ms([&] { blk->self_attn->forward(xa, grid); }, dev, a.warmup, a.iters);
     if (cfg.num_layers < total_layers) {
-      r.block = time_ms([&] { blk->forward(h_in, e0, grid, ctx_emb); }, dev, a.warmup, a.iters);
+      r.block = median_ms([&] { blk->forward(h_in, e0, grid, ctx_emb); }, dev, a.warmup, a.iters);
       r.step = r.step_built + static_cast<double>(total_layers - cfg.num_layers) * r.block;
     } else {
       r.step = r.step_built;
