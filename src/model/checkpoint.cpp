@@ -9,21 +9,10 @@
 
 #include "io/safetensors.h"
 #include "salad/wan.h"
+#include "model/text.h"
 
 namespace salad {
 namespace {
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::ostringstream o;
-  o << '[';
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << ']';
-  return o.str();
-}
-
-bool starts_with(const std::string& s, const std::string& p) {
-  return s.rfind(p, 0) == 0;
-}
-
 // Prefix renames (official, diffusers). A rule matches a whole dotted prefix
 // (its text followed by '.' or the end of the key).
 struct Rule {

@@ -1,6 +1,7 @@
 // SALAD conversion, weight-space LoRA on the frozen linears, adapter files
 // (see include/salad/lora.h for the conventions).
 #include "salad/lora.h"
+#include "model/text.h"
 
 #include <algorithm>
 #include <cctype>
@@ -12,20 +13,6 @@
 
 namespace salad {
 namespace {
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << '[';
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << ']';
-  return o.str();
-}
-
-bool starts_with(const std::string& s, const std::string& p) {
-  return s.rfind(p, 0) == 0;
-}
-bool ends_with(const std::string& s, const std::string& p) {
-  return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
-}
 
 std::string join(const std::vector<std::string>& v, const char* sep = ",") {
   std::string out;

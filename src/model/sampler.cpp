@@ -6,6 +6,7 @@
 // It follows the schedule logic of Wan's FlowUniPCMultistepScheduler (order 1
 // at the first and at the last step, corrector from the second step on).
 #include "salad/sampler.h"
+#include "model/text.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <unistd.h>
@@ -17,12 +18,6 @@
 
 namespace salad {
 namespace {
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << s;
-  return o.str();
-}
-
 double now_ms() {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }

@@ -1,17 +1,12 @@
 // Wan 2.1 T2V DiT (official wan/modules/model.py semantics) with SALAD self-attention.
 #include "salad/wan.h"
+#include "model/text.h"
 
 #include <cmath>
 #include <sstream>
 
 namespace salad {
 namespace {
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << s;
-  return o.str();
-}
-
 // The dtype of the float32-kept path: float64 for a float64 model, else float32.
 at::ScalarType high_dtype(at::ScalarType compute) {
   return compute == at::kDouble ? at::kDouble : at::kFloat;

@@ -12,15 +12,10 @@
 
 #include "salad/lora.h"
 #include "salad/train.h"
+#include "model/text.h"
 
 namespace salad {
 namespace {
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream o;
-  o << s;
-  return o.str();
-}
 
 // The random stream of step `step` (batch choice and noise): a function of (seed, step) only.
 uint64_t step_seed(uint64_t seed, int64_t step) {
