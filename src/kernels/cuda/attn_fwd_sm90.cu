@@ -206,8 +206,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t base = (raw + 1023u) & ~1023u;
-  unsigned char* gbase = smem_raw + (base - raw);
-  int* sValid = reinterpret_cast<int*>(gbase + S::kValid);
   const uint32_t sQ = base, sK = base + S::kK, sV = base + S::kV, sBar = base + S::kBar;
   auto fullK = [&](int s) { return sBar + 8u * s; };
   auto fullV = [&](int s) { return sBar + 8u * (kStages + s); };
@@ -277,7 +275,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_wait(empty(s), ((gt / kStages) & 1) ^ 1);
           const int64_t j = a.dense ? c : it.list[c];
           const int row = static_cast<int>(j * a.block_k + kt * kN);
-          sValid[s] = static_cast<int>(imin64(kN, a.L - row));
           mbar_expect_tx(fullK(s), S::kTile);
 #pragma unroll
           for (int hh = 0; hh < NH; ++hh)
@@ -372,6 +369,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       const Item it = item(w);
       if (it.row0 >= it.row_end) continue;
       const int ntiles = it.ntiles;
+      // Valid key rows of tile t (< kN only in the sequence's last tile). Computed here rather
+      // than passed through shared memory, so no stage slot is shared across the mbarrier.
+      auto valid_at = [&](int t) {
+        const int c = t / a.tiles_per_block, kt = t % a.tiles_per_block;
+        const int64_t j = a.dense ? c : it.list[c];
+        return static_cast<int>(imin64(kN, a.L - (j * a.block_k + kt * kN)));
+      };
 
       mbar_wait(barQ, n & 1);
 #pragma unroll
@@ -401,7 +405,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           wgmma_commit();
           wgmma_wait<0>();
           fence_regs<kN / 2>(sacc);
-          softmax(sValid[s0], pf, c0, c1);
+          softmax(valid_at(0), pf, c0, c1);
         }
         // Tile t: QK_t and PV_{t-1} in flight together, softmax of S_t overlaps PV_{t-1}.
         // P alternates between two register sets (no copies inside the wgmma pipeline).
@@ -420,7 +424,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           wgmma_commit();
           wgmma_wait<1>();
           fence_regs<kN / 2>(sacc);
-          softmax(sValid[s], pout, c0, c1);
+          softmax(valid_at(t), pout, c0, c1);
           wgmma_wait<0>();
           fence_regs<D / 2>(o);
           fence_regs_u<kN / 4>(&pin[0][0]);

@@ -51,42 +51,60 @@ __global__ void tile_perm_kernel(int32_t* perm, int64_t gf, int64_t gh, int64_t 
 
 // ---------------------------------------------------------------- rotation
 // One CTA per (block, b*h): rotates the block's tokens, writes them in block
-// order and (optionally) the fp32 mean of the rotated block.
+// order and (optionally) the fp32 mean of the rotated block. A thread owns 8
+// channels (4 pairs, one 16-byte load and store) of one token; the token's
+// (f, h, w) is computed once in 32-bit arithmetic (L < 2^31 is checked on the host).
 template <class T>
-__global__ void rotate_kernel(const T* __restrict__ src, int64_t s_b, int64_t s_h, int64_t s_t,
-                              int64_t H, T* __restrict__ dst, float* __restrict__ mean, int64_t L,
-                              int D, int64_t bs, RopeInfo r) {
+__global__ void __launch_bounds__(256) rotate_kernel(const T* __restrict__ src, int64_t s_b, int64_t s_h,
+                                                     int64_t s_t, int64_t H, T* __restrict__ dst,
+                                                     float* __restrict__ mean, int64_t L, int D, int64_t bs,
+                                                     RopeInfo r) {
   extern __shared__ float red[];  // [groups][D]
   const int half_d = D / 2;
-  const int groups = blockDim.x / half_d;
-  const int m = threadIdx.x % half_d, g = threadIdx.x / half_d;
+  const int lanes = D / 8;                  // threads per token
+  const int groups = blockDim.x / lanes;    // tokens in flight
+  const int c8 = threadIdx.x % lanes, g = threadIdx.x / lanes;
   const int64_t bh = blockIdx.y, b = bh / H, h = bh % H;
   const int64_t p0 = blockIdx.x * bs, p1 = min(L, p0 + bs);
-  float s0 = 0.f, s1 = 0.f;
-  if (g < groups) {
-    const T* base = src + b * s_b + h * s_h;
-    T* out = dst + bh * L * D;
-    for (int64_t p = p0 + g; p < p1; p += groups) {
-      int64_t t = perm_at(r.perm, p);
-      uint32_t u = *reinterpret_cast<const uint32_t*>(base + t * s_t + 2 * m);
-      float2 x = Elem<T>::unpack(u);
-      float2 cs = rope_cs(r, t, m, half_d);
-      float y0 = x.x * cs.x - x.y * cs.y, y1 = x.x * cs.y + x.y * cs.x;
-      *reinterpret_cast<uint32_t*>(out + p * D + 2 * m) = Elem<T>::pack(y0, y1);
-      s0 += y0;
-      s1 += y1;
+  const uint32_t gw = static_cast<uint32_t>(r.gw), ghw = static_cast<uint32_t>(r.gw * r.gh);
+  float acc[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+  const T* base = src + b * s_b + h * s_h + 8 * c8;
+  T* out = dst + bh * L * D + 8 * c8;
+  // Table row offsets of this thread's 4 pairs, per axis.
+  int axis[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int m = 4 * c8 + i;
+    axis[i] = m < r.pf ? 0 : (m < r.pf + r.ph ? 1 : 2);
+  }
+  for (int64_t p = p0 + g; p < p1; p += groups) {
+    const uint32_t t = static_cast<uint32_t>(perm_at(r.perm, p));
+    const uint32_t f = t / ghw, rem = t - f * ghw, hh = rem / gw, ww = rem - hh * gw;
+    const int64_t rows[3] = {f, r.gf + hh, r.gf + r.gh + ww};
+    const uint4 u = *reinterpret_cast<const uint4*>(base + static_cast<int64_t>(t) * s_t);
+    const uint32_t in[4] = {u.x, u.y, u.z, u.w};
+    uint32_t o[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 x = Elem<T>::unpack(in[i]);
+      const float2 cs = __ldg(r.table + rows[axis[i]] * half_d + 4 * c8 + i);
+      const float y0 = x.x * cs.x - x.y * cs.y, y1 = x.x * cs.y + x.y * cs.x;
+      o[i] = Elem<T>::pack(y0, y1);
+      acc[2 * i] += y0;
+      acc[2 * i + 1] += y1;
     }
+    *reinterpret_cast<uint4*>(out + p * D) = make_uint4(o[0], o[1], o[2], o[3]);
   }
   if (!mean) return;
-  if (g < groups) {
-    red[g * D + 2 * m] = s0;
-    red[g * D + 2 * m + 1] = s1;
-  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) red[g * D + 8 * c8 + i] = acc[i];
   __syncthreads();
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = 0.f;
-    for (int k = 0; k < groups; ++k) acc += red[k * D + d];
-    mean[(bh * gridDim.x + blockIdx.x) * D + d] = acc / static_cast<float>(p1 - p0);
+    float sum = 0.f;
+    for (int k = 0; k < groups; ++k) sum += red[k * D + d];
+    mean[(bh * gridDim.x + blockIdx.x) * D + d] = sum / static_cast<float>(p1 - p0);
   }
 }
 
@@ -293,7 +311,7 @@ template <class T>
 static void rotate_t(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, bool means,
                      cudaStream_t s) {
   const int threads = 256;
-  const int groups = threads / static_cast<int>(p.D / 2);
+  const int groups = threads / static_cast<int>(p.D / 8);
   size_t smem = sizeof(float) * groups * p.D;
   rotate_kernel<T><<<dim3(static_cast<unsigned>(pl.n_q), static_cast<unsigned>(pl.BH)), threads, smem, s>>>(
       static_cast<const T*>(p.q), p.q_stride[0], p.q_stride[1], p.q_stride[2], p.H, at<T>(ws, pl.qr),
@@ -371,6 +389,8 @@ void check_supported(const Params& p) {
                         to_string(p.dtype));
   if (p.D != 64 && p.D != 128)
     throw ArgumentError("D: expected 64 or 128 for the CUDA kernels, got " + std::to_string(p.D));
+  if (p.L >= (int64_t{1} << 31))
+    throw ArgumentError("L: expected fewer than 2^31 tokens for the CUDA kernels, got " + std::to_string(p.L));
   auto chk = [](const int64_t* st, const char* name) {
     if (st[2] < 0 || st[2] % 8 != 0 || st[1] % 8 != 0 || st[0] % 8 != 0)
       throw ArgumentError(std::string(name) +
