@@ -8,6 +8,10 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <execinfo.h>
+#include <unistd.h>
+
+#include <csignal>
 #include <cmath>
 #include <cstdlib>
 #include <sstream>
@@ -22,6 +26,23 @@
 
 namespace salad {
 namespace {
+
+// Debugging aid: SALAD_SEGV_TRACE=1 prints the native stack of a crash (the
+// Python fault handler shows only Python frames) before the default action.
+void segv_trace(int sig) {
+  void* frames[64];
+  const int n = backtrace(frames, 64);
+  const char msg[] = "salad: fatal signal, native stack:\n";
+  (void)!write(2, msg, sizeof(msg) - 1);
+  backtrace_symbols_fd(frames, n, 2);
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+[[maybe_unused]] const bool kSegvTrace = [] {
+  const char* e = std::getenv("SALAD_SEGV_TRACE");
+  if (e && e[0] == '1') std::signal(SIGSEGV, segv_trace);
+  return true;
+}();
 
 // The option arguments every op takes, as owned values (schema order).
 struct OpArgs {

@@ -563,8 +563,11 @@ constexpr int kWT = 16;        // tokens per warp tile in the apply kernels
 struct Rows {
   int f, h, w;
 };
-__device__ __forceinline__ Rows tok_rows(const RopeInfo& r, int64_t t) {
-  int64_t w = t % r.gw, h = (t / r.gw) % r.gh, f = t / (r.gw * r.gh);
+// 32-bit index math (check_supported guarantees L < 2^31).
+__device__ __forceinline__ Rows tok_rows(const RopeInfo& r, int64_t t64) {
+  const uint32_t t = static_cast<uint32_t>(t64), gw = static_cast<uint32_t>(r.gw);
+  const uint32_t ghw = gw * static_cast<uint32_t>(r.gh);
+  const uint32_t f = t / ghw, rem = t - f * ghw, h = rem / gw, w = rem - h * gw;
   return {static_cast<int>(f), static_cast<int>(r.gf + h), static_cast<int>(r.gf + r.gh + w)};
 }
 __device__ __forceinline__ float2 tok_cs(const RopeInfo& r, const Rows& rw, int m, int half) {
