@@ -7,7 +7,10 @@
 
 #include <c10/cuda/CUDACachingAllocator.h>
 
+#include <array>
 #include <cstdlib>
+#include <string>
+#include <vector>
 
 #include "naive.h"
 #include "salad/salad.h"
@@ -124,6 +127,62 @@ TEST(SM90_Attention, ForwardAndBackwardMatchFloat64WithinTwiceNaiveError) {
     }
   }
   unsetenv("SALAD_POISON");
+}
+
+// The Hopper backward (attn_bwd_sm90.cu, wgmma/TMA) against the mma.sync one
+// (SALAD_BWD_KERNEL=mma) on a Wan-like L = 4140 (partial last query and key
+// blocks), with block sizes that exercise its edge paths: 128-row query items
+// with an idle warpgroup (block_q 192, 64), 128-key spans inside one key block
+// (block_k 128) and across two (block_k 192). Per-row relative difference, so a
+// missing or doubled tile in any row fails; gradient buffers are pre-poisoned.
+TEST(SM90_Attention, HopperBackwardMatchesMmaBackward) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
+  const char* prev = std::getenv("SALAD_BWD_KERNEL");
+  const std::string saved = prev ? prev : "";
+  torch::manual_seed(3);
+  const Grid g{3, 30, 46};  // L = 4140 = 64 * 64 + 44
+  struct V {
+    int64_t D;
+    Mode m;
+    at::ScalarType dt;
+    int64_t bq, bk;
+  };
+  for (const V c : {V{128, Mode::Sparse, at::kBFloat16, 128, 64}, V{64, Mode::Salad, at::kHalf, 128, 64},
+                    V{128, Mode::Dense, at::kBFloat16, 128, 64}, V{128, Mode::Sparse, at::kBFloat16, 192, 128},
+                    V{64, Mode::Sparse, at::kBFloat16, 64, 192}}) {
+    SCOPED_TRACE("D" + std::to_string(c.D) + " " + to_string(c.m) + " " + c10::toString(c.dt) + " block " +
+                 std::to_string(c.bq) + "/" + std::to_string(c.bk));
+    Options o;
+    o.mode = c.m, o.keep = 0.1, o.block_q = c.bq, o.block_k = c.bk;
+    auto opt = at::TensorOptions().dtype(c.dt).device(at::kCUDA);
+    const at::Tensor q = at::randn({2, 3, g.size(), c.D}, opt), k = at::randn_like(q), v = at::randn_like(q);
+    const at::Tensor gs = at::randn(q.sizes(), opt.dtype(at::kFloat)), gl = at::randn_like(gs);
+    auto grads = [&](const char* kernel) {
+      if (kernel) setenv("SALAD_BWD_KERNEL", kernel, 1);
+      else unsetenv("SALAD_BWD_KERNEL");
+      at::Tensor qq = q.clone().requires_grad_(), kk = k.clone().requires_grad_(), vv = v.clone().requires_grad_();
+      const AttentionOutput out = attention(qq, kk, vv, g, o);
+      at::Tensor loss = (out.o_s.to(at::kFloat) * gs).sum();
+      if (c.m == Mode::Salad) loss = loss + (out.o_l.to(at::kFloat) * gl).sum();
+      {  // freed NaN blocks of the gradients' size: the caching allocator tends to hand them out again
+        std::vector<at::Tensor> junk;
+        for (int i = 0; i < 6; ++i) junk.push_back(at::full(q.sizes(), NAN, opt));
+      }
+      loss.backward();
+      return std::array<at::Tensor, 3>{qq.grad(), kk.grad(), vv.grad()};
+    };
+    const std::array<at::Tensor, 3> mma = grads("mma"), sm90 = grads(nullptr);
+    for (int i = 0; i < 3; ++i) {
+      SCOPED_TRACE(std::string("grad ") + "qkv"[i]);
+      const at::Tensor a = sm90[i].to(at::kDouble), b = mma[i].to(at::kDouble);
+      EXPECT_TRUE(at::isfinite(a).all().item<bool>());
+      const at::Tensor d = (a - b).norm(2, {-1}), n = b.norm(2, {-1});
+      const double worst = (d / (n + 1e-2 * n.mean())).max().item<double>();
+      EXPECT_LT(worst, 2e-2) << "worst per-row relative difference";
+    }
+  }
+  if (prev) setenv("SALAD_BWD_KERNEL", saved.c_str(), 1);
+  else unsetenv("SALAD_BWD_KERNEL");
 }
 
 TEST(SM90_Attention, DeterministicRepeatsAndNoQuadraticMemory) {

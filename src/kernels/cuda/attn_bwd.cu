@@ -9,6 +9,9 @@
 //               dV = P^T dO, dK = scale * dS^T Q.
 // Both rotate the result back (dq = R^T dqr), add the linear branch's fp32
 // gradient when given, and scatter rows to caller order.
+// On Hopper, attn_bwd_sm90.cu's wgmma/TMA kernels replace either where they
+// apply (SALAD_BWD_KERNEL=mma, SALAD_BWD_DQ=mma, SALAD_BWD_DKV=mma force these).
+#include "attn_bwd_sm90.cuh"
 #include "internal.cuh"
 
 namespace salad::cuda::detail {
@@ -450,21 +453,25 @@ void launch(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cud
       static_cast<const T*>(p.o_s), a.dout, at<float>(ws, pl.delta), r.perm, p.L, static_cast<int>(p.D));
   SALAD_LAUNCH_CHECK();
 
-  size_t smem_dq = sizeof(T) * 6 * kTile * D + sizeof(float) * 2 * kTile;
-  SALAD_CUDA_CHECK(cudaFuncSetAttribute(attn_dq_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem_dq)));
-  a.sub = static_cast<int>((p.opt.block_q + kTile - 1) / kTile);
-  attn_dq_kernel<T, D><<<dim3(static_cast<unsigned>(pl.n_q * a.sub), static_cast<unsigned>(pl.BH)),
-                         kWarps * 32, smem_dq, s>>>(a);
-  SALAD_LAUNCH_CHECK();
+  if (!try_launch_attn_dq_sm90(p, pl, r, ws, s)) {
+    size_t smem_dq = sizeof(T) * 6 * kTile * D + sizeof(float) * 2 * kTile;
+    SALAD_CUDA_CHECK(cudaFuncSetAttribute(attn_dq_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem_dq)));
+    a.sub = static_cast<int>((p.opt.block_q + kTile - 1) / kTile);
+    attn_dq_kernel<T, D><<<dim3(static_cast<unsigned>(pl.n_q * a.sub), static_cast<unsigned>(pl.BH)),
+                           kWarps * 32, smem_dq, s>>>(a);
+    SALAD_LAUNCH_CHECK();
+  }
 
-  size_t smem_kv = sizeof(T) * 6 * kTile * D + sizeof(float) * 4 * kTile;
-  SALAD_CUDA_CHECK(cudaFuncSetAttribute(attn_dkv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem_kv)));
-  a.sub = static_cast<int>((p.opt.block_k + kTile - 1) / kTile);
-  attn_dkv_kernel<T, D><<<dim3(static_cast<unsigned>(pl.n_k * a.sub), static_cast<unsigned>(pl.BH)),
-                          kWarps * 32, smem_kv, s>>>(a);
-  SALAD_LAUNCH_CHECK();
+  if (!try_launch_attn_dkv_sm90(p, pl, r, ws, s)) {
+    size_t smem_kv = sizeof(T) * 6 * kTile * D + sizeof(float) * 4 * kTile;
+    SALAD_CUDA_CHECK(cudaFuncSetAttribute(attn_dkv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem_kv)));
+    a.sub = static_cast<int>((p.opt.block_k + kTile - 1) / kTile);
+    attn_dkv_kernel<T, D><<<dim3(static_cast<unsigned>(pl.n_k * a.sub), static_cast<unsigned>(pl.BH)),
+                            kWarps * 32, smem_kv, s>>>(a);
+    SALAD_LAUNCH_CHECK();
+  }
 }
 
 }  // namespace

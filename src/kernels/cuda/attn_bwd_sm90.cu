@@ -1,0 +1,866 @@
+// Hopper-native (sm_90a) block-sparse FlashAttention backward: two kernels,
+// each owning its outputs (no atomics, deterministic), both warp-specialised
+// like attn_fwd_sm90.cu: a producer warpgroup (one thread issues every TMA
+// load into 128-byte-swizzled shared memory on mbarriers) and two consumer
+// warpgroups of 64 rows each (setmaxnreg 40 / 232 in dq, 24 / 240 in dkv,
+// whose consumers hold dK and dV: 128 accumulator registers at D 128).
+//
+// dq kernel: work item = (b*h, 128-row part of a query block), head-major,
+//   persistent CTAs. Q and dO (128 x D) are loaded once per item; the producer
+//   streams K and V tiles (64 keys) of the item's kept key blocks
+//   (p.block_idx / p.block_cnt, or all blocks in mode dense) through a
+//   kStages ring. Per tile, each consumer warpgroup (64 query rows):
+//     S = Q K^T, dP = dO V^T        wgmma m64n64k16, A and B from shared memory
+//     P = exp2(S * scale*log2e - lse*log2e), dS = P * (dP - delta)  (registers)
+//     dQ += dS K                    wgmma m64nDk16, A = dS from registers,
+//                                   B = K through the "MN-major" descriptor
+//   with S/dP of tile t issued together with dQ += dS_{t-1} K_{t-1} and the
+//   dS of tile t computed while that dQ runs (the forward's intra-warpgroup
+//   overlap). The producer loads the next item's first K/V tiles before its
+//   Q/dO (which wait until the consumers are done with the current ones).
+//   Epilogue: dq = R^T (scale * dQ) (+ the linear branch's fp32 dq), stored
+//   straight from the accumulators, caller order.
+// dkv kernel: work item = (b*h, 128-key span), one CTA per item (hardware
+//   scheduling balances the very uneven inverse lists; persistent optional).
+//   Consumer warpgroup w owns keys key0 + 64w .. + 63, which lie in one key
+//   block (block_k % 64 == 0); K and V of the span stay in shared memory.
+//   The producer walks the ascending union of the two warpgroups' inverse
+//   lists (query blocks that kept the key block, launch_invert), streaming
+//   Q and dO tiles (64 queries) plus the tile's lse and delta (1-D TMA) once
+//   for both; a warpgroup whose key block the query block did not keep skips
+//   the tile. Per tile and warpgroup (64 keys):
+//     S^T = K Q^T, dP^T = V dO^T    wgmma m64n64k16, A and B from shared memory
+//     P^T = exp2(S^T * scale*log2e - lse_col*log2e) (0 past the query block)
+//     dS^T = P^T * (dP^T - delta_col)
+//     dV += P^T dO, dK += dS^T Q    wgmma m64nDk16, A from registers, B = dO / Q
+//                                   through the MN-major descriptor
+//   dK and dV (64 + 64 registers at D 128) stay in registers for the item.
+//   Epilogue: dk = R^T (scale * dK), dv = dV (+ the linear branch's fp32
+//   gradients), caller order.
+// Same semantics as attn_bwd.cu's mma.sync kernels (delta from its
+// delta_kernel, which still runs first).
+//
+// Limits (else launch_attn_bwd keeps the mma.sync kernels): bf16/fp16, D 64 or
+// 128, block_k a multiple of 64 (any block_q), raster token order (V and dO
+// are read in place by TMA), compute capability 9.0, block lists ascending
+// (as select/invert produce them), 16-byte aligned lse (dkv).
+// env SALAD_BWD_KERNEL=mma forces both mma.sync kernels, SALAD_BWD_DQ=mma /
+// SALAD_BWD_DKV=mma one of them; SALAD_BWD_DQ_PERSISTENT=0 launches one dq CTA
+// per work item, SALAD_BWD_DKV_PERSISTENT=1 makes dkv persistent;
+// SALAD_BWD_SM90_GRID=N caps a persistent grid (testing).
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "attn_bwd_sm90.cuh"
+#include "sm90_common.cuh"
+
+namespace salad::cuda::detail {
+namespace {
+using namespace sm90;
+
+constexpr int kRows = 128;  // rows of a work item: query rows (dq) or key rows (dkv); 2 warpgroups x 64
+constexpr int kTn = 64;     // streamed tile: keys (dq) or queries (dkv)
+#ifndef SALAD_BWD_SM90_STAGES
+#define SALAD_BWD_SM90_STAGES 4
+#endif
+constexpr int kStages = SALAD_BWD_SM90_STAGES;
+constexpr int kThreads = 384;  // warpgroup 0: producer; 1, 2: consumers
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct BwdSm90Args {
+  void* out0;           // dq (dq kernel) or dk (dkv kernel), caller order
+  void* out1;           // dv (dkv kernel)
+  const float* extra0;  // the linear branch's fp32 gradients (caller order) or null
+  const float* extra1;
+  const float* lse;     // (BH, L), natural log, caller order (= block order: raster only)
+  const float* delta;   // (BH, L), block order
+  const int32_t* idx;
+  const int32_t* cnt;
+  const int32_t* inv_off;
+  const int32_t* inv_rows;
+  RopeInfo rope;
+  int64_t L, H, n_q, n_k, max_k, block_q, block_k;
+  int sub_q;            // dq: 128-row parts per query block
+  int tiles_per_block;  // dq: block_k / 64
+  int tiles_last;       // dq: 64-key tiles of the last key block (it may be short)
+  int n_span;           // dkv: 128-key spans per (b, h)
+  int dense;
+  int num_work;
+  float scale, scale_log2;
+};
+
+__device__ __forceinline__ float2 ld_shared_f2(uint32_t addr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+  return v;
+}
+
+// rope_cs with 32-bit index math (L < 2^31; no 64-bit division calls in the epilogue).
+__device__ __forceinline__ float2 rope_cs32(const RopeInfo& r, int t, int m, int half_d) {
+  const int gw = static_cast<int>(r.gw), gh = static_cast<int>(r.gh), gf = static_cast<int>(r.gf);
+  const int tw = t / gw, w = t - tw * gw, hgt = tw % gh, f = tw / gh;
+  const int row = m < r.pf ? f : (m < r.pf + r.ph ? gf + hgt : gf + gh + w);
+  return r.table[row * half_d + m];
+}
+
+// One row-pair of a gradient: rotate back (R^T), add the fp32 extra, store (attn_bwd.cu's store_rotated).
+template <class T, int D>
+__device__ __forceinline__ void store_pair(const RopeInfo& r, T* out, const float* extra, int t, int col, float x0,
+                                           float x1, bool rotate) {
+  if (rotate) {
+    const float2 cs = rope_cs32(r, t, col / 2, D / 2);
+    const float y0 = x0 * cs.x + x1 * cs.y, y1 = -x0 * cs.y + x1 * cs.x;
+    x0 = y0;
+    x1 = y1;
+  }
+  if (extra) {
+    const float2 e = *reinterpret_cast<const float2*>(extra + col);
+    x0 += e.x;
+    x1 += e.y;
+  }
+  *reinterpret_cast<uint32_t*>(out + col) = Elem<T>::pack(x0, x1);
+}
+
+// ================================================================== dQ
+// Shared memory (1024-byte aligned): Q and dO [D/64][128 rows][128 B], K and V
+// stages [kStages][D/64][64 rows][128 B] (TMA 128-byte swizzle), mbarriers.
+template <int D>
+struct DqSmem {
+  static constexpr int kQ = kRows * D * 2;
+  static constexpr int kTile = kTn * D * 2;
+  static constexpr int kSub = kTn * 128;  // one 64-row x 128-byte sub-tile
+  static constexpr int kO = kQ;
+  static constexpr int kK = 2 * kQ;
+  static constexpr int kV = kK + kStages * kTile;
+  static constexpr int kBar = kV + kStages * kTile;
+  static constexpr int kBytes = kBar + 8 * (3 * kStages + 2);
+  static constexpr int kAlloc = kBytes + 1024;  // slack for aligning the dynamic base
+};
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    attn_dq_sm90_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tdo,
+                        const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
+                        const BwdSm90Args a) {
+  static_assert(D == 64 || D == 128, "head width 64 or 128");
+  using S = DqSmem<D>;
+  constexpr int NH = D / 64;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sQ = base, sO = base + S::kO, sK = base + S::kK, sV = base + S::kV, sBar = base + S::kBar;
+  auto fullK = [&](int s) { return sBar + 8u * s; };
+  auto fullV = [&](int s) { return sBar + 8u * (kStages + s); };
+  auto empty = [&](int s) { return sBar + 8u * (2 * kStages + s); };
+  const uint32_t barQ = sBar + 8u * (3 * kStages);          // Q and dO of the item landed
+  const uint32_t barQfree = sBar + 8u * (3 * kStages + 1);  // all consumer warps done with them
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // Work item w = (bh, query block, 128-row part), w = blockIdx.x + k * gridDim.x. Producer and
+  // consumers walk the same items; tile and item counters run on across items.
+  // 32-bit index math throughout (L * BH < 2^31, checked on the host).
+  struct Item {
+    int bh, row0, row_end;
+    const int32_t* list;
+    int ntiles;
+  };
+  const int L = static_cast<int>(a.L), n_q = static_cast<int>(a.n_q), n_k = static_cast<int>(a.n_k);
+  const int block_q = static_cast<int>(a.block_q), block_k = static_cast<int>(a.block_k);
+  const int per_bh = n_q * a.sub_q;
+  auto item = [&](int w) {
+    Item it;
+    it.bh = w / per_bh;
+    const int x = w - it.bh * per_bh, qi = x / a.sub_q, sub = x - qi * a.sub_q;
+    it.row0 = qi * block_q + sub * kRows;
+    it.row_end = min(min(it.row0 + kRows, (qi + 1) * block_q), L);
+    const int nblk = it.row0 >= it.row_end ? 0 : (a.dense ? n_k : a.cnt[it.bh * n_q + qi]);
+    it.list = a.dense ? nullptr : a.idx + (static_cast<int64_t>(it.bh) * n_q + qi) * a.max_k;
+    it.ntiles = nblk * a.tiles_per_block;
+    // Only the last key block can be short, and an ascending list has it last.
+    if (nblk > 0 && (a.dense ? n_k - 1 : it.list[nblk - 1]) == n_k - 1) it.ntiles -= a.tiles_per_block - a.tiles_last;
+    return it;
+  };
+  auto key_start = [&](const Item& it, int t) {
+    const int c = t / a.tiles_per_block, kt = t - c * a.tiles_per_block;
+    const int j = a.dense ? c : it.list[c];
+    return j * block_k + kt * kTn;
+  };
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(fullK(s), 1);
+      mbar_init(fullV(s), 1);
+      mbar_init(empty(s), 8);  // one arrival per consumer warp
+    }
+    mbar_init(barQ, 1);
+    mbar_init(barQfree, 8);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp < 4) {
+    // ================= producer warpgroup: one thread issues every TMA load
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (warp == 0 && lane == 0) {
+      tma_prefetch(&tq);
+      tma_prefetch(&tdo);
+      tma_prefetch(&tk);
+      tma_prefetch(&tv);
+      int gt = 0, n = 0;  // tiles / items issued so far
+      for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
+        const Item it = item(w);
+        if (it.row0 >= it.row_end) continue;
+        const int bh = it.bh, H = static_cast<int>(a.H);
+        const int b = bh / H, h = bh - b * H;
+        auto load_kv = [&](int t) {
+          const int u = gt + t, s = u % kStages;
+          mbar_wait(empty(s), ((u / kStages) & 1) ^ 1);
+          const int row = key_start(it, t);
+          mbar_expect_tx(fullK(s), S::kTile);
+#pragma unroll
+          for (int hh = 0; hh < NH; ++hh)
+            tma_load_3d(sK + s * S::kTile + hh * S::kSub, &tk, hh * 64, row, bh, fullK(s));
+          mbar_expect_tx(fullV(s), S::kTile);
+#pragma unroll
+          for (int hh = 0; hh < NH; ++hh)
+            tma_load_4d(sV + s * S::kTile + hh * S::kSub, &tv, hh * 64, row, h, b, fullV(s));
+        };
+        // The first kStages tiles only wait for slots of earlier items: issue them before this
+        // item's Q/dO, which wait until the consumers are done with the previous item.
+        const int pre = it.ntiles < kStages ? it.ntiles : kStages;
+        for (int t = 0; t < pre; ++t) load_kv(t);
+        mbar_wait(barQfree, (n & 1) ^ 1);
+        const int nbox = it.row0 + 64 < it.row_end ? 2 : 1;  // rows past the item are not needed
+        mbar_expect_tx(barQ, 2 * nbox * NH * 64 * 128);
+#pragma unroll
+        for (int hh = 0; hh < NH; ++hh)
+          for (int r = 0; r < nbox; ++r) {
+            const int row = it.row0 + r * 64;
+            tma_load_3d(sQ + hh * (kRows * 128) + r * (64 * 128), &tq, hh * 64, row, bh, barQ);
+            tma_load_3d(sO + hh * (kRows * 128) + r * (64 * 128), &tdo, hh * 64, row, bh, barQ);
+          }
+        for (int t = pre; t < it.ntiles; ++t) load_kv(t);
+        gt += it.ntiles;
+        ++n;
+      }
+    }
+  } else {
+    // ================= consumer warpgroups
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int cw = warp - 4;   // consumer warp 0..7
+    const int wg = cw / 4;     // consumer warpgroup: CTA rows 64 wg .. 64 wg + 63
+    const int wrow = cw * 16;  // first CTA row of this warp (rows wrow + g, wrow + g + 8)
+    const int g = lane >> 2, tq4 = lane & 3;
+    const float sl2 = a.scale_log2;
+
+    float dq[D / 2];
+    float sacc[kTn / 2], dpacc[kTn / 2];
+    uint32_t dsa[kTn / 16][4], dsb[kTn / 16][4];
+    float lse0 = 0.f, lse1 = 0.f, dl0 = 0.f, dl1 = 0.f;  // this thread's two rows, lse in log2 units
+
+    auto issue_sdp = [&](int s) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t aoff = (kk / 4) * (kRows * 128) + wg * (64 * 128) + (kk % 4) * 32;
+        const uint32_t boff = s * S::kTile + (kk / 4) * S::kSub + (kk % 4) * 32;
+        wgmma_ss64<T>(sacc, desc_sw128(sQ + aoff, 16, 1024), desc_sw128(sK + boff, 16, 1024), kk > 0);
+      }
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t aoff = (kk / 4) * (kRows * 128) + wg * (64 * 128) + (kk % 4) * 32;
+        const uint32_t boff = s * S::kTile + (kk / 4) * S::kSub + (kk % 4) * 32;
+        wgmma_ss64<T>(dpacc, desc_sw128(sO + aoff, 16, 1024), desc_sw128(sV + boff, 16, 1024), kk > 0);
+      }
+    };
+    auto issue_dq = [&](int s, uint32_t (*ds)[4]) {
+#pragma unroll
+      for (int kk = 0; kk < kTn / 16; ++kk) {
+        const uint32_t addr = sK + s * S::kTile + kk * 16 * 128;
+        wgmma_rs<T, D, 1>(dq, ds[kk], desc_sw128(addr, S::kSub, 1024), 1);
+      }
+    };
+    // dS of the tile in sacc / dpacc (this thread: rows g, g + 8 of the warp) into ds (A fragments).
+    auto compute_ds = [&](int valid, uint32_t (*ds)[4]) {
+#pragma unroll
+      for (int nt = 0; nt < kTn / 8; ++nt) {
+        const int col = nt * 8 + 2 * tq4;
+        const bool v0 = col < valid, v1 = col + 1 < valid;
+        const float p0 = v0 ? ex2(fmaf(sacc[4 * nt], sl2, -lse0)) : 0.f;
+        const float p1 = v1 ? ex2(fmaf(sacc[4 * nt + 1], sl2, -lse0)) : 0.f;
+        const float p2 = v0 ? ex2(fmaf(sacc[4 * nt + 2], sl2, -lse1)) : 0.f;
+        const float p3 = v1 ? ex2(fmaf(sacc[4 * nt + 3], sl2, -lse1)) : 0.f;
+        // A fragment of m64k16 chunk nt / 2: a0/a1 from the even n8 chunk, a2/a3 from the odd one.
+        ds[nt / 2][(nt & 1) * 2 + 0] = Elem<T>::pack(p0 * (dpacc[4 * nt] - dl0), p1 * (dpacc[4 * nt + 1] - dl0));
+        ds[nt / 2][(nt & 1) * 2 + 1] =
+            Elem<T>::pack(p2 * (dpacc[4 * nt + 2] - dl1), p3 * (dpacc[4 * nt + 3] - dl1));
+      }
+    };
+    auto release = [&](int s) {
+      if (lane == 0) mbar_arrive(empty(s));
+    };
+
+    int gt = 0, n = 0;  // tiles / items consumed so far (same sequence as the producer)
+    for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
+      const Item it = item(w);
+      if (it.row0 >= it.row_end) continue;
+      const int ntiles = it.ntiles;
+      // Only the item's last tile can be short (the last key block is last in an ascending list).
+      const int last_valid = ntiles > 0 ? min(kTn, L - key_start(it, ntiles - 1)) : kTn;
+      auto valid_at = [&](int t) { return t == ntiles - 1 ? last_valid : kTn; };
+      {
+        // Rows past the item: P = 0 (their dQ is not stored; rows never mix).
+        const int r0 = it.row0 + wrow + g, r1 = r0 + 8, o = it.bh * L;
+        lse0 = r0 < it.row_end ? a.lse[o + r0] * kLog2e : INFINITY;
+        lse1 = r1 < it.row_end ? a.lse[o + r1] * kLog2e : INFINITY;
+        dl0 = r0 < it.row_end ? a.delta[o + r0] : 0.f;
+        dl1 = r1 < it.row_end ? a.delta[o + r1] : 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
+      mbar_wait(barQ, n & 1);
+
+      if (it.row0 + 64 * wg >= it.row_end) {
+        // No rows of this item for this warpgroup (short last query block, block_q <= 64):
+        // keep the stage phases in step without computing.
+        for (int t = 0; t < ntiles; ++t) {
+          const int u = gt + t, s = u % kStages;
+          mbar_wait(fullK(s), (u / kStages) & 1);
+          mbar_wait(fullV(s), (u / kStages) & 1);
+          __syncwarp();
+          release(s);
+        }
+        gt += ntiles;
+      } else if (ntiles > 0) {
+        {
+          const int s0 = gt % kStages;
+          mbar_wait(fullK(s0), (gt / kStages) & 1);
+          mbar_wait(fullV(s0), (gt / kStages) & 1);
+          fence_regs<kTn / 2>(sacc);
+          fence_regs<kTn / 2>(dpacc);
+          wgmma_fence();
+          issue_sdp(s0);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs<kTn / 2>(sacc);
+          fence_regs<kTn / 2>(dpacc);
+          compute_ds(valid_at(0), dsa);
+        }
+        // Tile t: S_t / dP_t and dQ += dS_{t-1} K_{t-1} in flight together, dS_t computed while
+        // the latter runs. dS alternates between two register sets.
+        auto step = [&](int t, uint32_t (*pin)[4], uint32_t (*pout)[4]) {
+          const int u = gt + t;
+          const int s = u % kStages, ps = (u - 1) % kStages;
+          mbar_wait(fullK(s), (u / kStages) & 1);
+          mbar_wait(fullV(s), (u / kStages) & 1);
+          fence_regs<D / 2>(dq);
+          fence_regs<kTn / 2>(sacc);
+          fence_regs<kTn / 2>(dpacc);
+          fence_regs_u<kTn / 4>(&pin[0][0]);
+          wgmma_fence();
+          issue_sdp(s);
+          wgmma_commit();
+          issue_dq(ps, pin);
+          wgmma_commit();
+          wgmma_wait<1>();
+          fence_regs<kTn / 2>(sacc);
+          fence_regs<kTn / 2>(dpacc);
+          compute_ds(valid_at(t), pout);
+          wgmma_wait<0>();
+          fence_regs<D / 2>(dq);
+          fence_regs_u<kTn / 4>(&pin[0][0]);
+          release(ps);
+        };
+        int t = 1;
+        for (; t + 1 < ntiles; t += 2) {
+          step(t, dsa, dsb);
+          step(t + 1, dsb, dsa);
+        }
+        const bool odd_tail = t < ntiles;
+        if (odd_tail) step(t, dsa, dsb);
+        const int ls = (gt + ntiles - 1) % kStages;
+        auto last = [&](uint32_t (*p)[4]) {
+          fence_regs<D / 2>(dq);
+          fence_regs_u<kTn / 4>(&p[0][0]);
+          wgmma_fence();
+          issue_dq(ls, p);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs<D / 2>(dq);
+          fence_regs_u<kTn / 4>(&p[0][0]);
+        };
+        if (odd_tail) last(dsb);
+        else last(dsa);
+        release(ls);
+        gt += ntiles;
+      }
+      // Every wgmma reading Q / dO of this item has completed (wait<0> above).
+      __syncwarp();
+      if (lane == 0) mbar_arrive(barQfree);
+      ++n;
+
+      // ---- epilogue: dq = R^T (scale * dQ) (+ extra), straight from the accumulators
+      T* out = static_cast<T*>(a.out0);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = it.row0 + wrow + g + half * 8;
+        if (r >= it.row_end) continue;
+        const int64_t o = (static_cast<int64_t>(it.bh) * L + r) * D;
+        T* orow = out + o;
+        const float* ex = a.extra0 ? a.extra0 + o : nullptr;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i)
+          store_pair<T, D>(a.rope, orow, ex, r, i * 8 + 2 * tq4, dq[4 * i + 2 * half] * a.scale,
+                           dq[4 * i + 2 * half + 1] * a.scale, true);
+      }
+    }
+  }
+}
+
+// ================================================================== dK, dV
+// Shared memory (1024-byte aligned): K and V of the span [D/64][128 rows][128 B],
+// Q and dO stages [kStages][D/64][64 rows][128 B], lse and delta stages
+// [kStages][64] f32, mbarriers.
+template <int D>
+struct KvSmem {
+  static constexpr int kKV = kRows * D * 2;
+  static constexpr int kTile = kTn * D * 2;
+  static constexpr int kSub = kTn * 128;
+  static constexpr int kV = kKV;
+  static constexpr int kQ = 2 * kKV;
+  static constexpr int kO = kQ + kStages * kTile;
+  static constexpr int kLse = kO + kStages * kTile;
+  static constexpr int kDl = kLse + kStages * kTn * 4;
+  static constexpr int kBar = kDl + kStages * kTn * 4;
+  static constexpr int kBytes = kBar + 8 * (2 * kStages + 2);
+  static constexpr int kAlloc = kBytes + 1024;
+};
+
+// Ascending union of two ascending query-block lists (null list: 0, 1, ..., n - 1);
+// flags bit w: the block is in list w.
+struct QMerge {
+  const int32_t* p0;
+  const int32_t* p1;
+  int n0, n1, a0, a1;
+  __device__ __forceinline__ int next(int& flags) {
+    const int i0 = a0 < n0 ? (p0 ? p0[a0] : a0) : INT_MAX;
+    const int i1 = a1 < n1 ? (p1 ? p1[a1] : a1) : INT_MAX;
+    const int i = i0 < i1 ? i0 : i1;
+    if (i == INT_MAX) return -1;
+    flags = (i0 == i ? 1 : 0) | (i1 == i ? 2 : 0);
+    a0 += i0 == i ? 1 : 0;
+    a1 += i1 == i ? 1 : 0;
+    return i;
+  }
+};
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    attn_dkv_sm90_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tdo,
+                         const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
+                         const __grid_constant__ CUtensorMap tlse, const __grid_constant__ CUtensorMap tdl,
+                         const BwdSm90Args a) {
+  static_assert(D == 64 || D == 128, "head width 64 or 128");
+  using S = KvSmem<D>;
+  constexpr int NH = D / 64;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sK = base, sV = base + S::kV, sQ = base + S::kQ, sO = base + S::kO;
+  const uint32_t sLse = base + S::kLse, sDl = base + S::kDl, sBar = base + S::kBar;
+  auto full = [&](int s) { return sBar + 8u * s; };
+  auto empty = [&](int s) { return sBar + 8u * (kStages + s); };
+  const uint32_t barKV = sBar + 8u * (2 * kStages);          // K and V of the span landed
+  const uint32_t barKVfree = sBar + 8u * (2 * kStages + 1);  // all consumer warps done with them
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // 32-bit index math throughout (L * BH < 2^31, checked on the host).
+  struct Item {
+    int bh, key0;
+    int nact;  // warpgroups with keys (< L): 1 or 2
+    QMerge m;
+  };
+  const int L = static_cast<int>(a.L), n_q = static_cast<int>(a.n_q), n_k = static_cast<int>(a.n_k);
+  const int block_q = static_cast<int>(a.block_q), block_k = static_cast<int>(a.block_k);
+  auto item = [&](int w) {
+    Item it;
+    it.bh = w / a.n_span;
+    it.key0 = (w - it.bh * a.n_span) * kRows;
+    it.nact = it.key0 + 64 < L ? 2 : 1;
+    const int32_t* p[2] = {nullptr, nullptr};
+    int cnt[2] = {0, 0};
+    for (int h = 0; h < it.nact; ++h) {
+      if (a.dense) {
+        cnt[h] = n_q;
+      } else {
+        const int j = (it.key0 + 64 * h) / block_k;
+        const int32_t* off = a.inv_off + static_cast<int64_t>(it.bh) * (n_k + 1);
+        cnt[h] = off[j + 1] - off[j];
+        p[h] = a.inv_rows + static_cast<int64_t>(it.bh) * n_q * a.max_k + off[j];
+      }
+    }
+    it.m = QMerge{p[0], p[1], cnt[0], cnt[1], 0, 0};
+    return it;
+  };
+  // Rows [qs, qe) of query block i, in ceil((qe - qs) / 64) tiles.
+  auto qtiles = [&](int i, int& qs, int& qe) {
+    qs = i * block_q;
+    qe = min(qs + block_q, L);
+    return (qe - qs + kTn - 1) / kTn;
+  };
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full(s), 1);
+      mbar_init(empty(s), 8);  // one arrival per consumer warp
+    }
+    mbar_init(barKV, 1);
+    mbar_init(barKVfree, 8);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp < 4) {
+    // ================= producer warpgroup: one thread issues every TMA load (fits 24 registers)
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+    if (warp == 0 && lane == 0) {
+      tma_prefetch(&tq);
+      tma_prefetch(&tdo);
+      tma_prefetch(&tk);
+      tma_prefetch(&tv);
+      tma_prefetch(&tlse);
+      tma_prefetch(&tdl);
+      int gt = 0, n = 0;  // tiles / items issued so far
+      for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
+        Item it = item(w);
+        const int bh = it.bh, H = static_cast<int>(a.H);
+        const int b = bh / H, h = bh - b * H;
+        auto load_kv = [&]() {
+          mbar_wait(barKVfree, (n & 1) ^ 1);
+          mbar_expect_tx(barKV, 2 * it.nact * NH * 64 * 128);
+#pragma unroll
+          for (int hh = 0; hh < NH; ++hh)
+            for (int r = 0; r < it.nact; ++r) {
+              const int row = it.key0 + r * 64;
+              tma_load_3d(sK + hh * (kRows * 128) + r * (64 * 128), &tk, hh * 64, row, bh, barKV);
+              tma_load_4d(sV + hh * (kRows * 128) + r * (64 * 128), &tv, hh * 64, row, h, b, barKV);
+            }
+        };
+        // Up to kStages tiles go out before this item's K/V (their slots belong to earlier items).
+        int issued = 0;
+        bool kv = false;
+        int flags, i;
+        while ((i = it.m.next(flags)) >= 0) {
+          int qs, qe;
+          const int nt = qtiles(i, qs, qe);
+          for (int qt = 0; qt < nt; ++qt) {
+            if (!kv && issued == kStages) {
+              load_kv();
+              kv = true;
+            }
+            const int s = gt % kStages;
+            mbar_wait(empty(s), ((gt / kStages) & 1) ^ 1);
+            const int row = qs + qt * kTn;
+            mbar_expect_tx(full(s), 2 * S::kTile + 2 * kTn * 4);
+#pragma unroll
+            for (int hh = 0; hh < NH; ++hh) {
+              tma_load_3d(sQ + s * S::kTile + hh * S::kSub, &tq, hh * 64, row, bh, full(s));
+              tma_load_3d(sO + s * S::kTile + hh * S::kSub, &tdo, hh * 64, row, bh, full(s));
+            }
+            const int flat = bh * L + row;
+            tma_load_1d(sLse + s * (kTn * 4), &tlse, flat, full(s));
+            tma_load_1d(sDl + s * (kTn * 4), &tdl, flat, full(s));
+            ++gt;
+            ++issued;
+          }
+        }
+        if (!kv) load_kv();
+        ++n;
+      }
+    }
+  } else {
+    // ================= consumer warpgroups: dK + dV (128) + S^T + dP^T (64) registers at D 128
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+    const int cw = warp - 4;          // consumer warp 0..7
+    const int wg = cw / 4;            // consumer warpgroup: keys key0 + 64 wg .. + 63
+    const int wrow = (cw % 4) * 16;   // first key row of this warp within its warpgroup
+    const int g = lane >> 2, tq4 = lane & 3;
+    const float sl2 = a.scale_log2;
+
+    float dk[D / 2], dv[D / 2];
+    float sacc[kTn / 2], dpacc[kTn / 2];
+    uint32_t pf[kTn / 16][4], dsf[kTn / 16][4];
+
+    // One tile (stage s, `valid` query columns) for this warpgroup's 64 keys.
+    auto tile = [&](int s, int valid) {
+#pragma unroll
+      for (int i = 0; i < kTn / 2; ++i) sacc[i] = dpacc[i] = 0.f;  // old values dead: shorter live ranges
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t aoff = (kk / 4) * (kRows * 128) + wg * (64 * 128) + (kk % 4) * 32;
+        const uint32_t boff = s * S::kTile + (kk / 4) * S::kSub + (kk % 4) * 32;
+        wgmma_ss64<T>(sacc, desc_sw128(sK + aoff, 16, 1024), desc_sw128(sQ + boff, 16, 1024), kk > 0);
+      }
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t aoff = (kk / 4) * (kRows * 128) + wg * (64 * 128) + (kk % 4) * 32;
+        const uint32_t boff = s * S::kTile + (kk / 4) * S::kSub + (kk % 4) * 32;
+        wgmma_ss64<T>(dpacc, desc_sw128(sV + aoff, 16, 1024), desc_sw128(sO + boff, 16, 1024), kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs<kTn / 2>(sacc);
+      fence_regs<kTn / 2>(dpacc);
+      const uint32_t lrow = sLse + s * (kTn * 4), drow = sDl + s * (kTn * 4);
+#pragma unroll
+      for (int nt = 0; nt < kTn / 8; ++nt) {
+        const int col = nt * 8 + 2 * tq4;  // query columns col, col + 1; key rows g, g + 8
+        const float2 l = ld_shared_f2(lrow + col * 4), d = ld_shared_f2(drow + col * 4);
+        const bool v0 = col < valid, v1 = col + 1 < valid;
+        const float l0 = l.x * kLog2e, l1 = l.y * kLog2e;
+        const float p0 = v0 ? ex2(fmaf(sacc[4 * nt], sl2, -l0)) : 0.f;
+        const float p1 = v1 ? ex2(fmaf(sacc[4 * nt + 1], sl2, -l1)) : 0.f;
+        const float p2 = v0 ? ex2(fmaf(sacc[4 * nt + 2], sl2, -l0)) : 0.f;
+        const float p3 = v1 ? ex2(fmaf(sacc[4 * nt + 3], sl2, -l1)) : 0.f;
+        const float e0 = v0 ? p0 * (dpacc[4 * nt] - d.x) : 0.f;
+        const float e1 = v1 ? p1 * (dpacc[4 * nt + 1] - d.y) : 0.f;
+        const float e2 = v0 ? p2 * (dpacc[4 * nt + 2] - d.x) : 0.f;
+        const float e3 = v1 ? p3 * (dpacc[4 * nt + 3] - d.y) : 0.f;
+        pf[nt / 2][(nt & 1) * 2 + 0] = Elem<T>::pack(p0, p1);
+        pf[nt / 2][(nt & 1) * 2 + 1] = Elem<T>::pack(p2, p3);
+        dsf[nt / 2][(nt & 1) * 2 + 0] = Elem<T>::pack(e0, e1);
+        dsf[nt / 2][(nt & 1) * 2 + 1] = Elem<T>::pack(e2, e3);
+      }
+      fence_regs<D / 2>(dv);
+      fence_regs<D / 2>(dk);
+      fence_regs_u<kTn / 4>(&pf[0][0]);
+      fence_regs_u<kTn / 4>(&dsf[0][0]);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kTn / 16; ++kk)
+        wgmma_rs<T, D, 1>(dv, pf[kk], desc_sw128(sO + s * S::kTile + kk * 16 * 128, S::kSub, 1024), 1);
+#pragma unroll
+      for (int kk = 0; kk < kTn / 16; ++kk)
+        wgmma_rs<T, D, 1>(dk, dsf[kk], desc_sw128(sQ + s * S::kTile + kk * 16 * 128, S::kSub, 1024), 1);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs<D / 2>(dv);
+      fence_regs<D / 2>(dk);
+      fence_regs_u<kTn / 4>(&pf[0][0]);
+      fence_regs_u<kTn / 4>(&dsf[0][0]);
+    };
+
+    int gt = 0, n = 0;  // tiles / items consumed so far (same sequence as the producer)
+    for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
+      Item it = item(w);
+      const bool active = wg < it.nact;
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+      mbar_wait(barKV, n & 1);
+      int flags, i;
+      while ((i = it.m.next(flags)) >= 0) {
+        int qs, qe;
+        const int nt = qtiles(i, qs, qe);
+        const bool mine = (flags >> wg) & 1;
+        for (int qt = 0; qt < nt; ++qt) {
+          const int s = gt % kStages;
+          mbar_wait(full(s), (gt / kStages) & 1);  // also when skipping: keeps the empty phases in order
+          if (mine) tile(s, min(kTn, qe - (qs + qt * kTn)));
+          __syncwarp();
+          if (lane == 0) mbar_arrive(empty(s));
+          ++gt;
+        }
+      }
+      // Every wgmma reading K / V of this item has completed (wait<0> in tile()).
+      __syncwarp();
+      if (lane == 0) mbar_arrive(barKVfree);
+      ++n;
+
+      // ---- epilogue: dk = R^T (scale * dK), dv = dV (+ extras), straight from the accumulators
+      if (active) {
+        T* dko = static_cast<T*>(a.out0);
+        T* dvo = static_cast<T*>(a.out1);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = it.key0 + wg * 64 + wrow + g + half * 8;
+          if (r >= L) continue;
+          const int64_t o = (static_cast<int64_t>(it.bh) * L + r) * D;
+          T* krow = dko + o;
+          T* vrow = dvo + o;
+          const float* ek = a.extra0 ? a.extra0 + o : nullptr;
+          const float* ev = a.extra1 ? a.extra1 + o : nullptr;
+#pragma unroll
+          for (int c = 0; c < D / 8; ++c) {
+            const int col = c * 8 + 2 * tq4;
+            store_pair<T, D>(a.rope, krow, ek, r, col, dk[4 * c + 2 * half] * a.scale,
+                             dk[4 * c + 2 * half + 1] * a.scale, true);
+            store_pair<T, D>(a.rope, vrow, ev, r, col, dv[4 * c + 2 * half], dv[4 * c + 2 * half + 1], false);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ================================================================== host side
+bool env_is(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e && std::strcmp(e, value) == 0;
+}
+
+// What both kernels need of the call (besides the environment).
+bool supported(const BwdParams& p, const Plan& pl, const RopeInfo& r) {
+  if (env_is("SALAD_BWD_KERNEL", "mma")) return false;
+  if (p.dtype != DType::BF16 && p.dtype != DType::F16) return false;
+  if (p.D != 64 && p.D != 128) return false;
+  if (r.perm) return false;  // tile order: V / dO would need a gather
+  if (p.opt.block_k % kTn != 0 || p.opt.block_q <= 0) return false;
+  if (p.L <= 0 || pl.BH * p.L >= (int64_t(1) << 31) - 4 * kRows) return false;  // 32-bit TMA coordinates
+  if (!pl.dense && (!p.block_idx || !p.block_cnt)) return false;
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+    return false;
+  return major == 9 && minor == 0;
+}
+
+// Q/K (workspace, block order), dO (contiguous, caller order) and V (in place) tensor maps.
+template <class T, int D>
+bool make_maps(const BwdParams& p, const Plan& pl, void* ws, CUtensorMap* mq, CUtensorMap* mdo, CUtensorMap* mk,
+               CUtensorMap* mv) {
+  const cuuint64_t BH = static_cast<cuuint64_t>(pl.BH), L = static_cast<cuuint64_t>(p.L);
+  const cuuint64_t dqk[3] = {static_cast<cuuint64_t>(D), L, BH};
+  const cuuint64_t sqk[2] = {D * 2ull, L * D * 2ull};
+  if (!make_map(mq, p.dtype, 3, at<T>(ws, pl.qr), dqk, sqk)) return false;
+  if (!make_map(mk, p.dtype, 3, at<T>(ws, pl.kr), dqk, sqk)) return false;
+  if (!make_map(mdo, p.dtype, 3, p.do_s, dqk, sqk)) return false;
+  // V in place: (D, L, H, B) with the caller's strides (a size-1 dim's stride is never used).
+  const cuuint64_t dv[4] = {static_cast<cuuint64_t>(D), L, static_cast<cuuint64_t>(p.H),
+                            static_cast<cuuint64_t>(p.B)};
+  cuuint64_t sv[3] = {static_cast<cuuint64_t>(p.v_stride[2]) * 2, static_cast<cuuint64_t>(p.v_stride[1]) * 2,
+                      static_cast<cuuint64_t>(p.v_stride[0]) * 2};
+  if (p.H == 1) sv[1] = 16;
+  if (p.B == 1) sv[2] = 16;
+  return make_map(mv, p.dtype, 4, p.v, dv, sv);
+}
+
+BwdSm90Args base_args(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws) {
+  BwdSm90Args a{};
+  a.lse = p.lse;
+  a.delta = at<float>(ws, pl.delta);
+  a.idx = p.block_idx;
+  a.cnt = p.block_cnt;
+  a.inv_off = pl.dense ? nullptr : at<int32_t>(ws, pl.inv_off);
+  a.inv_rows = pl.dense ? nullptr : at<int32_t>(ws, pl.inv_rows);
+  a.rope = r;
+  a.L = p.L;
+  a.H = p.H;
+  a.n_q = pl.n_q;
+  a.n_k = pl.n_k;
+  a.max_k = pl.max_k;
+  a.block_q = p.opt.block_q;
+  a.block_k = p.opt.block_k;
+  a.dense = pl.dense ? 1 : 0;
+  a.scale = static_cast<float>(p.softmax_scale());
+  a.scale_log2 = static_cast<float>(p.softmax_scale() * 1.4426950408889634);
+  return a;
+}
+
+unsigned grid_for(int64_t work, bool persistent) {
+  int dev = 0, sms = 0;
+  SALAD_CUDA_CHECK(cudaGetDevice(&dev));
+  SALAD_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  int64_t cap = sms;
+  if (const char* g = std::getenv("SALAD_BWD_SM90_GRID")) cap = imax64(1, std::atoll(g));  // testing: fewer CTAs
+  return static_cast<unsigned>(persistent ? imin64(work, cap) : work);
+}
+
+template <class T, int D>
+bool launch_dq(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
+  CUtensorMap mq, mdo, mk, mv;
+  if (!make_maps<T, D>(p, pl, ws, &mq, &mdo, &mk, &mv)) return false;
+  BwdSm90Args a = base_args(p, pl, r, ws);
+  a.out0 = p.dq;
+  const bool lin = pl.linear && p.do_l;
+  a.extra0 = lin ? at<float>(ws, pl.dq_l) : nullptr;
+  a.sub_q = static_cast<int>((p.opt.block_q + kRows - 1) / kRows);
+  a.tiles_per_block = static_cast<int>(p.opt.block_k / kTn);
+  a.tiles_last = static_cast<int>((p.L - (pl.n_k - 1) * p.opt.block_k + kTn - 1) / kTn);
+  const int64_t work = pl.BH * pl.n_q * a.sub_q;
+  if (work >= (int64_t(1) << 31)) return false;
+  a.num_work = static_cast<int>(work);
+  constexpr int smem = DqSmem<D>::kAlloc;
+  SALAD_CUDA_CHECK(cudaFuncSetAttribute(attn_dq_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const bool persistent = !env_is("SALAD_BWD_DQ_PERSISTENT", "0");
+  attn_dq_sm90_kernel<T, D><<<grid_for(work, persistent), kThreads, smem, s>>>(mq, mdo, mk, mv, a);
+  SALAD_LAUNCH_CHECK();
+  return true;
+}
+
+template <class T, int D>
+bool launch_dkv(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
+  CUtensorMap mq, mdo, mk, mv, ml, md;
+  if (!make_maps<T, D>(p, pl, ws, &mq, &mdo, &mk, &mv)) return false;
+  const cuuint64_t n = static_cast<cuuint64_t>(pl.BH * p.L);
+  if (!make_map_f32_1d(&ml, p.lse, n, kTn)) return false;
+  if (!make_map_f32_1d(&md, at<float>(ws, pl.delta), n, kTn)) return false;
+  BwdSm90Args a = base_args(p, pl, r, ws);
+  a.out0 = p.dk;
+  a.out1 = p.dv;
+  const bool lin = pl.linear && p.do_l;
+  a.extra0 = lin ? at<float>(ws, pl.dk_l) : nullptr;
+  a.extra1 = lin ? at<float>(ws, pl.dv_l) : nullptr;
+  a.n_span = static_cast<int>((p.L + kRows - 1) / kRows);
+  const int64_t work = pl.BH * a.n_span;
+  if (work >= (int64_t(1) << 31)) return false;
+  a.num_work = static_cast<int>(work);
+  constexpr int smem = KvSmem<D>::kAlloc;
+  SALAD_CUDA_CHECK(
+      cudaFuncSetAttribute(attn_dkv_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const bool persistent = env_is("SALAD_BWD_DKV_PERSISTENT", "1");
+  attn_dkv_sm90_kernel<T, D><<<grid_for(work, persistent), kThreads, smem, s>>>(mq, mdo, mk, mv, ml, md, a);
+  SALAD_LAUNCH_CHECK();
+  return true;
+}
+
+void warn_once(bool ok, const char* what) {
+  static bool warned = false;
+  if (!ok && !warned) {
+    warned = true;
+    std::fprintf(stderr, "salad: sm90 attention backward (%s): TMA descriptor setup failed, using the mma.sync kernel\n",
+                 what);
+  }
+}
+
+}  // namespace
+
+bool try_launch_attn_dq_sm90(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
+  if (env_is("SALAD_BWD_DQ", "mma") || !supported(p, pl, r)) return false;
+  bool ok;
+  if (p.dtype == DType::BF16)
+    ok = p.D == 128 ? launch_dq<__nv_bfloat16, 128>(p, pl, r, ws, s) : launch_dq<__nv_bfloat16, 64>(p, pl, r, ws, s);
+  else
+    ok = p.D == 128 ? launch_dq<__half, 128>(p, pl, r, ws, s) : launch_dq<__half, 64>(p, pl, r, ws, s);
+  warn_once(ok, "dq");
+  return ok;
+}
+
+bool try_launch_attn_dkv_sm90(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
+  if (env_is("SALAD_BWD_DKV", "mma") || !supported(p, pl, r)) return false;
+  if (reinterpret_cast<uintptr_t>(p.lse) % 16 != 0) return false;  // lse is read by 1-D TMA
+  bool ok;
+  if (p.dtype == DType::BF16)
+    ok = p.D == 128 ? launch_dkv<__nv_bfloat16, 128>(p, pl, r, ws, s)
+                    : launch_dkv<__nv_bfloat16, 64>(p, pl, r, ws, s);
+  else
+    ok = p.D == 128 ? launch_dkv<__half, 128>(p, pl, r, ws, s) : launch_dkv<__half, 64>(p, pl, r, ws, s);
+  warn_once(ok, "dkv");
+  return ok;
+}
+
+}  // namespace salad::cuda::detail
