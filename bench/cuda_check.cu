@@ -31,6 +31,7 @@
 #include "salad/layout.h"
 #include "salad/params.h"
 #include "../src/kernels/cpu/common.h"  // cpu::RopeTable for the naive low-precision baseline
+#include "../src/kernels/cuda/attn_bwd_sm90.cuh"  // backward dq / dkv kernels alone
 #include "../src/kernels/cuda/internal.cuh"  // attention kernel alone (launch_attn_fwd) for kernel-only timings
 
 using namespace salad;
@@ -457,16 +458,95 @@ float time_ms(const std::function<void()>& f, int reps) {
   return ts[ts.size() / 2];
 }
 
+struct BenchRow {
+  std::string shape, what;
+  float ms;
+  double tflops;
+};
+
+// Sparse backward: the sm90 dq and dkv kernels alone (actual GEMM FLOPs: dq 3, dkv 4 matmuls, i.e.
+// 1.5x / 2x the forward's), launch_attn_bwd (delta + dq + dkv) sm90 vs mma.sync, the whole backward
+// with SALAD_BWD_KERNEL=mma, and (first shape) how far the two backward paths are apart.
+void bench_bwd_kernels(const char* shape, const BwdParams& bp, void* ws, double flop, int r, bool compare,
+                       const Dev<uint16_t>& gq, const Dev<uint16_t>& gk, const Dev<uint16_t>& gv,
+                       std::vector<BenchRow>& rows) {
+  namespace dd = salad::cuda::detail;
+  void* wsa = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(ws) + 255) / 256 * 256);
+  const dd::Plan pl = dd::make_plan(bp, true);
+  const dd::RopeInfo ri = dd::prepare_order_and_rope(bp, pl, wsa, nullptr);
+  cuda::backward(bp, ws, nullptr);  // workspace: qr / kr, inverse table, delta
+  CK(cudaDeviceSynchronize());
+  const char* names[] = {"SALAD_BWD_KERNEL", "SALAD_BWD_DQ_PERSISTENT", "SALAD_BWD_DKV_PERSISTENT"};
+  std::string saved[3];
+  bool had[3];
+  for (int i = 0; i < 3; ++i) {
+    const char* e = std::getenv(names[i]);
+    had[i] = e != nullptr, saved[i] = e ? e : "";
+    unsetenv(names[i]);
+  }
+  if (dd::try_launch_attn_dq_sm90(bp, pl, ri, wsa, nullptr)) {
+    float t = time_ms([&] { dd::try_launch_attn_dq_sm90(bp, pl, ri, wsa, nullptr); }, r);
+    rows.push_back({shape, "bwd dq kernel sm90", t, 1.5 * flop / t * 1e-9});
+    setenv("SALAD_BWD_DQ_PERSISTENT", "0", 1);
+    t = time_ms([&] { dd::try_launch_attn_dq_sm90(bp, pl, ri, wsa, nullptr); }, r);
+    rows.push_back({shape, "bwd dq kernel sm90 1CTA/it", t, 1.5 * flop / t * 1e-9});
+    unsetenv("SALAD_BWD_DQ_PERSISTENT");
+  } else {
+    std::printf("[%s] sm90 dq kernel not applicable\n", shape);
+  }
+  if (dd::try_launch_attn_dkv_sm90(bp, pl, ri, wsa, nullptr)) {
+    float t = time_ms([&] { dd::try_launch_attn_dkv_sm90(bp, pl, ri, wsa, nullptr); }, r);
+    rows.push_back({shape, "bwd dkv kernel sm90", t, 2.0 * flop / t * 1e-9});
+    setenv("SALAD_BWD_DKV_PERSISTENT", "1", 1);
+    t = time_ms([&] { dd::try_launch_attn_dkv_sm90(bp, pl, ri, wsa, nullptr); }, r);
+    rows.push_back({shape, "bwd dkv kernel sm90 persist", t, 2.0 * flop / t * 1e-9});
+    unsetenv("SALAD_BWD_DKV_PERSISTENT");
+  } else {
+    std::printf("[%s] sm90 dkv kernel not applicable\n", shape);
+  }
+  float t = time_ms([&] { dd::launch_attn_bwd(bp, pl, ri, wsa, nullptr); }, r);
+  rows.push_back({shape, "attn bwd kernels", t, 3.5 * flop / t * 1e-9});
+  std::vector<uint16_t> n_q, n_k, n_v;
+  if (compare) {
+    cuda::backward(bp, ws, nullptr);
+    CK(cudaDeviceSynchronize());
+    n_q = gq.down(), n_k = gk.down(), n_v = gv.down();
+  }
+  setenv("SALAD_BWD_KERNEL", "mma", 1);
+  t = time_ms([&] { dd::launch_attn_bwd(bp, pl, ri, wsa, nullptr); }, r);
+  rows.push_back({shape, "attn bwd kernels mma", t, 3.5 * flop / t * 1e-9});
+  t = time_ms([&] { cuda::backward(bp, ws, nullptr); }, r);
+  rows.push_back({shape, "sparse bwd mma", t, 2.5 * flop / t * 1e-9});
+  if (compare) {
+    cuda::backward(bp, ws, nullptr);
+    CK(cudaDeviceSynchronize());
+    const std::vector<uint16_t>* now[3] = {&n_q, &n_k, &n_v};
+    const Dev<uint16_t>* old[3] = {&gq, &gk, &gv};
+    for (int i = 0; i < 3; ++i) {
+      std::vector<uint16_t> o = old[i]->down();
+      double num = 0, den = 0, mx = 0;
+      bool fin = true;
+      for (size_t j = 0; j < o.size(); ++j) {
+        double a = from_low((*now[i])[j], DType::BF16), b = from_low(o[j], DType::BF16);
+        fin &= std::isfinite(a);
+        num += (a - b) * (a - b), den += b * b, mx = std::max(mx, std::fabs(a - b));
+      }
+      std::printf("[%s sparse bwd] default vs mma kernels: d%c max|diff| %.3e rel_l2 %.3e, finite %d\n", shape,
+                  "qkv"[i], mx, std::sqrt(num / std::max(den, 1e-300)), fin);
+    }
+  }
+  for (int i = 0; i < 3; ++i) {
+    if (had[i]) setenv(names[i], saved[i].c_str(), 1);
+    else unsetenv(names[i]);
+  }
+}
+
 void bench(int reps, bool dense, bool fwd_only) {
   const Shape shapes[] = {{"Wan1.3B-480p", 12, {21, 30, 52}}, {"Wan14B-480p", 40, {21, 30, 52}},
                           {"Wan14B-720p", 40, {21, 45, 80}}};
   std::mt19937_64 rng(7);
   std::normal_distribution<float> nd(0.f, 1.f);
-  struct Row {
-    std::string shape, what;
-    float ms;
-    double tflops;
-  };
+  using Row = BenchRow;
   std::vector<Row> rows;
   for (const Shape& s : shapes) {
     const int64_t B = 1, H = s.H, D = 128, L = s.grid.size(), N = B * H * L * D;
@@ -580,6 +660,7 @@ void bench(int reps, bool dense, bool fwd_only) {
       if (!fwd_only) {
         float b = time_ms([&] { cuda::backward(bp, ws.p, nullptr); }, r);
         rows.push_back({s.name, std::string(to_string(m)) + " bwd", b, 2.5 * flop / b * 1e-9});
+        if (m == Mode::Sparse) bench_bwd_kernels(s.name, bp, ws.p, flop, r, &s == &shapes[0], gq, gk, gv, rows);
       }
     }
   }
@@ -591,7 +672,8 @@ void bench(int reps, bool dense, bool fwd_only) {
   std::printf("%-14s %-26s %10s %10s\n", "shape", "call", "ms", "TFLOP/s*");
   for (const Row& r : rows) std::printf("%-14s %-26s %10.3f %10.1f\n", r.shape.c_str(), r.what.c_str(), r.ms, r.tflops);
   std::printf("* attention FLOPs only: dense 4*L^2*D*H, sparse/salad 4*L*kept*D*H (bwd 2.5x); linear branch and\n"
-              "  selection not counted. Dense row = this kernel on all blocks (in-run baseline).\n");
+              "  selection not counted. Dense row = this kernel on all blocks (in-run baseline). Backward kernel\n"
+              "  rows count the matmuls done: dq 1.5x, dkv 2x, attn bwd kernels (delta + dq + dkv) 3.5x.\n");
 }
 
 }  // namespace
@@ -778,6 +860,14 @@ int main(int argc, char** argv) {
       c.keep = 0.6;
       cases.push_back(c);
       c.name = "sparse_topk_fp16_D64_bq64", c.dtype = DType::F16, c.D = 64, c.block_q = 64, c.block_k = 64, c.keep = 0.5;
+      cases.push_back(c);
+      // sm90 backward: 128-row dq items whose second warpgroup is idle (block_q 192), 128-key dkv spans
+      // straddling two key blocks (block_k 192) or inside one (block_k 128), L = 1260 (partial blocks)
+      c = Case();
+      c.name = "sparse_topk_bq192_bk192", c.mode = Mode::Sparse, c.grid = {4, 15, 21}, c.block_q = 192,
+      c.block_k = 192, c.keep = 0.4;
+      cases.push_back(c);
+      c.name = "salad_topk_D64_bq192_bk128", c.mode = Mode::Salad, c.D = 64, c.block_k = 128;
       cases.push_back(c);
     }
     std::mt19937_64 rng(12345);
