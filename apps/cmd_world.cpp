@@ -19,29 +19,44 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// World options shared by both commands; -1 / negative keeps the preset's value.
+// World options shared by both commands; a flag that is not given keeps the
+// preset's value, a given one replaces it (and is validated with the rest).
 struct WorldArgs {
   std::string preset = "cpu";
-  int64_t frames = -1, height = -1, width = -1, min_objects = -1, max_objects = -1;
-  double speed = -1;
+  int64_t frames = 0, height = 0, width = 0, min_objects = 0, max_objects = 0, texture_cell = 0;
+  double speed = 0, texture = 0;
+  CLI::Option *o_frames = nullptr, *o_height = nullptr, *o_width = nullptr, *o_min = nullptr, *o_max = nullptr,
+              *o_speed = nullptr, *o_texture = nullptr, *o_cell = nullptr;
 
+  static bool given(const CLI::Option* o) { return o && o->count() > 0; }
   void add(CLI::App* app) {
-    app->add_option("--preset", preset, "world size: cpu (8x32x32) | gpu (16x64x64)")->capture_default_str();
-    app->add_option("--frames", frames, "frames per video (default: the preset's)");
-    app->add_option("--height", height, "frame height in pixels (default: the preset's)");
-    app->add_option("--width", width, "frame width in pixels (default: the preset's)");
-    app->add_option("--min-objects", min_objects, "fewest objects per video, 1..3 (default 1)");
-    app->add_option("--max-objects", max_objects, "most objects per video, 1..3 (default 3)");
-    app->add_option("--speed", speed, "pixels per frame as a fraction of min(height, width) (default 0.06)");
+    app->add_option("--preset", preset,
+                    "world: cpu (16x32x32, speed 0.09, texture 0.25) | gpu (16x64x64, same) | v1 (8x32x32, speed "
+                    "0.06, no texture: the first world)")
+        ->capture_default_str();
+    o_frames = app->add_option("--frames", frames, "frames per video (default: the preset's)");
+    o_height = app->add_option("--height", height, "frame height in pixels (default: the preset's)");
+    o_width = app->add_option("--width", width, "frame width in pixels (default: the preset's)");
+    o_min = app->add_option("--min-objects", min_objects, "fewest objects per video, 1..3 (default 1)");
+    o_max = app->add_option("--max-objects", max_objects, "most objects per video, 1..3 (default 3)");
+    o_speed = app->add_option("--speed", speed,
+                              "pixels per frame as a fraction of min(height, width) (default: the preset's)");
+    o_texture = app->add_option("--texture", texture,
+                                "static background texture amplitude, 0..0.5 (offsets in {-t, 0, t}; 0: flat; "
+                                "default: the preset's)");
+    o_cell =
+        app->add_option("--texture-cell", texture_cell, "texture cell side in pixels, >= 1 (default: the preset's)");
   }
   world::WorldConfig config() const {
     world::WorldConfig c = world::WorldConfig::preset(preset);
-    if (frames >= 0) c.frames = frames;
-    if (height >= 0) c.height = height;
-    if (width >= 0) c.width = width;
-    if (min_objects >= 0) c.min_objects = min_objects;
-    if (max_objects >= 0) c.max_objects = max_objects;
-    if (speed >= 0) c.speed = speed;
+    if (given(o_frames)) c.frames = frames;
+    if (given(o_height)) c.height = height;
+    if (given(o_width)) c.width = width;
+    if (given(o_min)) c.min_objects = min_objects;
+    if (given(o_max)) c.max_objects = max_objects;
+    if (given(o_speed)) c.speed = speed;
+    if (given(o_texture)) c.texture = texture;
+    if (given(o_cell)) c.texture_cell = texture_cell;
     c.validate();
     return c;
   }
@@ -65,6 +80,7 @@ int world_cmd(const WorldArgs& wa, const std::string& out, int64_t count, uint64
       "replaced\n",
       (long long)count, (long long)cfg.frames, (long long)cfg.height, (long long)cfg.width, (long long)text.text_len,
       (long long)text.text_dim, out.c_str(), (long long)rep.written, (long long)rep.kept, (long long)rep.replaced);
+  std::printf("world config: %s\n", cfg.to_json().c_str());
   std::printf("index: %s\n", rep.index.c_str());
   for (int64_t i = 0; i < std::min(preview, count); ++i) {
     const world::Sample s = world::read_sample(fs::path(out) / world::sample_file_name(i));
@@ -82,10 +98,12 @@ int eval_video_cmd(const WorldArgs& wa, const std::string& file, const std::stri
   const std::vector<int64_t> shape(video.sizes().begin(), video.sizes().end());
   world::WorldConfig cfg = wa.config();
   const auto& meta = vf.metadata;
-  if (auto it = meta.find("world"); it != meta.end()) {
-    const double speed = cfg.speed;
+  if (auto it = meta.find("world"); it != meta.end()) {  // the file's world; explicit flags still win
+    const world::WorldConfig flags = cfg;
     cfg = world::WorldConfig::from_json(it->second);
-    if (wa.speed >= 0) cfg.speed = speed;
+    if (WorldArgs::given(wa.o_speed)) cfg.speed = flags.speed;
+    if (WorldArgs::given(wa.o_texture)) cfg.texture = flags.texture;
+    if (WorldArgs::given(wa.o_cell)) cfg.texture_cell = flags.texture_cell;
   }
   cfg.frames = shape[1], cfg.height = shape[2], cfg.width = shape[3];
   cfg.validate();

@@ -214,7 +214,9 @@ std::vector<uint8_t> png_scanlines(const std::vector<uint8_t>& b, int64_t* w, in
   return raw;
 }
 
-// Videos of several seeds for the metric tests (CPU world; two at the GPU size).
+// Videos of several seeds for the metric tests: the first world (v1, flat
+// background), the textured CPU world, two at the textured GPU size, and two
+// with the strongest texture (0.5, cells of 3 pixels).
 struct Case {
   WorldConfig cfg;
   Scene scene;
@@ -222,14 +224,34 @@ struct Case {
 };
 std::vector<Case> cases() {
   std::vector<Case> out;
-  for (uint64_t seed = 0; seed < 24; ++seed) {
+  for (uint64_t seed = 0; seed < 26; ++seed) {
     Case c;
-    c.cfg = WorldConfig::preset(seed < 22 ? "cpu" : "gpu");
+    c.cfg = WorldConfig::preset(seed < 10 ? "v1" : seed < 22 ? "cpu" : seed < 24 ? "gpu" : "cpu");
+    if (seed >= 24) c.cfg.texture = 0.5, c.cfg.texture_cell = 3;
     c.scene = sample_scene(c.cfg, seed);
     c.video = render(c.cfg, c.scene);
     out.push_back(c);
   }
   return out;
+}
+
+// The scene's background alone (its texture included): the video without objects.
+at::Tensor background_only(const WorldConfig& cfg, const Scene& s) {
+  Scene empty = s;
+  empty.objects.clear();
+  return render(cfg, empty);
+}
+
+// FNV-1a of the video's bytes round((v + 1) * 127.5), in (c, t, i, j) order.
+uint64_t video_hash(const at::Tensor& v) {
+  const at::Tensor x = v.contiguous();
+  const float* d = x.data_ptr<float>();
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (int64_t k = 0; k < x.numel(); ++k) {
+    h ^= static_cast<uint64_t>(std::lround((static_cast<double>(d[k]) + 1.0) * 127.5));
+    h *= 0x100000001b3ull;
+  }
+  return h;
 }
 
 }  // namespace
@@ -257,11 +279,13 @@ TEST(World, SameSeedSameVideoDifferentSeedsDiffer) {
 }
 
 TEST(World, BackgroundIsIdenticalInEveryFrameAndObjectsHaveTheirColour) {
-  for (const char* preset : {"cpu", "gpu"})
+  for (const char* preset : {"v1", "cpu", "gpu"})
     for (uint64_t seed = 0; seed < 6; ++seed) {
       const WorldConfig cfg = WorldConfig::preset(preset);
       const Scene s = sample_scene(cfg, seed);
       const at::Tensor v = render(cfg, s);
+      const at::Tensor tex = texture_offsets(cfg, seed);
+      const float* off = tex.data_ptr<float>();
       ASSERT_EQ(v.sizes(), (std::vector<int64_t>{3, cfg.frames, cfg.height, cfg.width}));
       EXPECT_LE(v.max().item<float>(), 1.f);
       EXPECT_GE(v.min().item<float>(), -1.f);
@@ -276,6 +300,7 @@ TEST(World, BackgroundIsIdenticalInEveryFrameAndObjectsHaveTheirColour) {
         for (int64_t i = 0; i < cfg.height; ++i)
           for (int64_t j = 0; j < cfg.width; ++j) {
             std::array<float, 3> want = bg;
+            for (auto& w : want) w = std::clamp(w + off[i * cfg.width + j], -1.f, 1.f);  // exactly bg without texture
             bool covered = false;
             for (size_t k = 0; k < s.objects.size(); ++k) {
               const auto& q = paths[k][static_cast<size_t>(t)];
@@ -290,6 +315,97 @@ TEST(World, BackgroundIsIdenticalInEveryFrameAndObjectsHaveTheirColour) {
       EXPECT_GT(object_pixels, 0);
       EXPECT_GT(bg_pixels, object_pixels);
     }
+}
+
+TEST(World, TextureIsStaticPerSeedAndHiddenBehindObjects) {
+  const WorldConfig cfg = WorldConfig::preset("cpu");
+  ASSERT_GT(cfg.texture, 0);
+  const float T = static_cast<float>(cfg.texture);
+  for (uint64_t seed : {0ull, 3ull, 99ull}) {
+    const Scene s = sample_scene(cfg, seed);
+    EXPECT_EQ(s.texture_seed, seed);
+    const at::Tensor tex = texture_offsets(cfg, seed);
+    ASSERT_EQ(tex.sizes(), (std::vector<int64_t>{cfg.height, cfg.width}));
+    EXPECT_TRUE(tex.equal(texture_offsets(cfg, seed)));
+    // Values in {-T, 0, T}, each about a third of the cells, constant on cells.
+    const int64_t n = tex.numel();
+    for (float val : {-T, 0.f, T}) {
+      const double share = (tex == val).sum().item<int64_t>() / static_cast<double>(n);
+      EXPECT_GT(share, 0.2) << val;
+      EXPECT_LT(share, 0.47) << val;
+    }
+    EXPECT_EQ(((tex == -T) | (tex == 0.f) | (tex == T)).sum().item<int64_t>(), n);
+    const int64_t C = cfg.texture_cell;
+    for (int64_t i = 0; i < cfg.height; ++i)
+      for (int64_t j = 0; j < cfg.width; ++j)
+        ASSERT_EQ(tex[i][j].item<float>(), tex[i / C * C][j / C * C].item<float>()) << i << "," << j;
+    // Every frame shows the same background; objects cover it.
+    const at::Tensor v = render(cfg, s), back = background_only(cfg, s);
+    for (int64_t t = 1; t < cfg.frames; ++t) EXPECT_TRUE(back.select(1, t).equal(back.select(1, 0)));
+    const auto bg = color_value(s.background);
+    for (int64_t c = 0; c < 3; ++c) EXPECT_TRUE(back[c][0].equal((tex + bg[static_cast<size_t>(c)]).clamp(-1, 1))) << c;
+    const at::Tensor covered = (v != back).any(0);  // (F, H, W)
+    EXPECT_GT(covered.sum().item<int64_t>(), 0);
+    // Where an object is, the video shows an exact palette colour; elsewhere the textured background.
+    const at::Tensor x = v.contiguous(), cov = covered.contiguous();
+    const float* d = x.data_ptr<float>();
+    const bool* m = cov.data_ptr<bool>();
+    const int64_t N = cfg.height * cfg.width, F = cfg.frames;
+    for (int64_t t = 0; t < F; ++t)
+      for (int64_t p = 0; p < N; ++p) {
+        if (!m[t * N + p]) continue;
+        int match = 0;
+        for (const auto& o : s.objects) {
+          const auto col = color_value(o.color);
+          match +=
+              d[(0 * F + t) * N + p] == col[0] && d[(1 * F + t) * N + p] == col[1] && d[(2 * F + t) * N + p] == col[2];
+        }
+        ASSERT_EQ(match, 1) << "frame " << t << " pixel " << p;
+      }
+  }
+  // Different seeds, different textures; the scene itself does not depend on the texture.
+  EXPECT_FALSE(texture_offsets(cfg, 1).equal(texture_offsets(cfg, 2)));
+  WorldConfig flat = cfg;
+  flat.texture = 0;
+  EXPECT_EQ(sample_scene(flat, 5).to_json(), sample_scene(cfg, 5).to_json());
+  EXPECT_EQ(texture_offsets(flat, 5).abs().sum().item<float>(), 0.f);
+  // Texture 0: the background is exactly the palette colour.
+  const Scene s = sample_scene(flat, 5);
+  const auto bg = color_value(s.background);
+  for (int64_t c = 0; c < 3; ++c)
+    EXPECT_TRUE((background_only(flat, s)[c] == bg[static_cast<size_t>(c)]).all().item<bool>());
+  // Larger cells: constant on 4 x 4 blocks.
+  WorldConfig big = cfg;
+  big.texture_cell = 4;
+  const at::Tensor tb = texture_offsets(big, 7);
+  EXPECT_TRUE(tb.slice(0, 4, 8).slice(1, 8, 12).eq(tb[4][8]).all().item<bool>());
+  EXPECT_FALSE(tb.equal(texture_offsets(cfg, 7)));
+}
+
+TEST(World, FirstWorldIsBitIdenticalToTheOldGenerator) {
+  // Hashes of samples 0..2 of `salad world --seed 5` written by the generator
+  // before the texture existed (8 x 32 x 32, speed 0.06).
+  const WorldConfig v1 = WorldConfig::preset("v1");
+  EXPECT_EQ(v1.to_json(), WorldConfig().to_json());
+  EXPECT_EQ(v1.frames, 8);
+  EXPECT_EQ(v1.speed, 0.06);
+  EXPECT_EQ(v1.texture, 0.0);
+  const TextConfig text;
+  const struct {
+    uint64_t hash;
+    const char* prompt;
+  } golden[] = {
+      {0x00e308c650311355ull, "a large black circle moving left on a yellow background"},
+      {0x720dff4768e8f435ull, "a small purple square moving up-left on a orange background"},
+      {0x41f3ce73aca805abull,
+       "a small grey triangle moving right and a large cyan square moving left and a small white triangle moving down "
+       "on a red background"},
+  };
+  for (int64_t i = 0; i < 3; ++i) {
+    const Sample s = make_sample(v1, text, 5, i);
+    EXPECT_EQ(s.prompt, golden[i].prompt);
+    EXPECT_EQ(video_hash(s.latents), golden[i].hash) << i;
+  }
 }
 
 TEST(World, ObjectsMoveAtConstantSpeedAndBounceInsideTheFrame) {
@@ -396,8 +512,53 @@ TEST(World, ConfigValidation) {
   c.speed = -1;
   EXPECT_THROW(c.validate(), ArgumentError);
   EXPECT_THROW(WorldConfig::preset("tpu"), ArgumentError);
-  EXPECT_EQ(WorldConfig::from_json(WorldConfig::preset("gpu").to_json()).to_json(),
-            WorldConfig::preset("gpu").to_json());
+  for (const char* p : {"v1", "cpu", "gpu"})
+    EXPECT_EQ(WorldConfig::from_json(WorldConfig::preset(p).to_json()).to_json(), WorldConfig::preset(p).to_json());
+  // Presets.
+  const WorldConfig cpu = WorldConfig::preset("cpu"), gpu = WorldConfig::preset("gpu");
+  EXPECT_EQ(cpu.frames * cpu.height * cpu.width / 4, 4096);  // tokens of the 1x2x2 patch: 64 key blocks of 64
+  EXPECT_EQ(gpu.frames, 16);
+  EXPECT_EQ(gpu.height, 64);
+  EXPECT_EQ(cpu.texture, 0.25);
+  EXPECT_EQ(gpu.texture, cpu.texture);
+  EXPECT_GT(cpu.speed, WorldConfig().speed);
+  // Texture fields: validated, with the field named.
+  auto expect_error = [](const WorldConfig& w, const std::string& field) {
+    try {
+      w.validate();
+      ADD_FAILURE() << "expected ArgumentError naming " << field;
+    } catch (const ArgumentError& e) {
+      EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
+    }
+  };
+  for (double bad : {-0.1, 0.51, 2.0, std::nan("")}) {
+    c = cpu;
+    c.texture = bad;
+    expect_error(c, "texture");
+  }
+  c = cpu;
+  c.texture_cell = 0;
+  expect_error(c, "texture_cell");
+  c.texture_cell = 1, c.texture = 0.5;
+  EXPECT_NO_THROW(c.validate());
+  EXPECT_EQ(WorldConfig::from_json(c.to_json()).texture_cell, 1);
+  EXPECT_EQ(WorldConfig::from_json(c.to_json()).texture, 0.5);
+  EXPECT_THROW(WorldConfig::from_json(R"({"frames":8,"height":32,"width":32,"min_objects":1,"max_objects":3,)"
+                                      R"("speed":0.06,"small_size":0.11,"large_size":0.17,"texture":0.7})"),
+               ArgumentError);
+  EXPECT_THROW(WorldConfig::from_json(R"({"frames":8,"height":32,"width":32,"min_objects":1,"max_objects":3,)"
+                                      R"("speed":0.06,"small_size":0.11,"large_size":0.17,"texture":"x"})"),
+               ArgumentError);
+  // A document written before the texture existed loads as the flat world.
+  const WorldConfig old = WorldConfig::from_json(
+      R"({"frames":8,"height":32,"large_size":0.17,"max_objects":3,"min_objects":1,"small_size":0.11,"speed":0.06,"width":32})");
+  EXPECT_EQ(old.texture, 0.0);
+  EXPECT_EQ(old.texture_cell, 2);
+  EXPECT_EQ(old.to_json(), WorldConfig::preset("v1").to_json());
+  // Scenes keep their texture seed through JSON; old scene JSON has none (0).
+  const Scene s = sample_scene(cpu, 12345);
+  EXPECT_EQ(Scene::from_json(s.to_json()).texture_seed, 12345u);
+  EXPECT_EQ(Scene::from_json(R"({"background": "grey", "objects": []})").texture_seed, 0u);
 }
 
 // ---------------------------------------------------------------------------
@@ -459,6 +620,7 @@ TEST(World, SampleFileRoundTrip) {
   EXPECT_EQ(r.seed, s.seed);
   EXPECT_EQ(r.index, 4);
   EXPECT_EQ(r.scene.to_json(), s.scene.to_json());
+  EXPECT_EQ(r.scene.texture_seed, s.seed);
   EXPECT_EQ(r.world.to_json(), cfg.to_json());
   EXPECT_EQ(r.context.sizes(), (std::vector<int64_t>{32, 24}));
   EXPECT_EQ(Tokenizer::decode(std::vector<int64_t>(r.tokens.data_ptr<int64_t>(), r.tokens.data_ptr<int64_t>() + 32)),
@@ -469,6 +631,32 @@ TEST(World, SampleFileRoundTrip) {
   EXPECT_EQ(objs.size(), s.scene.objects.size());
   EXPECT_EQ(f.info("latents").shape, (std::vector<int64_t>{3, 8, 32, 32}));
   EXPECT_EQ(f.info("tokens").dtype, io::DType::I64);
+
+  // A textured sample: the texture follows from the stored seed.
+  const Sample ts = make_sample(WorldConfig::preset("cpu"), text, 11, 4);
+  write_sample(dir.path / "tex.safetensors", ts);
+  const Sample tr = read_sample(dir.path / "tex.safetensors");
+  EXPECT_EQ(tr.world.texture, 0.25);
+  EXPECT_TRUE(render(tr.world, tr.scene).equal(ts.latents));
+
+  // A file written before the texture existed (world JSON without it) still loads, flat.
+  {
+    io::SafeTensorsFile g(path);
+    auto meta = g.metadata();
+    meta["world"] =
+        R"({"frames":8,"height":32,"large_size":0.17,"max_objects":3,"min_objects":1,"small_size":0.11,"speed":0.06,"width":32})";
+    auto shape_of = [](const at::Tensor& t) { return std::vector<int64_t>(t.sizes().begin(), t.sizes().end()); };
+    const at::Tensor lat = s.latents.contiguous(), ctx = s.context.contiguous(), tok = s.tokens.contiguous();
+    io::write_safetensors(dir.path / "old.safetensors",
+                          {{"latents", io::DType::F32, shape_of(lat), lat.data_ptr()},
+                           {"context", io::DType::F32, shape_of(ctx), ctx.data_ptr()},
+                           {"tokens", io::DType::I64, shape_of(tok), tok.data_ptr()}},
+                          meta);
+  }
+  const Sample old = read_sample(dir.path / "old.safetensors");
+  EXPECT_EQ(old.world.texture, 0.0);
+  EXPECT_EQ(old.world.to_json(), cfg.to_json());
+  EXPECT_TRUE(render(old.world, old.scene).equal(s.latents));
 
   // Wrong shapes are reported with the tensor's name.
   Sample bad = s;
@@ -515,9 +703,16 @@ TEST(World, DatasetIsResumable) {
 // Metrics
 
 TEST(WorldEval, GroundTruthScoresHigh) {
+  eval::VideoMetrics lowest{1, 1, 1, 1};
   for (const auto& c : cases()) {
     const auto rep = eval::analyse(c.video, c.scene, c.cfg);
     const auto& m = rep.metrics;
+    if (c.cfg.texture > 0) {  // textured ground truth scores as high as flat
+      lowest.subject_consistency = std::min(lowest.subject_consistency, m.subject_consistency);
+      lowest.background_consistency = std::min(lowest.background_consistency, m.background_consistency);
+      lowest.imaging_quality = std::min(lowest.imaging_quality, m.imaging_quality);
+      lowest.text_consistency = std::min(lowest.text_consistency, m.text_consistency);
+    }
     EXPECT_GE(m.subject_consistency, 0.95) << c.scene.prompt();
     EXPECT_GE(m.background_consistency, 0.95) << c.scene.prompt();
     EXPECT_GE(m.imaging_quality, 0.95) << c.scene.prompt();
@@ -531,6 +726,10 @@ TEST(WorldEval, GroundTruthScoresHigh) {
     }
     EXPECT_EQ(rep.extra_tracks, 0);
   }
+  EXPECT_GE(lowest.subject_consistency, 0.98);
+  EXPECT_GE(lowest.background_consistency, 0.98);
+  EXPECT_GE(lowest.imaging_quality, 0.98);
+  EXPECT_GE(lowest.text_consistency, 0.98);
   EXPECT_THROW(eval::evaluate(at::zeros({3, 4, 32, 32}), Scene(), WorldConfig()), ArgumentError);
   EXPECT_THROW(eval::evaluate(at::zeros({8, 3, 32, 32}), Scene(), WorldConfig()), ArgumentError);
 }
@@ -549,15 +748,36 @@ TEST(WorldEval, BackgroundFlickerLowersBackgroundConsistency) {
   at::manual_seed(1);
   for (const auto& c : cases()) {
     const auto clean = eval::evaluate(c.video, c.scene, c.cfg);
-    // Each frame's background shifts by its own random colour offset.
-    const auto bg = color_value(c.scene.background);
-    const at::Tensor bgc = at::tensor(std::vector<float>(bg.begin(), bg.end())).view({3, 1, 1, 1});
-    const at::Tensor is_bg = (c.video == bgc).all(0, true);
+    // Each frame's background (textured or not) shifts by its own random colour offset.
+    const at::Tensor is_bg = (c.video == background_only(c.cfg, c.scene)).all(0, true);
     const at::Tensor offset = at::empty({3, c.cfg.frames, 1, 1}).uniform_(-0.35, 0.35);
     const at::Tensor flicker = at::where(is_bg, (c.video + offset).clamp(-1, 1), c.video);
     const auto m = eval::evaluate(flicker, c.scene, c.cfg);
     EXPECT_LT(m.background_consistency, clean.background_consistency - 0.3) << c.scene.prompt();
   }
+}
+
+TEST(WorldEval, TextureThatChangesAcrossFramesLowersBackgroundConsistency) {
+  int textured = 0;
+  for (const auto& c : cases()) {
+    if (c.cfg.texture == 0) continue;
+    ++textured;
+    const auto clean = eval::evaluate(c.video, c.scene, c.cfg);
+    // Every frame draws a texture of its own (same amplitude and cells): each frame alone looks right.
+    const at::Tensor covered = (c.video != background_only(c.cfg, c.scene)).any(0, true);
+    at::Tensor v = c.video.clone();
+    for (int64_t t = 0; t < c.cfg.frames; ++t) {
+      Scene other = c.scene;
+      other.texture_seed = c.scene.texture_seed + 1000 + static_cast<uint64_t>(t);
+      v.select(1, t).copy_(
+          at::where(covered.select(1, t), c.video.select(1, t), background_only(c.cfg, other).select(1, t)));
+    }
+    const auto m = eval::evaluate(v, c.scene, c.cfg);
+    EXPECT_LT(m.background_consistency, clean.background_consistency - 0.5) << c.scene.prompt();
+    EXPECT_GE(m.imaging_quality, 0.95) << c.scene.prompt();  // every frame is still a clean world frame
+    EXPECT_GE(m.text_consistency, 0.95) << c.scene.prompt();
+  }
+  EXPECT_GE(textured, 10);
 }
 
 TEST(WorldEval, WrongColourLowersTextConsistency) {
@@ -630,7 +850,8 @@ TEST(WorldEval, TimeReversedVideoWithoutBouncesLowersTextConsistency) {
 
 TEST(WorldMedia, GifDecodesToTheFramesAndPngToThePixels) {
   TempDir dir;
-  const WorldConfig cfg = WorldConfig::preset("gpu");
+  WorldConfig cfg = WorldConfig::preset("gpu");
+  cfg.texture = 0;  // palette colours only (checked against the GIF palette below)
   const Scene s = sample_scene(cfg, 3);
   const at::Tensor v = media::cfhw_to_fchw(render(cfg, s));
   const fs::path gif = dir.path / "v.gif";

@@ -4,7 +4,11 @@
 //
 // Every frame is segmented by nearest palette colour: a pixel belongs to a
 // colour when it lies within `assign_tol` of it (L2 over RGB in [-1, 1]
-// units; palette colours are >= 0.78 apart). For each colour that is not the
+// units; palette colours are >= 0.78 apart). In a textured world (cfg.texture
+// > 0) the background's distance is to its texture path instead, the colours
+// clamp(bg + s (1, 1, 1), -1, 1) for s in [-texture, texture] (>= 0.37 from
+// every other palette colour up to texture 0.5): texture offsets are
+// background, not noise or another colour. For each colour that is not the
 // background, the largest 4-connected component of at least `min_area` pixels
 // is that colour's blob in that frame; blobs give area, bounding-box centre,
 // half-extent and a shape class (fill ratio of the box: square ~1, circle
@@ -19,9 +23,18 @@
 //                         flicker: mean over frames of (share of pixels nearest
 //                         to it) x (closeness of their mean colour to it), times
 //                         a flicker term on the frame-to-frame change of that mean.
+//                         Textured world: a pixel's colour counts less its
+//                         texture offset (bg + its distance vector to the texture
+//                         path), and the score is further multiplied by a
+//                         stability term, falloff(mean per-pixel L2 change between
+//                         consecutive frames over pixels that are background in
+//                         both, slack 0.05, width 0.3): the texture must hold still
+//                         (ground truth: no change; pixel noise or a re-drawn
+//                         texture costs). Flat world (texture 0): unchanged.
 //  imaging_quality        pixels lie on palette colours (no noise, blur or
 //                         off-palette colour): 0.8 x mean closeness of each pixel
-//                         to its nearest palette colour + 0.2 x (1 - 10 x the
+//                         to its nearest palette colour (the background: its
+//                         texture path, so offsets up to `texture` cost nothing) + 0.2 x (1 - 10 x the
 //                         share of isolated pixels, whose nearest colour differs
 //                         from all four neighbours).
 //  text_consistency       the video shows what the prompt says: per prompted
@@ -35,10 +48,13 @@
 //                         prompt does not mention, present in at least half of
 //                         the frames).
 //
-// Reference points (tests/test_op_world.cpp; means over seeds, CPU world):
-// ground truth >= 0.95 on every metric (>= 0.98 over 300 seeds); Gaussian noise
-// sigma 0.2 -> imaging ~0.5; a random +-0.35 background shift per frame ->
-// background ~0; a frozen or reversed object loses >= 0.3 of its object score.
+// Reference points (tests/test_op_world.cpp; means over seeds, v1 and textured
+// CPU worlds): ground truth >= 0.95 on every metric (>= 0.98 over 300 seeds;
+// textured ground truth >= 0.98 on every seed tested); Gaussian noise sigma 0.2
+// -> imaging ~0.3-0.55 (background ~0 when textured: the pixels no longer hold
+// still); sigma 0.05 on a textured world -> background ~0.8; a random +-0.35
+// background shift per frame -> background ~0; a texture re-drawn every frame
+// -> background ~0; a frozen or reversed object loses >= 0.3 of its object score.
 #pragma once
 
 #include <torch/torch.h>
@@ -101,8 +117,10 @@ struct Report {
 
 // video: (3, F, H, W) float, values in [-1, 1] (any device; analysed on the
 // CPU). `cfg` gives the speed and object sizes; its frames/height/width must
-// match the video. Only the prompt part of `scene` is used (background, and
-// per object colour, shape, size, direction), not the start positions.
+// match the video; its texture and texture_cell say how much background texture
+// to tolerate. Only the prompt part of `scene` is used (background, and per
+// object colour, shape, size, direction), not the start positions nor the
+// texture seed.
 // Throws ArgumentError for a wrong shape, dtype or config.
 Report analyse(const at::Tensor& video, const world::Scene& scene, const world::WorldConfig& cfg,
                const EvalOptions& opt = {});

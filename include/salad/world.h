@@ -1,6 +1,7 @@
 // The shapes world: a deterministic, seeded generator of short RGB videos of
 // one to three flat shapes moving with constant velocity on a one-colour
-// background, bouncing off the walls, each with a prompt that describes it;
+// background (optionally with a static random texture the prompt does not
+// describe), bouncing off the walls, each with a prompt that describes it;
 // a word-level tokenizer with a fixed random embedding table standing in for
 // the text encoder; and the per-sample dataset files that `salad finetune`
 // reads (the model works in pixel space: in_dim = out_dim = 3, patch (1,2,2)).
@@ -9,6 +10,10 @@
 // in every frame), each object keeps its shape, colour and size in every frame,
 // and its position follows one constant velocity through all frames (with
 // bounces), so a token must agree with tokens far away in time and space.
+// The background texture (WorldConfig::texture) is identical in every frame
+// and not in the prompt: at high noise the best estimate of a background token
+// pools the same position in all other frames, H*W/4 tokens apart each, i.e.
+// attention to about F distant key blocks per query block.
 //
 // Coordinates: x to the right, y down, in pixels; pixel (row i, column j)
 // covers [j, j+1) x [i, i+1) and is inside a shape when its centre is.
@@ -56,23 +61,38 @@ Direction parse_direction(const std::string& s);
 // Unit velocity of a direction (diagonals are (+-1, +-1) / sqrt(2)).
 std::array<double, 2> unit_velocity(Direction d);
 
+// A default-constructed config is the first world ("v1": 8 x 32 x 32, speed
+// 0.06, no texture); the presets below are what the tools use.
 struct WorldConfig {
   int64_t frames = 8, height = 32, width = 32;
   int64_t min_objects = 1, max_objects = 3;
   double speed = 0.06;       // pixels per frame, as a fraction of min(height, width)
   double small_size = 0.11;  // half-extent of a small object, fraction of min(height, width)
   double large_size = 0.17;  // half-extent of a large object
+  // Static background texture: every texture_cell x texture_cell cell of the
+  // background (cells aligned at pixel (0, 0)) gets an offset drawn uniformly
+  // from {-texture, 0, +texture}, added to all three channels of the
+  // background colour (then clamped to [-1, 1]); the same in every frame,
+  // hidden behind objects, drawn from the scene's texture_seed, not in the
+  // prompt. 0 = a flat background (bit-identical to the old world).
+  double texture = 0;        // amplitude in [-1, 1] pixel units, 0 <= texture <= 0.5
+  int64_t texture_cell = 2;  // cell side in pixels, >= 1 (2 = one cell per 2x2-pixel token)
 
   // Throws ArgumentError naming the first bad field (sizes >= 1, 1 <= min <=
   // max <= 3, speed >= 0, 0 < small < large, a large object fits in the frame
-  // with room to move).
+  // with room to move, 0 <= texture <= 0.5, texture_cell >= 1).
   void validate() const;
   double speed_px() const;              // speed in pixels per frame
   double half_extent_px(Size s) const;  // an object's half-extent (circle radius, half the square's side)
-  // "cpu" (8 x 32 x 32) or "gpu" (16 x 64 x 64); throws ArgumentError otherwise.
+  // "cpu":  16 x 32 x 32, speed 0.09, texture 0.25 (cell 2)
+  // "gpu":  16 x 64 x 64, speed 0.09, texture 0.25 (cell 2)
+  // "v1":   8 x 32 x 32, speed 0.06, no texture (the first world; = WorldConfig())
+  // Throws ArgumentError otherwise.
   static WorldConfig preset(const std::string& name);
-  std::string to_json() const;                            // compact JSON of every field
-  static WorldConfig from_json(const std::string& text);  // throws ArgumentError on a bad document
+  std::string to_json() const;  // compact JSON of every field
+  // Throws ArgumentError on a bad document. "texture" and "texture_cell" are
+  // optional (documents written before they existed load as texture 0, cell 2).
+  static WorldConfig from_json(const std::string& text);
 };
 
 struct WorldObject {
@@ -84,14 +104,19 @@ struct WorldObject {
   double x = 0, y = 0;
 };
 
-// What a prompt says (background and objects) plus where the objects start.
+// What a prompt says (background and objects) plus what the generator hides
+// (where the objects start, the seed of the background texture).
 struct Scene {
   int background = 0;  // palette id
   std::vector<WorldObject> objects;
+  // Seed of the background texture (see WorldConfig::texture); sample_scene
+  // sets it to its seed, so a sample's texture follows from its metadata "seed".
+  uint64_t texture_seed = 0;
 
   // "a small red circle moving left and a large blue square moving down-right on a grey background"
   std::string prompt() const;
-  // {"background": "grey", "objects": [{"shape", "color", "size", "direction", "x", "y"}, ...]}
+  // {"background": "grey", "objects": [{"shape", "color", "size", "direction", "x", "y"}, ...],
+  //  "texture_seed": n}  (texture_seed optional in from_json: 0)
   std::string to_json() const;
   std::string objects_json() const;                 // the "objects" array alone
   static Scene from_json(const std::string& text);  // throws ArgumentError on a bad document
@@ -102,7 +127,8 @@ struct Scene {
 // directions and start positions uniform (a start is two steps clear of the
 // walls on each axis the object moves along, when the frame allows); objects never overlap in any frame
 // (a colliding object redraws direction and start, turns small after 100
-// tries and is dropped after 200; the first always fits).
+// tries and is dropped after 200; the first always fits); texture_seed = seed.
+// The texture has its own random stream: the scene does not depend on it.
 Scene sample_scene(const WorldConfig& cfg, uint64_t seed);
 // The structured scene of a prompt (positions 0). Accepts exactly the grammar
 // of Scene::prompt(); throws ArgumentError naming the first unexpected word.
@@ -117,7 +143,14 @@ std::vector<std::array<double, 2>> trajectory(double x, double y, Direction d, d
 // Whether pixel centre (px, py) lies inside a shape of half-extent e centred at (cx, cy).
 // Triangle: apex up at (cx, cy - e), base from (cx - e, cy + e) to (cx + e, cy + e).
 bool inside_shape(Shape s, double cx, double cy, double e, double px, double py);
-// The video of a scene: (3, F, H, W) float32 in [-1, 1], hard edges, exact palette colours.
+// The background texture offsets of a scene: (H, W) float32, each value in
+// {-texture, 0, +texture}, constant on texture_cell x texture_cell cells; all
+// zero when cfg.texture == 0. Cells in row-major order each draw one
+// splitmix64 value (mod 3) from a stream seeded by texture_seed.
+at::Tensor texture_offsets(const WorldConfig& cfg, uint64_t texture_seed);
+// The video of a scene: (3, F, H, W) float32 in [-1, 1], hard edges, exact
+// palette colours for objects; background pixels are clamp(background colour
+// + texture offset, -1, 1) (exactly the palette colour when texture == 0).
 at::Tensor render(const WorldConfig& cfg, const Scene& scene);
 
 // ---------------------------------------------------------------------------
@@ -163,7 +196,10 @@ struct TextConfig {
 //   tokens   I64 (text_len,)
 //   __metadata__: format = "salad.world.v1", prompt, seed (decimal), index,
 //     background (colour name), objects (JSON array, see Scene::to_json),
-//     world (WorldConfig JSON), text_len, text_dim, embedding_seed.
+//     world (WorldConfig JSON, with texture and texture_cell), text_len,
+//     text_dim, embedding_seed. The background texture is not stored: it is
+//     texture_offsets(world, seed) (read_sample sets scene.texture_seed = seed),
+//     and it is in the latents.
 // And <dir>/index.json: {"format", "count", "seed", "world", "text", "vocab",
 //   "samples": [{"file", "seed", "prompt"}]}.
 

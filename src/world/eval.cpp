@@ -51,6 +51,52 @@ Blob blob_of(const std::vector<int64_t>& pixels, int64_t W) {
   return b;
 }
 
+// The colours a textured background can take: clamp(bg + s (1, 1, 1), -1, 1)
+// for s in [-texture, texture], a polyline in RGB (it bends where a channel
+// reaches +-1). A single point when texture == 0.
+struct BackgroundPath {
+  std::vector<std::array<double, 3>> pts;
+
+  BackgroundPath(const std::array<float, 3>& bg, double texture) {
+    std::vector<double> s = {-texture, texture};
+    for (int c = 0; c < 3; ++c)
+      for (double lim : {-1.0, 1.0}) {
+        const double b = lim - static_cast<double>(bg[static_cast<size_t>(c)]);
+        if (b > -texture && b < texture) s.push_back(b);
+      }
+    std::sort(s.begin(), s.end());
+    for (double x : s) {
+      std::array<double, 3> p{};
+      for (int c = 0; c < 3; ++c) p[static_cast<size_t>(c)] = std::clamp(bg[static_cast<size_t>(c)] + x, -1.0, 1.0);
+      pts.push_back(p);
+    }
+  }
+  // Squared distance from (r, g, b) to the path; its nearest point in `q`.
+  double dist2(double r, double g, double b, std::array<double, 3>* q) const {
+    const double x[3] = {r, g, b};
+    double best = 1e300;
+    *q = pts[0];
+    for (size_t k = 0; k + 1 < pts.size(); ++k) {
+      const auto &a = pts[k], &e = pts[k + 1];
+      double dd = 0, dx = 0;
+      for (int c = 0; c < 3; ++c) {
+        const double u = e[static_cast<size_t>(c)] - a[static_cast<size_t>(c)];
+        dd += u * u, dx += u * (x[c] - a[static_cast<size_t>(c)]);
+      }
+      const double t = dd > 0 ? std::clamp(dx / dd, 0.0, 1.0) : 0.0;
+      double d = 0;
+      std::array<double, 3> p{};
+      for (int c = 0; c < 3; ++c) {
+        p[static_cast<size_t>(c)] =
+            a[static_cast<size_t>(c)] + t * (e[static_cast<size_t>(c)] - a[static_cast<size_t>(c)]);
+        d += (x[c] - p[static_cast<size_t>(c)]) * (x[c] - p[static_cast<size_t>(c)]);
+      }
+      if (d < best) best = d, *q = p;
+    }
+    return best;
+  }
+};
+
 }  // namespace
 
 world::Shape classify_shape(double fill, double top_share) {
@@ -107,6 +153,13 @@ Report analyse(const at::Tensor& video, const world::Scene& scene, const world::
   const auto bgc = pal[static_cast<size_t>(bg)];
   const double small_e = cfg.half_extent_px(world::Size::Small), large_e = cfg.half_extent_px(world::Size::Large);
   const double min_area = std::max(4.0, opt.min_area_fraction * M_PI * small_e * small_e);
+  // A textured world: the background's distance is to its texture path, and
+  // background pixels are compared with the path (see eval.h).
+  const bool textured = cfg.texture > 0;
+  const BackgroundPath bg_path(bgc, cfg.texture);
+  std::vector<std::array<double, 3>> bg_point(textured ? static_cast<size_t>(N) : 0);
+  std::vector<uint8_t> prev_mask(textured ? static_cast<size_t>(N) : 0);
+  double change_sum = 0, change_count = 0;
 
   Report rep;
   rep.blobs.assign(static_cast<size_t>(P), std::vector<Blob>(static_cast<size_t>(F)));
@@ -126,7 +179,9 @@ Report analyse(const at::Tensor& video, const world::Scene& scene, const world::
       int arg = 0;
       for (int c = 0; c < P; ++c) {
         const auto& q = pal[static_cast<size_t>(c)];
-        const double d = (r - q[0]) * (r - q[0]) + (g - q[1]) * (g - q[1]) + (b - q[2]) * (b - q[2]);
+        const double d = textured && c == bg
+                             ? bg_path.dist2(r, g, b, &bg_point[static_cast<size_t>(p)])
+                             : (r - q[0]) * (r - q[0]) + (g - q[1]) * (g - q[1]) + (b - q[2]) * (b - q[2]);
         if (d < best) best = d, arg = c;
       }
       const double d = std::isfinite(best) ? std::sqrt(best) : 1e30;
@@ -198,9 +253,25 @@ Report analyse(const at::Tensor& video, const world::Scene& scene, const world::
       on_bg += c == bg;
       for (int ch = 0; ch < 3; ++ch) {
         const float val = v[(ch * F + t) * N + p];
-        mean[static_cast<size_t>(ch)] += std::isfinite(val) ? val : 10.0;
+        // Textured: the colour less its texture offset (bg + the distance vector to the texture path).
+        const double x =
+            textured ? bgc[static_cast<size_t>(ch)] +
+                           (static_cast<double>(val) - bg_point[static_cast<size_t>(p)][static_cast<size_t>(ch)])
+                     : static_cast<double>(val);
+        mean[static_cast<size_t>(ch)] += std::isfinite(x) ? x : 10.0;
+      }
+      // Textured: per-pixel change since the previous frame, where both frames show background.
+      if (textured && t > 0 && !prev_mask[static_cast<size_t>(p)]) {
+        double d2 = 0;
+        for (int ch = 0; ch < 3; ++ch) {
+          const double a = v[(ch * F + t) * N + p], b = v[(ch * F + t - 1) * N + p];
+          d2 += (a - b) * (a - b);
+        }
+        change_sum += std::isfinite(d2) ? std::sqrt(d2) : 10.0;
+        change_count += 1;
       }
     }
+    if (textured) prev_mask = object_mask;
     if (n > 0) {
       for (auto& m : mean) m /= static_cast<double>(n);
       double e = 0;
@@ -234,6 +305,10 @@ Report analyse(const at::Tensor& video, const world::Scene& scene, const world::
   // Background consistency.
   const double mean_flicker = F > 1 ? flicker_sum / (Fd - 1) : 0.0;
   m.background_consistency = clamp01(bg_score_sum / Fd * falloff(mean_flicker, 0.02, 0.15));
+  if (textured) {  // the texture must hold still: per-pixel stability of the background
+    const double mean_change = change_count > 0 ? change_sum / change_count : 0.0;
+    m.background_consistency *= falloff(mean_change, 0.05, 0.3);
+  }
   rep.background_match = bg_match_frames / Fd;
 
   // Subject consistency: every detected colour is a track.

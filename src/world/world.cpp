@@ -228,6 +228,9 @@ void WorldConfig::validate() const {
   if (half_extent_px(Size::Small) < 1.5)
     fail("a small object must have a half-extent >= 1.5 px, got " + std::to_string(half_extent_px(Size::Small)) +
          " (raise small_size or the frame size)");
+  if (!(texture >= 0 && texture <= 0.5))
+    fail("texture must be in [0, 0.5] (an offset in [-1, 1] pixel units), got " + std::to_string(texture));
+  if (texture_cell < 1) fail("texture_cell must be >= 1 (pixels), got " + std::to_string(texture_cell));
 }
 
 double WorldConfig::speed_px() const {
@@ -239,19 +242,28 @@ double WorldConfig::half_extent_px(Size s) const {
 }
 
 WorldConfig WorldConfig::preset(const std::string& name) {
-  WorldConfig c;
+  WorldConfig c;  // "v1"
+  if (name == "v1") return c;
+  c.frames = 16, c.speed = 0.09, c.texture = 0.25, c.texture_cell = 2;
   if (name == "cpu") return c;
   if (name == "gpu") {
-    c.frames = 16, c.height = 64, c.width = 64;
+    c.height = 64, c.width = 64;
     return c;
   }
-  throw ArgumentError("world preset: expected cpu | gpu, got '" + name + "'");
+  throw ArgumentError("world preset: expected cpu | gpu | v1, got '" + name + "'");
 }
 
 std::string WorldConfig::to_json() const {
-  return json{{"frames", frames},           {"height", height},           {"width", width},
-              {"min_objects", min_objects}, {"max_objects", max_objects}, {"speed", speed},
-              {"small_size", small_size},   {"large_size", large_size}}
+  return json{{"frames", frames},
+              {"height", height},
+              {"width", width},
+              {"min_objects", min_objects},
+              {"max_objects", max_objects},
+              {"speed", speed},
+              {"small_size", small_size},
+              {"large_size", large_size},
+              {"texture", texture},
+              {"texture_cell", texture_cell}}
       .dump();
 }
 
@@ -272,6 +284,9 @@ WorldConfig WorldConfig::from_json(const std::string& text) {
   c.speed = get_field<double>(j, "speed", w);
   c.small_size = get_field<double>(j, "small_size", w);
   c.large_size = get_field<double>(j, "large_size", w);
+  // Absent from documents written before the texture existed: a flat background.
+  if (j.contains("texture")) c.texture = get_field<double>(j, "texture", w);
+  if (j.contains("texture_cell")) c.texture_cell = get_field<int64_t>(j, "texture_cell", w);
   c.validate();
   return c;
 }
@@ -301,7 +316,9 @@ std::string Scene::objects_json() const {
 std::string Scene::to_json() const {
   json a = json::array();
   for (const auto& o : objects) a.push_back(object_to_json(o));
-  return json{{"background", palette()[static_cast<size_t>(background)].name}, {"objects", a}}.dump();
+  return json{
+      {"background", palette()[static_cast<size_t>(background)].name}, {"objects", a}, {"texture_seed", texture_seed}}
+      .dump();
 }
 
 Scene Scene::from_json(const std::string& text) {
@@ -326,6 +343,7 @@ Scene Scene::from_json(const std::string& text) {
     o.y = oj.contains("y") ? get_field<double>(oj, "y", w) : 0.0;
     s.objects.push_back(o);
   }
+  if (j.contains("texture_seed")) s.texture_seed = get_field<uint64_t>(j, "texture_seed", w);
   return s;
 }
 
@@ -427,6 +445,7 @@ Scene sample_scene(const WorldConfig& cfg, uint64_t seed) {
   Rng rng(mix(seed, 0x5CE4E));
   const int ncolors = static_cast<int>(palette().size());
   Scene s;
+  s.texture_seed = seed;
   s.background = static_cast<int>(rng.below(ncolors));
   const int64_t n = cfg.min_objects + rng.below(cfg.max_objects - cfg.min_objects + 1);
   std::vector<int> free_colors;
@@ -481,6 +500,25 @@ Scene sample_scene(const WorldConfig& cfg, uint64_t seed) {
   return s;
 }
 
+at::Tensor texture_offsets(const WorldConfig& cfg, uint64_t texture_seed) {
+  cfg.validate();
+  const int64_t H = cfg.height, W = cfg.width, C = cfg.texture_cell;
+  at::Tensor out = at::zeros({H, W}, at::kFloat);
+  if (cfg.texture == 0) return out;
+  float* o = out.data_ptr<float>();
+  const int64_t rows = (H + C - 1) / C, cols = (W + C - 1) / C;
+  const float amp = static_cast<float>(cfg.texture);
+  // Its own stream (not the scene's): the scene of a seed does not depend on the texture.
+  Rng rng(mix(texture_seed, 0x7E47u));
+  for (int64_t ci = 0; ci < rows; ++ci)
+    for (int64_t cj = 0; cj < cols; ++cj) {
+      const float val = static_cast<float>(rng.below(3) - 1) * amp;
+      for (int64_t i = ci * C; i < std::min(H, (ci + 1) * C); ++i)
+        for (int64_t j = cj * C; j < std::min(W, (cj + 1) * C); ++j) o[i * W + j] = val;
+    }
+  return out;
+}
+
 at::Tensor render(const WorldConfig& cfg, const Scene& scene) {
   cfg.validate();
   const int64_t F = cfg.frames, H = cfg.height, W = cfg.width, plane = H * W;
@@ -492,8 +530,18 @@ at::Tensor render(const WorldConfig& cfg, const Scene& scene) {
     color_value(o.color);  // validates the id
     paths.push_back(trajectory(cfg, o));
   }
+  // The background frame, the same in every frame: flat, or textured.
+  std::vector<float> back(static_cast<size_t>(3 * plane));
+  for (int64_t c = 0; c < 3; ++c) std::fill_n(back.begin() + c * plane, plane, bg[static_cast<size_t>(c)]);
+  if (cfg.texture > 0) {
+    const at::Tensor tex = texture_offsets(cfg, scene.texture_seed);
+    const float* d = tex.data_ptr<float>();
+    for (int64_t c = 0; c < 3; ++c)
+      for (int64_t p = 0; p < plane; ++p)
+        back[static_cast<size_t>(c * plane + p)] = std::clamp(bg[static_cast<size_t>(c)] + d[p], -1.f, 1.f);
+  }
   for (int64_t t = 0; t < F; ++t) {
-    for (int64_t c = 0; c < 3; ++c) std::fill_n(v + (c * F + t) * plane, plane, bg[static_cast<size_t>(c)]);
+    for (int64_t c = 0; c < 3; ++c) std::copy_n(back.begin() + c * plane, plane, v + (c * F + t) * plane);
     for (size_t k = 0; k < scene.objects.size(); ++k) {
       const auto& o = scene.objects[k];
       const auto col = color_value(o.color);
@@ -656,6 +704,7 @@ Sample read_sample(const std::filesystem::path& path) {
         Scene::from_json(R"({"background": ")" + need("background") + R"(", "objects": )" + need("objects") + "}");
     s.prompt = need("prompt");
     s.seed = std::stoull(need("seed"));
+    s.scene.texture_seed = s.seed;  // sample_scene(world, seed) draws the texture from its seed
     s.index = std::stoll(need("index"));
     s.text.text_len = std::stoll(need("text_len"));
     s.text.text_dim = std::stoll(need("text_dim"));
