@@ -251,6 +251,7 @@ void add_experiment_commands(CLI::App& app, Commands& cmds) {
   // salad demo ---------------------------------------------------------------
   struct DemoArgs {
     std::string assets = "assets", out = "salad-demo", device = "cpu";
+    std::string world = "v1";  // the world preset the shipped checkpoints were trained on
     int64_t prompts = 3, steps = 12;
     uint64_t seed = 7;
   };
@@ -263,6 +264,8 @@ void add_experiment_commands(CLI::App& app, Commands& cmds) {
   demo->add_option("--steps", d.steps, "sampling steps (UniPC)")->capture_default_str();
   demo->add_option("--seed", d.seed, "seed of the prompts and the noise")->capture_default_str();
   demo->add_option("--device", d.device, "cpu | cuda")->capture_default_str();
+  demo->add_option("--world", d.world, "world preset of the prompts: the one the assets were trained on (v1 | cpu | gpu)")
+      ->capture_default_str();
   cmds.push_back({demo, [] {
                     const at::Device dev = parse_device(d.device);
                     const fs::path assets(d.assets), out(d.out);
@@ -271,7 +274,7 @@ void add_experiment_commands(CLI::App& app, Commands& cmds) {
                         throw ArgumentError("--assets: expected " + (assets / f).string() + " (the shipped checkpoints)");
                     fs::create_directories(out);
                     // Held-out prompts: a world dataset seed the training never used.
-                    const world::WorldConfig wc = world::WorldConfig::preset("cpu");
+                    const world::WorldConfig wc = world::WorldConfig::preset(d.world);
                     world::TextConfig tc;
                     const fs::path held = out / "heldout";
                     world::write_dataset(held, wc, tc, std::max<int64_t>(d.prompts, 8), 900000 + d.seed);
