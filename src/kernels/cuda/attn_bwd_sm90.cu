@@ -35,6 +35,9 @@
 //     dV += P^T dO, dK += dS^T Q    wgmma m64nDk16, A from registers, B = dO / Q
 //                                   through the MN-major descriptor
 //   dK and dV (64 + 64 registers at D 128) stay in registers for the item.
+//   Within a warpgroup the exp2s of P^T overlap the dP^T wgmmas (and, with
+//   SALAD_BWD_DKV_OVERLAP=2, dS^T overlaps dV += P^T dO); the two consumer
+//   warpgroups overlap each other.
 //   Epilogue: dk = R^T (scale * dK), dv = dV (+ the linear branch's fp32
 //   gradients), caller order.
 // Same semantics as attn_bwd.cu's mma.sync kernels (delta from its
@@ -47,7 +50,9 @@
 // env SALAD_BWD_KERNEL=mma forces both mma.sync kernels, SALAD_BWD_DQ=mma /
 // SALAD_BWD_DKV=mma one of them; SALAD_BWD_DQ_PERSISTENT=0 launches one dq CTA
 // per work item, SALAD_BWD_DKV_PERSISTENT=1 makes dkv persistent;
-// SALAD_BWD_SM90_GRID=N caps a persistent grid (testing).
+// SALAD_BWD_SM90_GRID=N caps a persistent grid (testing);
+// SALAD_BWD_DKV_OVERLAP=0|1|2 picks the dkv tile schedule (default 1, see above;
+// 0 = no intra-warpgroup overlap, the simplest).
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
@@ -94,6 +99,13 @@ struct BwdSm90Args {
   int num_work;
   float scale, scale_log2;
 };
+
+// %laneid read afresh (volatile): keeps `lane` from being held, or spilled, across the tile loops.
+__device__ __forceinline__ uint32_t lane_now() {
+  uint32_t l;
+  asm volatile("mov.u32 %0, %%laneid;\n" : "=r"(l));
+  return l;
+}
 
 __device__ __forceinline__ float2 ld_shared_f2(uint32_t addr) {
   float2 v;
@@ -440,15 +452,14 @@ struct KvSmem {
   static constexpr int kAlloc = kBytes + 1024;
 };
 
-// Ascending union of two ascending query-block lists (null list: 0, 1, ..., n - 1);
-// flags bit w: the block is in list w.
+// Ascending union of two ascending query-block lists base[a0 .. e0) and base[a1 .. e1) (null
+// base: the lists 0, 1, ..., e - 1); flags bit w: the block is in list w.
 struct QMerge {
-  const int32_t* p0;
-  const int32_t* p1;
-  int n0, n1, a0, a1;
+  const int32_t* base;
+  int a0, e0, a1, e1;
   __device__ __forceinline__ int next(int& flags) {
-    const int i0 = a0 < n0 ? (p0 ? p0[a0] : a0) : INT_MAX;
-    const int i1 = a1 < n1 ? (p1 ? p1[a1] : a1) : INT_MAX;
+    const int i0 = a0 < e0 ? (base ? base[a0] : a0) : INT_MAX;
+    const int i1 = a1 < e1 ? (base ? base[a1] : a1) : INT_MAX;
     const int i = i0 < i1 ? i0 : i1;
     if (i == INT_MAX) return -1;
     flags = (i0 == i ? 1 : 0) | (i1 == i ? 2 : 0);
@@ -458,7 +469,7 @@ struct QMerge {
   }
 };
 
-template <class T, int D>
+template <class T, int D, int OV>
 __global__ void __launch_bounds__(kThreads, 1)
     attn_dkv_sm90_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tdo,
                          const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
@@ -490,19 +501,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     it.bh = w / a.n_span;
     it.key0 = (w - it.bh * a.n_span) * kRows;
     it.nact = it.key0 + 64 < L ? 2 : 1;
-    const int32_t* p[2] = {nullptr, nullptr};
-    int cnt[2] = {0, 0};
-    for (int h = 0; h < it.nact; ++h) {
-      if (a.dense) {
-        cnt[h] = n_q;
-      } else {
-        const int j = (it.key0 + 64 * h) / block_k;
-        const int32_t* off = a.inv_off + static_cast<int64_t>(it.bh) * (n_k + 1);
-        cnt[h] = off[j + 1] - off[j];
-        p[h] = a.inv_rows + static_cast<int64_t>(it.bh) * n_q * a.max_k + off[j];
-      }
+    if (a.dense) {
+      it.m = QMerge{nullptr, 0, n_q, 0, it.nact > 1 ? n_q : 0};
+    } else {
+      const int32_t* off = a.inv_off + static_cast<int64_t>(it.bh) * (n_k + 1);
+      const int j0 = it.key0 / block_k, j1 = (it.key0 + 64) / block_k;
+      it.m.base = a.inv_rows + static_cast<int64_t>(it.bh) * n_q * a.max_k;
+      it.m.a0 = off[j0];
+      it.m.e0 = off[j0 + 1];
+      it.m.a1 = it.nact > 1 ? off[j1] : 0;
+      it.m.e1 = it.nact > 1 ? off[j1 + 1] : 0;
     }
-    it.m = QMerge{p[0], p[1], cnt[0], cnt[1], 0, 0};
     return it;
   };
   // Rows [qs, qe) of query block i, in ceil((qe - qs) / 64) tiles.
@@ -594,8 +603,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     float sacc[kTn / 2], dpacc[kTn / 2];
     uint32_t pf[kTn / 16][4], dsf[kTn / 16][4];
 
-    // One tile (stage s, `valid` query columns) for this warpgroup's 64 keys.
+    // One tile (stage s, `valid` query columns) for this warpgroup's 64 keys. OV (overlap):
+    //   0: S^T and dP^T in one group, then P^T / dS^T, then dV and dK in one group;
+    //   1: P^T (the exp2s) computed while dP^T runs;
+    //   2: as 1, and dS^T computed while dV += P^T dO runs (more live registers).
     auto tile = [&](int s, int valid) {
+      const uint32_t lrow = sLse + s * (kTn * 4), drow = sDl + s * (kTn * 4);
 #pragma unroll
       for (int i = 0; i < kTn / 2; ++i) sacc[i] = dpacc[i] = 0.f;  // old values dead: shorter live ranges
       wgmma_fence();
@@ -605,6 +618,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint32_t boff = s * S::kTile + (kk / 4) * S::kSub + (kk % 4) * 32;
         wgmma_ss64<T>(sacc, desc_sw128(sK + aoff, 16, 1024), desc_sw128(sQ + boff, 16, 1024), kk > 0);
       }
+      if constexpr (OV > 0) wgmma_commit();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         const uint32_t aoff = (kk / 4) * (kRows * 128) + wg * (64 * 128) + (kk % 4) * 32;
@@ -612,37 +626,58 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_ss64<T>(dpacc, desc_sw128(sV + aoff, 16, 1024), desc_sw128(sO + boff, 16, 1024), kk > 0);
       }
       wgmma_commit();
-      wgmma_wait<0>();
+      if constexpr (OV > 0) wgmma_wait<1>();  // S^T done, dP^T may still run
+      else wgmma_wait<0>();
       fence_regs<kTn / 2>(sacc);
-      fence_regs<kTn / 2>(dpacc);
-      const uint32_t lrow = sLse + s * (kTn * 4), drow = sDl + s * (kTn * 4);
+      // P^T in place (query columns col, col + 1; key rows g, g + 8), 0 past the query block.
 #pragma unroll
       for (int nt = 0; nt < kTn / 8; ++nt) {
-        const int col = nt * 8 + 2 * tq4;  // query columns col, col + 1; key rows g, g + 8
-        const float2 l = ld_shared_f2(lrow + col * 4), d = ld_shared_f2(drow + col * 4);
+        const int col = nt * 8 + 2 * tq4;
+        const float2 l = ld_shared_f2(lrow + col * 4);
         const bool v0 = col < valid, v1 = col + 1 < valid;
         const float l0 = l.x * kLog2e, l1 = l.y * kLog2e;
-        const float p0 = v0 ? ex2(fmaf(sacc[4 * nt], sl2, -l0)) : 0.f;
-        const float p1 = v1 ? ex2(fmaf(sacc[4 * nt + 1], sl2, -l1)) : 0.f;
-        const float p2 = v0 ? ex2(fmaf(sacc[4 * nt + 2], sl2, -l0)) : 0.f;
-        const float p3 = v1 ? ex2(fmaf(sacc[4 * nt + 3], sl2, -l1)) : 0.f;
-        const float e0 = v0 ? p0 * (dpacc[4 * nt] - d.x) : 0.f;
-        const float e1 = v1 ? p1 * (dpacc[4 * nt + 1] - d.y) : 0.f;
-        const float e2 = v0 ? p2 * (dpacc[4 * nt + 2] - d.x) : 0.f;
-        const float e3 = v1 ? p3 * (dpacc[4 * nt + 3] - d.y) : 0.f;
-        pf[nt / 2][(nt & 1) * 2 + 0] = Elem<T>::pack(p0, p1);
-        pf[nt / 2][(nt & 1) * 2 + 1] = Elem<T>::pack(p2, p3);
+        sacc[4 * nt] = v0 ? ex2(fmaf(sacc[4 * nt], sl2, -l0)) : 0.f;
+        sacc[4 * nt + 1] = v1 ? ex2(fmaf(sacc[4 * nt + 1], sl2, -l1)) : 0.f;
+        sacc[4 * nt + 2] = v0 ? ex2(fmaf(sacc[4 * nt + 2], sl2, -l0)) : 0.f;
+        sacc[4 * nt + 3] = v1 ? ex2(fmaf(sacc[4 * nt + 3], sl2, -l1)) : 0.f;
+        pf[nt / 2][(nt & 1) * 2 + 0] = Elem<T>::pack(sacc[4 * nt], sacc[4 * nt + 1]);
+        pf[nt / 2][(nt & 1) * 2 + 1] = Elem<T>::pack(sacc[4 * nt + 2], sacc[4 * nt + 3]);
+      }
+      auto issue_dv = [&]() {
+#pragma unroll
+        for (int kk = 0; kk < kTn / 16; ++kk)
+          wgmma_rs<T, D, 1>(dv, pf[kk], desc_sw128(sO + s * S::kTile + kk * 16 * 128, S::kSub, 1024), 1);
+      };
+      if constexpr (OV == 2) {
+        fence_regs<D / 2>(dv);
+        fence_regs_u<kTn / 4>(&pf[0][0]);
+        wgmma_fence();
+        issue_dv();
+        wgmma_commit();
+        wgmma_wait<1>();  // dP^T done, dV may still run
+      } else if constexpr (OV == 1) {
+        wgmma_wait<0>();
+      }
+      fence_regs<kTn / 2>(dpacc);
+      // dS^T = P^T (dP^T - delta_col), 0 past the query block.
+#pragma unroll
+      for (int nt = 0; nt < kTn / 8; ++nt) {
+        const int col = nt * 8 + 2 * tq4;
+        const float2 d = ld_shared_f2(drow + col * 4);
+        const bool v0 = col < valid, v1 = col + 1 < valid;
+        const float e0 = v0 ? sacc[4 * nt] * (dpacc[4 * nt] - d.x) : 0.f;
+        const float e1 = v1 ? sacc[4 * nt + 1] * (dpacc[4 * nt + 1] - d.y) : 0.f;
+        const float e2 = v0 ? sacc[4 * nt + 2] * (dpacc[4 * nt + 2] - d.x) : 0.f;
+        const float e3 = v1 ? sacc[4 * nt + 3] * (dpacc[4 * nt + 3] - d.y) : 0.f;
         dsf[nt / 2][(nt & 1) * 2 + 0] = Elem<T>::pack(e0, e1);
         dsf[nt / 2][(nt & 1) * 2 + 1] = Elem<T>::pack(e2, e3);
       }
-      fence_regs<D / 2>(dv);
+      if constexpr (OV < 2) fence_regs<D / 2>(dv);
       fence_regs<D / 2>(dk);
-      fence_regs_u<kTn / 4>(&pf[0][0]);
+      if constexpr (OV < 2) fence_regs_u<kTn / 4>(&pf[0][0]);
       fence_regs_u<kTn / 4>(&dsf[0][0]);
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kTn / 16; ++kk)
-        wgmma_rs<T, D, 1>(dv, pf[kk], desc_sw128(sO + s * S::kTile + kk * 16 * 128, S::kSub, 1024), 1);
+      if constexpr (OV < 2) issue_dv();
 #pragma unroll
       for (int kk = 0; kk < kTn / 16; ++kk)
         wgmma_rs<T, D, 1>(dk, dsf[kk], desc_sw128(sQ + s * S::kTile + kk * 16 * 128, S::kSub, 1024), 1);
@@ -671,13 +706,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_wait(full(s), (gt / kStages) & 1);  // also when skipping: keeps the empty phases in order
           if (mine) tile(s, min(kTn, qe - (qs + qt * kTn)));
           __syncwarp();
-          if (lane == 0) mbar_arrive(empty(s));
+          if (lane_now() == 0) mbar_arrive(empty(s));
           ++gt;
         }
       }
       // Every wgmma reading K / V of this item has completed (wait<0> in tile()).
       __syncwarp();
-      if (lane == 0) mbar_arrive(barKVfree);
+      if (lane_now() == 0) mbar_arrive(barKVfree);
       ++n;
 
       // ---- epilogue: dk = R^T (scale * dK), dv = dV (+ extras), straight from the accumulators
@@ -802,8 +837,8 @@ bool launch_dq(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, 
   return true;
 }
 
-template <class T, int D>
-bool launch_dkv(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
+template <class T, int D, int OV>
+bool launch_dkv_ov(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
   CUtensorMap mq, mdo, mk, mv, ml, md;
   if (!make_maps<T, D>(p, pl, ws, &mq, &mdo, &mk, &mv)) return false;
   const cuuint64_t n = static_cast<cuuint64_t>(pl.BH * p.L);
@@ -821,11 +856,23 @@ bool launch_dkv(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws,
   a.num_work = static_cast<int>(work);
   constexpr int smem = KvSmem<D>::kAlloc;
   SALAD_CUDA_CHECK(
-      cudaFuncSetAttribute(attn_dkv_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      cudaFuncSetAttribute(attn_dkv_sm90_kernel<T, D, OV>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const bool persistent = env_is("SALAD_BWD_DKV_PERSISTENT", "1");
-  attn_dkv_sm90_kernel<T, D><<<grid_for(work, persistent), kThreads, smem, s>>>(mq, mdo, mk, mv, ml, md, a);
+  attn_dkv_sm90_kernel<T, D, OV><<<grid_for(work, persistent), kThreads, smem, s>>>(mq, mdo, mk, mv, ml, md, a);
   SALAD_LAUNCH_CHECK();
   return true;
+}
+
+#ifndef SALAD_BWD_DKV_OVERLAP
+#define SALAD_BWD_DKV_OVERLAP 1
+#endif
+template <class T, int D>
+bool launch_dkv(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
+  int ov = SALAD_BWD_DKV_OVERLAP;
+  if (const char* e = std::getenv("SALAD_BWD_DKV_OVERLAP")) ov = std::atoi(e);
+  if (ov <= 0) return launch_dkv_ov<T, D, 0>(p, pl, r, ws, s);
+  if (ov == 1) return launch_dkv_ov<T, D, 1>(p, pl, r, ws, s);
+  return launch_dkv_ov<T, D, 2>(p, pl, r, ws, s);
 }
 
 void warn_once(bool ok, const char* what) {
