@@ -2,7 +2,7 @@
 # Run on the GPU machine (device tool, carry [".devdeps", ".cutlass"]): build
 # against the machine's own PyTorch, run every test (CUDA ones included), then
 # the benchmarks. Logs go to $OUT; a short table is printed last.
-#   scripts/gpu_run.sh [test] [bench] [sanitize]   (default: all)
+#   scripts/gpu_run.sh [test] [sanitize] [prof] [bench] [dit] [world]   (default: test bench sanitize)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -17,15 +17,37 @@ ninja -C build-gpu -j 16 >"$OUT/build.log" 2>&1 || { grep -E "error|Error" "$OUT
 echo "build: $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if [[ $what == *test* ]]; then
-  (cd build-gpu && ctest --output-on-failure --timeout 900) >/tmp/test.log 2>&1
-  grep -E "tests passed|tests failed|Failure|FAILED|PASSED|SKIPPED|Expected|actual|Which is" /tmp/test.log | head -40
+  (cd build-gpu && SALAD_SEGV_TRACE=1 ctest --output-on-failure --timeout 900) >"$OUT/test.log" 2>&1
+  grep -E "tests passed|tests failed|Failure|FAILED|PASSED|SKIPPED|Expected|actual|Which is|fatal signal" "$OUT/test.log" | head -40
 fi
 if [[ $what == *sanitize* ]]; then
   for tool in memcheck racecheck; do
     SALAD_TEST_QUICK=1 compute-sanitizer --tool $tool --error-exitcode 9 build-gpu/salad_op_tests \
-      --gtest_filter='SM90_Attention.ForwardAndBackward*' >/tmp/sanitize_$tool.log 2>&1
-    echo "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' /tmp/sanitize_$tool.log | tail -2 | tr '\n' ' ')"
+      --gtest_filter='SM90_Attention.ForwardAndBackward*' >"$OUT/sanitize_$tool.log" 2>&1
+    echo "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' "$OUT/sanitize_$tool.log" | tail -2 | tr '\n' ' ')"
   done
+fi
+if [[ $what == *prof* ]]; then
+  # Per-kernel time of one SALAD forward + backward at Wan1.3B-480p (ncu, kernels serialised).
+  ncu --target-processes all --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed \
+    --csv build-gpu/salad bench-attn --shape wan1.3b-480p --device cuda --iters 1 --warmup 0 --backward --variants salad \
+    >"$OUT/ncu.csv" 2>"$OUT/ncu.err" || tail -5 "$OUT/ncu.err"
+  python3 - "$OUT/ncu.csv" <<'PY' || true
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+hdr = rows[0]; ki = hdr.index("Kernel Name"); mi = hdr.index("Metric Name"); vi = hdr.index("Metric Value")
+ui = hdr.index("Metric Unit")
+scale = {"nsecond": 1.0, "usecond": 1e3, "msecond": 1e6, "second": 1e9}
+agg = collections.OrderedDict()
+for r in rows[1:]:
+    k = r[ki].split("(")[0].split("<")[0][-40:]
+    v = float(r[vi].replace(",", "")) * scale.get(r[ui], 1.0)
+    agg.setdefault(k, collections.defaultdict(list))[r[mi]].append(v)
+print(f"{'kernel':42s} {'n':>3s} {'us':>9s} {'dram%':>6s} {'sm%':>6s}")
+for k, m in agg.items():
+    t = m["gpu__time_duration.sum"]
+    print(f"{k:42s} {len(t):3d} {sum(t)/1e3:9.1f} {max(m['dram__throughput.avg.pct_of_peak_sustained_elapsed']):6.1f} {max(m['sm__throughput.avg.pct_of_peak_sustained_elapsed']):6.1f}")
+PY
 fi
 if [[ $what == *bench* ]]; then
   for shape in wan1.3b-480p wan14b-480p wan14b-720p; do
