@@ -12,9 +12,11 @@
 
 #ifdef SALAD_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
 #include "commands.h"
+#include "salad/fused.h"
 #include "salad/lora.h"
 #include "salad/sampler.h"
 #include "salad/wan.h"
@@ -79,6 +81,39 @@ std::string device_name(const at::Device& dev) {
 #endif
   return dev.is_cuda() ? "cuda" : "cpu, " + std::to_string(at::get_num_threads()) + " threads";
 }
+
+// CUDA caching-allocator bytes on `dev`: currently allocated, and the peak since the last reset_peak
+// (zeros on CPU or without CUDA).
+struct DeviceMemory {
+  double allocated = 0, peak = 0, reserved_peak = 0;
+};
+DeviceMemory device_memory(const at::Device& dev) {
+  DeviceMemory m;
+#ifdef SALAD_WITH_CUDA
+  if (dev.is_cuda()) {
+    const auto idx = dev.has_index() ? dev.index() : c10::cuda::current_device();
+    const auto st = c10::cuda::CUDACachingAllocator::getDeviceStats(idx);
+    const auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    m.allocated = static_cast<double>(st.allocated_bytes[agg].current);
+    m.peak = static_cast<double>(st.allocated_bytes[agg].peak);
+    m.reserved_peak = static_cast<double>(st.reserved_bytes[agg].peak);
+  }
+#endif
+  return m;
+}
+void reset_peak(const at::Device& dev) {
+#ifdef SALAD_WITH_CUDA
+  if (dev.is_cuda())
+    c10::cuda::CUDACachingAllocator::resetPeakStats(dev.has_index() ? dev.index() : c10::cuda::current_device());
+#endif
+}
+double device_total_bytes(const at::Device& dev) {
+#ifdef SALAD_WITH_CUDA
+  if (dev.is_cuda()) return static_cast<double>(at::cuda::getCurrentDeviceProperties()->totalGlobalMem);
+#endif
+  return 0;
+}
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
 // Builds a model with `dtype` as the default dtype so a bf16 model never has a float32 copy.
 WanModel build_random_model(const WanConfig& cfg, const WanAttentionPlan& plan, at::ScalarType dtype,
@@ -241,7 +276,8 @@ int run_generate(const GenerateArgs& a) {
 // --- bench-dit --------------------------------------------------------------------
 
 struct BenchDitArgs {
-  std::string config = "wan2.1-1.3b", device = "cpu", dtype, modes = "dense,sparse,salad", impl = "auto";
+  std::string config = "wan2.1-1.3b", device = "cpu", dtype, modes = "dense,sparse,salad", impl = "auto",
+              fused = "both";
   int64_t frames = 81, height = 480, width = 832, layers = 0, text_len = -1, block_q = 128, block_k = 64;
   double keep = 0.10, timestep = 500.0;
   int iters = 5, warmup = 1, threads = 0;
@@ -263,6 +299,12 @@ int run_bench_dit(const BenchDitArgs& a) {
   std::vector<Mode> modes;
   for (const auto& m : split(a.modes)) modes.push_back(parse_mode(m));
   if (modes.empty()) throw ArgumentError("--modes: expected a comma list of dense,sparse,salad, got '" + a.modes + "'");
+  std::vector<bool> fused_variants;
+  if (a.fused == "off") fused_variants = {false};
+  else if (a.fused == "on") fused_variants = {true};
+  else if (a.fused == "both") fused_variants = {false, true};
+  else throw ArgumentError("--fused: expected on | off | both, got '" + a.fused + "'");
+  const bool fused_prev = fused::enabled();
 
   WanAttentionPlan plan = WanAttentionPlan::uniform(modes[0], parse_impl(a.impl));
   plan.base.attn.keep = a.keep, plan.base.attn.block_q = a.block_q, plan.base.attn.block_k = a.block_k;
@@ -271,6 +313,7 @@ int run_bench_dit(const BenchDitArgs& a) {
   WanModel model = build_random_model(cfg, plan, dt, dev);
   sync_device(dev);
   const double build_ms = ms_since(t0);
+  const double weights_bytes = device_memory(dev).allocated;
 
   const std::vector<int64_t> shape = wan_latent_shape(a.frames, a.height, a.width, cfg.in_dim);
   const at::Tensor x = at::randn({1, shape[0], shape[1], shape[2], shape[3]}, at::TensorOptions().device(dev));
@@ -289,82 +332,110 @@ int run_bench_dit(const BenchDitArgs& a) {
       (long long)shape[0], (long long)shape[1], (long long)shape[2], (long long)shape[3], (long long)grid.f,
       (long long)grid.h, (long long)grid.w, (long long)L, (long long)Lt);
   std::printf(
-      "device %s (%s), dtype %s, keep %.3f, blocks %lld/%lld, impl %s, random weights (built in %.0f ms), "
-      "B 1, no CFG, %d iters (median) after %d warmup\n",
+      "device %s (%s), dtype %s, keep %.3f, blocks %lld/%lld, impl %s, fused %s (%s), random weights (built in "
+      "%.0f ms), B 1, no CFG, %d iters (median) after %d warmup\n",
       a.device.c_str(), device_name(dev).c_str(), c10::toString(dt), a.keep, (long long)a.block_q, (long long)a.block_k,
-      a.impl.c_str(), build_ms, a.iters, a.warmup);
+      a.impl.c_str(), a.fused.c_str(),
+      dev.is_cuda() && fused::kernels_compiled() ? "CUDA kernels" : "no CUDA kernels here: fused = eager", build_ms,
+      a.iters, a.warmup);
+  if (dev.is_cuda())
+    std::printf("device memory: weights %.2f GiB of %.2f GiB\n", weights_bytes / kGiB, device_total_bytes(dev) / kGiB);
 
-  // Inputs of one block and of its self-attention at this shape (block 0 stands for every block: same shapes).
+  // Block 0 stands for every block (same shapes); its inputs and its self-attention's are made per row.
   WanBlock blk = model->block(0);
-  const at::Tensor h_in = at::randn({1, L, C}, at::TensorOptions().device(dev).dtype(hp));
-  const at::Tensor e0 = at::randn({1, 6, C}, at::TensorOptions().device(dev).dtype(hp)) * 0.1;
-  const at::Tensor ctx_emb = at::randn({1, Lt, C}, copt);
-  const at::Tensor xa = at::randn({1, L, C}, copt);
-  // q, k, v as the layer hands them to the op: (B, H, L, D) views of (B, L, H, D) projections.
-  const at::Tensor q = at::randn({1, L, H, D}, copt).transpose(1, 2), k = at::randn({1, L, H, D}, copt).transpose(1, 2),
-                   v = at::randn({1, L, H, D}, copt).transpose(1, 2);
-
   struct Row {
     Mode mode;
-    double step = 0, step_built = 0, attn = 0, self_attn = 0, block = 0, sparsity = 0;
+    bool fused;
+    double step = 0, step_built = 0, attn = 0, self_attn = 0, block = 0, sparsity = 0, peak = 0, reserved_peak = 0;
   };
   std::vector<Row> rows;
   torch::NoGradGuard ng;
   for (Mode m : modes) {
-    Row r{m};
     set_attention_mode(model, m);
-    r.step_built = median_ms([&] { model->forward(x, t, context); }, dev, a.warmup, a.iters);
     const LayerConfig& lc = blk->self_attn->config();
-    if (m != Mode::Dense) {
-      const AttentionOutput& out = blk->self_attn->last_attention();
-      Params p;
-      p.L = L, p.opt = lc.attn;
-      r.sparsity = 1.0 - out.block_cnt.to(at::kDouble).mean().item<double>() / static_cast<double>(p.blocks().n_k);
+    double attn_ms = -1;  // the op alone does not depend on fusion: timed once per mode
+    for (bool fz : fused_variants) {
+      Row r{m, fz};
+      fused::set_enabled(fz);
+      sync_device(dev);
+      reset_peak(dev);
+      r.step_built = median_ms([&] { model->forward(x, t, context); }, dev, a.warmup, a.iters);
+      const DeviceMemory mem = device_memory(dev);
+      r.peak = mem.peak, r.reserved_peak = mem.reserved_peak;
+      if (m != Mode::Dense) {
+        const AttentionOutput& out = blk->self_attn->last_attention();
+        Params p;
+        p.L = L, p.opt = lc.attn;
+        r.sparsity = 1.0 - out.block_cnt.to(at::kDouble).mean().item<double>() / static_cast<double>(p.blocks().n_k);
+      }
+      if (attn_ms < 0) {
+        // q, k, v as the layer hands them to the op: (B, H, L, D) views of (B, L, H, D) projections.
+        const at::Tensor q = at::randn({1, L, H, D}, copt).transpose(1, 2),
+                         k = at::randn({1, L, H, D}, copt).transpose(1, 2),
+                         v = at::randn({1, L, H, D}, copt).transpose(1, 2);
+        Options opt = lc.attn;
+        if (lc.skip_linear && opt.mode == Mode::Salad) opt.mode = Mode::Sparse;
+        attn_ms = median_ms([&] { attention(q, k, v, grid, opt, lc.impl); }, dev, a.warmup, a.iters);
+      }
+      r.attn = attn_ms;
+      {
+        const at::Tensor xa = at::randn({1, L, C}, copt);
+        r.self_attn = median_ms([&] { blk->self_attn->forward(xa, grid); }, dev, a.warmup, a.iters);
+      }
+      if (cfg.num_layers < total_layers) {
+        const at::Tensor h_in = at::randn({1, L, C}, at::TensorOptions().device(dev).dtype(hp));
+        const at::Tensor e0 = at::randn({1, 6, C}, at::TensorOptions().device(dev).dtype(hp)) * 0.1;
+        const at::Tensor ctx_emb = at::randn({1, Lt, C}, copt);
+        r.block = median_ms([&] { blk->forward(h_in, e0, grid, ctx_emb); }, dev, a.warmup, a.iters);
+        r.step = r.step_built + static_cast<double>(total_layers - cfg.num_layers) * r.block;
+      } else {
+        r.step = r.step_built;
+      }
+      rows.push_back(r);
     }
-    Options opt = lc.attn;
-    if (lc.skip_linear && opt.mode == Mode::Salad) opt.mode = Mode::Sparse;
-    r.attn = median_ms([&] { attention(q, k, v, grid, opt, lc.impl); }, dev, a.warmup, a.iters);
-    r.self_attn = median_ms([&] { blk->self_attn->forward(xa, grid); }, dev, a.warmup, a.iters);
-    if (cfg.num_layers < total_layers) {
-      r.block = median_ms([&] { blk->forward(h_in, e0, grid, ctx_emb); }, dev, a.warmup, a.iters);
-      r.step = r.step_built + static_cast<double>(total_layers - cfg.num_layers) * r.block;
-    } else {
-      r.step = r.step_built;
-    }
-    rows.push_back(r);
   }
+  fused::set_enabled(fused_prev);
 
+  auto label = [&](const Row& r) {
+    return std::string(to_string(r.mode)) + (fused_variants.size() > 1 || r.fused ? (r.fused ? "/fused" : "/eager") : "");
+  };
   const double nl = static_cast<double>(total_layers);
   std::printf(
       "\nmethod: step = one WanModel forward, median%s. attention core = salad::attention alone on random "
       "q/k/v of this shape (block 0's options), median, x %lld layers. self-attn = the whole "
       "SaladSelfAttention module alone (q/k/v/o projections, qk-norms, both branches, gate), x %lld layers. "
-      "rest = step - self-attn (cross-attention, FFN, norms, embeddings, head).\n",
+      "rest = step - self-attn (cross-attention, FFN, norms, embeddings, head); per block = rest / layers. "
+      "eager = the LibTorch ops, fused = the fused norm / residual kernels and inference glue (salad::fused, "
+      "SALAD_FUSED). peak = CUDA caching-allocator peak during the step (allocated, reserved).\n",
       cfg.num_layers < total_layers
           ? (" of the " + std::to_string(cfg.num_layers) + " built blocks + (" +
              std::to_string(total_layers - cfg.num_layers) + " missing blocks x one block alone, median)")
                 .c_str()
           : "",
       (long long)total_layers, (long long)total_layers);
-  std::printf("\n%-7s %9s %11s %9s %20s %20s %11s\n", "mode", "sparsity", "step ms", "speed-up", "attn core ms (share)",
-              "self-attn ms (share)", "rest ms");
+  std::printf("\n%-13s %9s %11s %9s %20s %20s %11s %9s %17s\n", "mode", "sparsity", "step ms", "speed-up",
+              "attn core ms (share)", "self-attn ms (share)", "rest ms", "per block", "peak GiB (resv)");
   const double base = rows[0].step;
   for (const Row& r : rows) {
     const double attn = nl * r.attn, sa = nl * r.self_attn;
-    char a1[40], a2[40];
+    char a1[40], a2[40], pk[40];
     std::snprintf(a1, sizeof a1, "%.2f (%.1f%%)", attn, 100 * attn / r.step);
     std::snprintf(a2, sizeof a2, "%.2f (%.1f%%)", sa, 100 * sa / r.step);
-    std::printf("%-7s %8.1f%% %11.2f %8.2fx %20s %20s %11.2f\n", to_string(r.mode), 100 * r.sparsity, r.step,
-                base / r.step, a1, a2, r.step - sa);
+    if (dev.is_cuda())
+      std::snprintf(pk, sizeof pk, "%.2f (%.2f)", r.peak / kGiB, r.reserved_peak / kGiB);
+    else
+      std::snprintf(pk, sizeof pk, "-");
+    std::printf("%-13s %8.1f%% %11.2f %8.2fx %20s %20s %11.2f %9.2f %17s\n", label(r).c_str(), 100 * r.sparsity,
+                r.step, base / r.step, a1, a2, r.step - sa, (r.step - sa) / nl, pk);
   }
   if (cfg.num_layers < total_layers) {
     std::printf("\nmeasured (%lld of %lld blocks built):", (long long)cfg.num_layers, (long long)total_layers);
     for (const Row& r : rows)
-      std::printf("  %s step %.2f ms, one block %.2f ms;", to_string(r.mode), r.step_built, r.block);
+      std::printf("  %s step %.2f ms, one block %.2f ms;", label(r).c_str(), r.step_built, r.block);
     std::printf("\n");
   }
   std::printf("speed-up vs %s, measured in this run; a sample costs about steps x step, twice that with CFG.\n",
-              to_string(rows[0].mode));
+              label(rows[0]).c_str());
   return 0;
 }
 
@@ -424,6 +495,10 @@ void add_generate_commands(CLI::App& app, Commands& cmds) {
   bench->add_option("--modes", b.modes, "comma list of dense,sparse,salad; the first is the baseline")
       ->capture_default_str();
   bench->add_option("--impl", b.impl, "auto | reference | fast")->capture_default_str();
+  bench->add_option("--fused", b.fused,
+                    "on | off | both: the fused norm/residual kernels and inference glue (salad::fused); both: an "
+                    "eager and a fused row per mode")
+      ->capture_default_str();
   bench->add_option("--iters", b.iters, "timed iterations (median)")->capture_default_str()->check(CLI::PositiveNumber);
   bench->add_option("--warmup", b.warmup, "untimed iterations first")->capture_default_str();
   bench->add_option("--layers", b.layers, "build only N blocks; the rest are timed as one block alone x count (0: all)")

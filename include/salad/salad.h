@@ -47,6 +47,18 @@ enum class Gate { None, Static, Dynamic, StaticDynamic };
 const char* to_string(Gate g);
 Gate parse_gate(const std::string& s);  // "none" | "static" | "dynamic" | "static_dynamic"
 
+// What a SaladSelfAttention keeps of its last forward for last_attention() and last_scale().
+//   Auto:  All while grad mode is on (autograd holds these tensors anyway), Small under no-grad.
+//   All:   every output of the op (o_s, o_l, lse, block_idx, block_cnt) and s(x).
+//   Small: the block table (block_idx, block_cnt, a few percent of o_s) and s(x); o_s, o_l and
+//          lse become storage-free tensors on the meta device with their shape and dtype
+//          (sizes readable, data not). Inference keeps nothing large: Wan 14B at 720p would
+//          otherwise hold 40 layers x (o_s + o_l) = ~62 GB.
+//   None:  nothing (every field undefined).
+// A caller that reads o_s / o_l / lse values after an inference forward sets All first.
+enum class KeepLast { Auto, All, Small, None };
+const char* to_string(KeepLast k);
+
 struct LayerConfig {
   int64_t dim = 1536;
   int64_t heads = 12;
@@ -57,6 +69,7 @@ struct LayerConfig {
   bool static_per_head = false;   // static scale per head instead of per layer
   bool skip_linear = false;       // drop the linear branch of this layer (costs nothing)
   Impl impl = Impl::Auto;
+  KeepLast keep_last = KeepLast::Auto;  // see KeepLast
 };
 
 // RMSNorm over the last dimension with a learned weight (Wan: computed in float32).
@@ -83,6 +96,9 @@ class SaladSelfAttentionImpl : public torch::nn::Module {
   at::Tensor scale(const at::Tensor& x);
 
   LayerConfig& config() { return cfg_; }
+  // Shorthand for config().keep_last.
+  void keep_last(KeepLast k) { cfg_.keep_last = k; }
+  // The last forward's op outputs, as much of them as config().keep_last keeps.
   const AttentionOutput& last_attention() const { return last_; }
   // s(x) of the last salad-mode forward, (B,) or (B, H) (undefined before one):
   // the layers with the smallest mean |s| are the ones to drop.
@@ -93,6 +109,13 @@ class SaladSelfAttentionImpl : public torch::nn::Module {
   at::Tensor static_scale;
 
  private:
+  // The inference path (fused::inference_path): in-place qk-norms, the o and
+  // linear_o projections accumulated into one output, s(x) folded into the
+  // transposing copy of o_l.
+  at::Tensor forward_inference(const at::Tensor& x, const Grid& grid, const Options& opt);
+  // Keeps `out` (and s in salad mode) as config().keep_last says.
+  void store_last(AttentionOutput out, const at::Tensor& s);
+
   LayerConfig cfg_;
   AttentionOutput last_;
   at::Tensor last_scale_;

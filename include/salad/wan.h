@@ -98,6 +98,9 @@ class WanBlockImpl : public torch::nn::Module {
   at::Tensor modulation;               // (1, 6, C)
 
  private:
+  // ffn->forward(h); in inference on CUDA the first Linear and the GELU are one GEMM.
+  at::Tensor ffn_forward(const at::Tensor& h);
+
   double eps_;
 };
 TORCH_MODULE(WanBlock);
@@ -142,6 +145,9 @@ class WanModelImpl : public torch::nn::Module {
 
   const WanConfig& config() const { return cfg_; }
   const WanAttentionPlan& plan() const { return plan_; }
+  // What every block's self-attention keeps of its last forward (see KeepLast; default Auto:
+  // everything under grad mode, only the block tables and s(x) in inference).
+  void keep_last(KeepLast k);
   // Block `i` as its typed module.
   WanBlock block(int64_t i) const { return blocks_.at(static_cast<size_t>(i)); }
 

@@ -1,6 +1,7 @@
 // Wan 2.1 T2V DiT (official wan/modules/model.py semantics) with SALAD self-attention.
 #include "salad/wan.h"
 #include "model/text.h"
+#include "salad/fused.h"
 
 #include <cmath>
 #include <sstream>
@@ -10,11 +11,6 @@ namespace {
 // The dtype of the float32-kept path: float64 for a float64 model, else float32.
 at::ScalarType high_dtype(at::ScalarType compute) {
   return compute == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// LayerNorm without affine, computed in the high dtype (Wan: norm(x.float())).
-at::Tensor plain_layer_norm(const at::Tensor& x, double eps) {
-  return at::layer_norm(x, {x.size(-1)}, {}, {}, eps);
 }
 }  // namespace
 
@@ -97,7 +93,10 @@ WanCrossAttentionImpl::WanCrossAttentionImpl(int64_t dim, int64_t heads, bool qk
 at::Tensor WanCrossAttentionImpl::forward(const at::Tensor& x, const at::Tensor& context) {
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), Lc = context.size(1), H = heads_, D = C / H;
   at::Tensor qx = q->forward(x), kx = k->forward(context);
-  if (norm_q) qx = norm_q->forward(qx), kx = norm_k->forward(kx);
+  if (norm_q) {  // Wan's RMSNorm (fused::rms_norm), in place on the fresh projections
+    qx = fused::rms_norm(qx, norm_q->weight, norm_q->eps, /*reuse_x=*/true);
+    kx = fused::rms_norm(kx, norm_k->weight, norm_k->eps, /*reuse_x=*/true);
+  }
   const at::Tensor vx = v->forward(context);
   const at::Tensor y =
       at::scaled_dot_product_attention(qx.view({B, L, H, D}).transpose(1, 2), kx.view({B, Lc, H, D}).transpose(1, 2),
@@ -119,20 +118,50 @@ WanBlockImpl::WanBlockImpl(const WanConfig& cfg, const LayerConfig& attn) : eps_
   modulation = register_parameter("modulation", torch::randn({1, 6, C}) / std::sqrt(static_cast<double>(C)));
 }
 
+at::Tensor WanBlockImpl::ffn_forward(const at::Tensor& h) {
+  auto* l0 = ffn->ptr(0)->as<torch::nn::LinearImpl>();
+  auto* l2 = ffn->ptr(2)->as<torch::nn::LinearImpl>();
+  if (l0 && l2 && l0->bias.defined() && h.dim() == 3 && fused::inference_path(h, *ffn)) {
+    // Linear + GELU(tanh) as one GEMM with a bias+GELU epilogue, then the second Linear. On CUDA
+    // _addmm_activation's GELU is the tanh form (the cuBLASLt epilogue, applied in float32 before
+    // the bf16 rounding, or gelu_(.., "tanh") after a plain GEMM); on the CPU it would be the erf
+    // form, but this path is CUDA-only (inference_path).
+    const at::Tensor g = at::_addmm_activation(l0->bias, h.reshape({-1, h.size(2)}), l0->weight.t(), 1, 1,
+                                               /*use_gelu=*/true);
+    return l2->forward(g).view({h.size(0), h.size(1), -1});
+  }
+  return ffn->forward(h);
+}
+
+// The official block, written as five fused steps (fused.h; each is the eager
+// expression in its comment wherever the kernels do not apply):
+//   h = (LN(x) * (1 + m1) + m0).to(cdt)
+//   out = x + self_attn(h).to(hp) * m2;     h = norm3(out).to(cdt)   (out.to(cdt) without norm3)
+//   out = out + cross_attn(h).to(hp);       h = (LN(out) * (1 + m4) + m3).to(cdt)
+//   out = out + ffn(h).to(hp) * m5
 at::Tensor WanBlockImpl::forward(const at::Tensor& x, const at::Tensor& e, const Grid& grid,
                                  const at::Tensor& context) {
   const auto hp = x.scalar_type();
   const auto cdt = context.scalar_type();
   const std::vector<at::Tensor> m = (modulation.to(hp) + e).chunk(6, 1);  // each (B, 1, C)
-  // Self-attention on the modulated norm; gated residual in the high dtype.
-  at::Tensor h = plain_layer_norm(x, eps_) * (1 + m[1]) + m[0];
-  at::Tensor out = x + self_attn->forward(h.to(cdt), grid).to(hp) * m[2];
-  // Cross-attention: plain residual (norm3 has its own affine, computed in high precision).
-  h = norm3 ? norm3->forward(out.to(norm3->weight.scalar_type())) : out;
-  out = out + cross_attn->forward(h.to(cdt), context).to(hp);
-  // FFN on the modulated norm; gated residual.
-  h = plain_layer_norm(out, eps_) * (1 + m[4]) + m[3];
-  return out + ffn->forward(h.to(cdt)).to(hp) * m[5];
+  at::Tensor h = fused::modulated_norm(x, m[0], m[1], eps_, cdt);
+  at::Tensor out;
+  {
+    const at::Tensor a = self_attn->forward(h, grid);
+    h = at::Tensor();
+    if (norm3)
+      std::tie(out, h) = fused::residual_layer_norm(x, a, m[2], norm3->weight, norm3->bias, norm3->options.eps(), cdt);
+    else
+      std::tie(out, h) = fused::residual_layer_norm(x, a, m[2], {}, {}, 0.0, cdt);
+  }
+  {
+    const at::Tensor c = cross_attn->forward(h, context);
+    h = at::Tensor();
+    std::tie(out, h) = fused::residual_modulated_norm(out, c, {}, m[3], m[4], eps_, cdt, /*reuse_x=*/true);
+  }
+  const at::Tensor f = ffn_forward(h);
+  h = at::Tensor();
+  return fused::gated_residual(out, f, m[5], /*reuse_x=*/true);
 }
 
 // --- head ---------------------------------------------------------------------
@@ -144,8 +173,9 @@ WanHeadImpl::WanHeadImpl(int64_t dim, int64_t out_features, double eps) : eps_(e
 
 at::Tensor WanHeadImpl::forward(const at::Tensor& x, const at::Tensor& e) {
   const std::vector<at::Tensor> m = (modulation.to(x.scalar_type()) + e.unsqueeze(1)).chunk(2, 1);
-  const at::Tensor h = plain_layer_norm(x, eps_) * (1 + m[1]) + m[0];
-  return head->forward(h.to(head->weight.scalar_type())).to(x.scalar_type());
+  // (LN(x) * (1 + m1) + m0).to(head dtype), one kernel where fused.h applies.
+  const at::Tensor h = fused::modulated_norm(x, m[0], m[1], eps_, head->weight.scalar_type());
+  return head->forward(h).to(x.scalar_type());
 }
 
 // --- model --------------------------------------------------------------------
@@ -196,6 +226,11 @@ void WanModelImpl::set_dtype(at::ScalarType dtype) {
   }
 }
 
+void WanModelImpl::keep_last(KeepLast k) {
+  for (auto& b : blocks_) b->self_attn->keep_last(k);
+  plan_.base.keep_last = k;
+}
+
 Grid WanModelImpl::grid_of(at::IntArrayRef s) const {
   if (s.size() != 5) fail("x: expected a 5-D latent (B, C, F, H, W), got shape ", shape_str(s));
   for (int i = 0; i < 3; ++i)
@@ -229,8 +264,11 @@ at::Tensor WanModelImpl::forward(const at::Tensor& x, const at::Tensor& t, const
   const auto hp = high_dtype(cdt);
   const auto dev = patch_embedding->weight.device();
 
-  // Patches -> tokens (raster f, h, w), residual stream in the high dtype.
-  at::Tensor h = patch_embedding->forward(x.to(dev, cdt)).flatten(2).transpose(1, 2).to(hp);
+  // Patches -> tokens (raster f, h, w), residual stream in the high dtype, contiguous (B, L, C).
+  at::Tensor h = patch_embedding->forward(x.to(dev, cdt))
+                     .flatten(2)
+                     .transpose(1, 2)
+                     .to(hp, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
 
   // Time: sinusoid (float64) -> float32 MLP -> shared projection (B, 6, C).
   const at::Tensor e =

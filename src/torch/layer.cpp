@@ -2,11 +2,26 @@
 #include <cmath>
 #include <sstream>
 
+#include "salad/fused.h"
 #include "salad/salad.h"
 
 namespace salad {
 namespace {
+// A storage-free stand-in (meta device) with t's shape and dtype.
+at::Tensor meta_like(const at::Tensor& t) {
+  return t.defined() ? at::empty(t.sizes(), t.options().device(at::kMeta)) : t;
+}
 }  // namespace
+
+const char* to_string(KeepLast k) {
+  switch (k) {
+    case KeepLast::Auto: return "auto";
+    case KeepLast::All: return "all";
+    case KeepLast::Small: return "small";
+    case KeepLast::None: return "none";
+  }
+  return "?";
+}
 
 const char* to_string(Gate g) {
   switch (g) {
@@ -31,9 +46,9 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
 }
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
-  // Wan: (x.float() * rsqrt(mean(x.float()^2) + eps)).type_as(x) * weight; float64 stays float64.
-  const at::Tensor xf = x.scalar_type() == at::kDouble ? x : x.to(at::kFloat);
-  return (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(x.scalar_type()) * weight;
+  // Wan: (x.float() * rsqrt(mean(x.float()^2) + eps)).type_as(x) * weight; float64 stays float64
+  // (one CUDA kernel in inference, see fused.h).
+  return fused::rms_norm(x, weight, eps);
 }
 
 SaladSelfAttentionImpl::SaladSelfAttentionImpl(const LayerConfig& cfg) : cfg_(cfg) {
@@ -74,6 +89,26 @@ at::Tensor SaladSelfAttentionImpl::scale(const at::Tensor& x) {
   return cfg_.static_per_head && static_scale.defined() ? s : s.squeeze(1);
 }
 
+void SaladSelfAttentionImpl::store_last(AttentionOutput out, const at::Tensor& s) {
+  KeepLast k = cfg_.keep_last;
+  if (k == KeepLast::Auto) k = at::GradMode::is_enabled() ? KeepLast::All : KeepLast::Small;
+  switch (k) {
+    case KeepLast::All:
+      last_ = std::move(out);
+      if (s.defined()) last_scale_ = s.detach();
+      break;
+    case KeepLast::Small:
+      last_ = {meta_like(out.o_s), meta_like(out.o_l), meta_like(out.lse), out.block_idx, out.block_cnt};
+      if (s.defined()) last_scale_ = s.detach();
+      break;
+    case KeepLast::None:
+    case KeepLast::Auto:
+      last_ = {};
+      last_scale_ = at::Tensor();
+      break;
+  }
+}
+
 at::Tensor SaladSelfAttentionImpl::forward(const at::Tensor& x, const Grid& grid) {
   if (x.dim() != 3 || x.size(2) != cfg_.dim) {
     std::ostringstream s;
@@ -84,19 +119,57 @@ at::Tensor SaladSelfAttentionImpl::forward(const at::Tensor& x, const Grid& grid
   if (grid.size() != L)
     fail("grid: expected F*H*W equal to the token count L=", L, ", got ", grid.f, "*", grid.h, "*", grid.w, "=",
          grid.size());
+  Options opt = cfg_.attn;
+  if (cfg_.skip_linear && opt.mode == Mode::Salad) opt.mode = Mode::Sparse;
+  if (fused::inference_path(x, *this)) return forward_inference(x, grid, opt);
   at::Tensor qx = q->forward(x), kx = k->forward(x);
   if (cfg_.qk_norm) qx = norm_q->forward(qx), kx = norm_k->forward(kx);
   const at::Tensor vx = v->forward(x);
   auto heads = [&](const at::Tensor& t) { return t.view({B, L, H, D}).transpose(1, 2); };  // strided view
-  Options opt = cfg_.attn;
-  if (cfg_.skip_linear && opt.mode == Mode::Salad) opt.mode = Mode::Sparse;
-  last_ = attention(heads(qx), heads(kx), heads(vx), grid, opt, cfg_.impl);
-  at::Tensor y = o->forward(last_.o_s.transpose(1, 2).reshape({B, L, C}));
-  if (opt.mode != Mode::Salad) return y;
+  AttentionOutput out = attention(heads(qx), heads(kx), heads(vx), grid, opt, cfg_.impl);
+  at::Tensor y = o->forward(out.o_s.transpose(1, 2).reshape({B, L, C}));
+  if (opt.mode != Mode::Salad) {
+    store_last(std::move(out), {});
+    return y;
+  }
   at::Tensor s = scale(x);
-  last_scale_ = s.detach();
-  const at::Tensor ol = last_.o_l * (s.dim() == 2 ? s.view({B, H, 1, 1}) : s.view({B, 1, 1, 1}));
-  return y + linear_o->forward(ol.transpose(1, 2).reshape({B, L, C}));
+  const at::Tensor ol = out.o_l * (s.dim() == 2 ? s.view({B, H, 1, 1}) : s.view({B, 1, 1, 1}));
+  y = y + linear_o->forward(ol.transpose(1, 2).reshape({B, L, C}));
+  store_last(std::move(out), s);
+  return y;
+}
+
+at::Tensor SaladSelfAttentionImpl::forward_inference(const at::Tensor& x, const Grid& grid, const Options& opt) {
+  const int64_t B = x.size(0), L = x.size(1), C = cfg_.dim, H = cfg_.heads, D = C / H;
+  at::Tensor qx = q->forward(x), kx = k->forward(x);
+  if (cfg_.qk_norm) {  // in place: one read and one write of each projection
+    qx = fused::rms_norm(qx, norm_q->weight, norm_q->eps, /*reuse_x=*/true);
+    kx = fused::rms_norm(kx, norm_k->weight, norm_k->eps, /*reuse_x=*/true);
+  }
+  at::Tensor vx = v->forward(x);
+  auto heads = [&](const at::Tensor& t) { return t.view({B, L, H, D}).transpose(1, 2); };  // strided view
+  AttentionOutput out = attention(heads(qx), heads(kx), heads(vx), grid, opt, cfg_.impl);
+  qx.reset(), kx.reset(), vx.reset();  // free before the output projections
+  // (B, H, L, D) -> (B*L, C) rows: one transposing copy, into a buffer the linear branch reuses.
+  const at::Tensor rows = at::empty({B * L, C}, out.o_s.options());
+  at::Tensor rows_heads = heads(rows);
+  rows_heads.copy_(out.o_s);
+  if (opt.mode != Mode::Salad) {
+    at::Tensor y = o->forward(rows).view({B, L, C});
+    store_last(std::move(out), {});
+    return y;
+  }
+  // y = o(o_s) + linear_o(s * o_l) as one output: the biases summed into the first GEMM's
+  // epilogue, the second GEMM accumulating into it (beta = 1), s applied by the copy of o_l.
+  const at::Tensor s = scale(x);
+  const at::Tensor& bo = o->bias;
+  const at::Tensor& bl = linear_o->bias;
+  const at::Tensor bias = bo.defined() && bl.defined() ? bo + bl : bo.defined() ? bo : bl;
+  at::Tensor y = bias.defined() ? at::addmm(bias, rows, o->weight.t()) : at::mm(rows, o->weight.t());
+  at::mul_out(rows_heads, out.o_l, s.dim() == 2 ? s.view({B, H, 1, 1}) : s.view({B, 1, 1, 1}));
+  y.addmm_(rows, linear_o->weight.t());
+  store_last(std::move(out), s);
+  return y.view({B, L, C});
 }
 
 }  // namespace salad
