@@ -17,7 +17,7 @@ ninja -C build-gpu -j 16 >"$OUT/build.log" 2>&1 || { grep -E "error|Error" "$OUT
 echo "build: $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if [[ $what == *test* ]]; then
-  (cd build-gpu && SALAD_SEGV_TRACE=1 ctest --output-on-failure --timeout 900) >"$OUT/test.log" 2>&1
+  (cd build-gpu && SALAD_SEGV_TRACE=1 ctest --output-on-failure --timeout ${CTEST_TIMEOUT:-300}) >"$OUT/test.log" 2>&1
   grep -E "tests passed|tests failed|Failure|FAILED|PASSED|SKIPPED|Expected|actual|Which is|fatal signal" "$OUT/test.log" | head -40
 fi
 if [[ $what == *sanitize* ]]; then
@@ -51,13 +51,13 @@ PY
 fi
 if [[ $what == *bench* ]]; then
   for shape in wan1.3b-480p wan14b-480p wan14b-720p; do
-    build-gpu/salad bench-attn --shape $shape --device cuda --iters 20 --warmup 5 --backward \
+    timeout 120 build-gpu/salad bench-attn --shape $shape --device cuda --iters 20 --warmup 5 --backward \
       --variants sdpa,sparse,salad 2>&1 | tail -5
   done
 fi
 if [[ $what == *dit* ]]; then
   build-gpu/salad bench-dit --config wan2.1-1.3b --frames 81 --height 480 --width 832 --device cuda --iters 3 \
-    --warmup 1 2>&1 | tail -8
+    --warmup 1 --modes dense,salad --fused both 2>&1 | tail -16
 fi
 if [[ $what == *world* ]]; then
   DEADLINE_S=${DEADLINE_S:-440} COPY_TO=$OUT scripts/world_experiment.sh build-gpu/salad /tmp/world cuda 2>&1 | tail -30
