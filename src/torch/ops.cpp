@@ -40,7 +40,19 @@ void segv_trace(int sig) {
 }
 [[maybe_unused]] const bool kSegvTrace = [] {
   const char* e = std::getenv("SALAD_SEGV_TRACE");
-  if (e && e[0] == '1') std::signal(SIGSEGV, segv_trace);
+  if (!e || e[0] != '1') return false;
+  // Own signal stack, so a stack overflow is reported too.
+  static char alt[1 << 16];
+  stack_t ss{};
+  ss.ss_sp = alt;
+  ss.ss_size = sizeof(alt);
+  sigaltstack(&ss, nullptr);
+  struct sigaction sa {};
+  sa.sa_handler = segv_trace;
+  sa.sa_flags = SA_ONSTACK;
+  sigaction(SIGSEGV, &sa, nullptr);
+  sigaction(SIGBUS, &sa, nullptr);
+  sigaction(SIGABRT, &sa, nullptr);
   return true;
 }();
 
