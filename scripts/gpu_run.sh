@@ -2,11 +2,12 @@
 # Run on the GPU machine (device tool, carry [".devdeps", ".cutlass"]): build
 # against the machine's own PyTorch, run every test (CUDA ones included), then
 # the benchmarks. Logs go to $OUT; a short table is printed last.
-#   scripts/gpu_run.sh [test] [sanitize] [prof] [bench] [dit] [world]   (default: test bench sanitize)
+#   scripts/gpu_run.sh [test] [sanitize] [prof] [bench] [dit] [dit14] [world]   (default: test bench sanitize)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 what=${*:-test bench sanitize}
+has() { [[ " $what " == *" $1 "* ]]; }
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 export SALAD_CUTLASS_INCLUDE=$PWD/.cutlass
 t0=$(date +%s)
@@ -16,18 +17,18 @@ cmake -S . -B build-gpu -G Ninja -DSALAD_CUDA=ON -DSALAD_PYTHON=python3 -DSALAD_
 ninja -C build-gpu -j 16 >"$OUT/build.log" 2>&1 || { grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-if [[ $what == *test* ]]; then
+if has test; then
   (cd build-gpu && SALAD_SEGV_TRACE=1 ctest --output-on-failure --timeout ${CTEST_TIMEOUT:-300}) >"$OUT/test.log" 2>&1
   grep -E "tests passed|tests failed|Failure|FAILED|PASSED|SKIPPED|Expected|actual|Which is|fatal signal" "$OUT/test.log" | head -40
 fi
-if [[ $what == *sanitize* ]]; then
+if has sanitize; then
   for tool in memcheck racecheck; do
     SALAD_TEST_QUICK=1 compute-sanitizer --tool $tool --error-exitcode 9 build-gpu/salad_op_tests \
       --gtest_filter='SM90_Attention.ForwardAndBackward*' >"$OUT/sanitize_$tool.log" 2>&1
     echo "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' "$OUT/sanitize_$tool.log" | tail -2 | tr '\n' ' ')"
   done
 fi
-if [[ $what == *prof* ]]; then
+if has prof; then
   # Per-kernel time of one SALAD forward + backward at Wan1.3B-480p (ncu, kernels serialised).
   ncu --target-processes all --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed \
     --csv build-gpu/salad bench-attn --shape wan1.3b-480p --device cuda --iters 1 --warmup 0 --backward --variants salad \
@@ -49,16 +50,21 @@ for k, m in agg.items():
     print(f"{k:42s} {len(t):3d} {sum(t)/1e3:9.1f} {max(m['dram__throughput.avg.pct_of_peak_sustained_elapsed']):6.1f} {max(m['sm__throughput.avg.pct_of_peak_sustained_elapsed']):6.1f}")
 PY
 fi
-if [[ $what == *bench* ]]; then
+if has bench; then
   for shape in wan1.3b-480p wan14b-480p wan14b-720p; do
     timeout 120 build-gpu/salad bench-attn --shape $shape --device cuda --iters 20 --warmup 5 --backward \
       --variants sdpa,sparse,salad 2>&1 | tail -5
   done
 fi
-if [[ $what == *dit* ]]; then
+if has dit; then
   build-gpu/salad bench-dit --config wan2.1-1.3b --frames 81 --height 480 --width 832 --device cuda --iters 3 \
     --warmup 1 --modes dense,salad --fused both 2>&1 | tail -16
 fi
-if [[ $what == *world* ]]; then
+if has dit14; then
+  # Issue 4's memory check and 14B step: Wan2.1-14B at 720p, 81 frames, bf16 random weights.
+  build-gpu/salad bench-dit --config wan2.1-14b --frames 81 --height 720 --width 1280 --device cuda --iters 1 \
+    --warmup 0 --modes dense,salad --fused on 2>&1 | tail -10
+fi
+if has world; then
   DEADLINE_S=${DEADLINE_S:-440} COPY_TO=$OUT scripts/world_experiment.sh build-gpu/salad /tmp/world cuda 2>&1 | tail -30
 fi
