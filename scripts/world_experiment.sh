@@ -9,6 +9,7 @@
 # Environment:
 #   STAGES      stages to run, in this order (default: all)
 #               "pretrain free salad lora control ablate"
+#   ADAPTER     an existing SALAD adapter for the "salad" stage; skips its tuning
 #   BASE        an existing dense base; skips pretraining (a GPU call is at most
 #               10 minutes, so the table is made in two calls: the second one
 #               passes the first one's base)
@@ -63,10 +64,13 @@ if has free; then
   for k in 0.25 0.10 0.05; do ev --mode sparse --keep $k --label "sparse training-free keep $k"; done
 fi
 if has salad && left SALAD; then
-  t SALAD; ft salad --steps $FT_STEPS --mode salad --lora-rank $LORA_RANK
-  [ -n "$COPY_TO" ] && cp "$W/salad/adapter.safetensors" "$COPY_TO/adapter.safetensors" && cp "$W/salad/metrics.jsonl" "$COPY_TO/tuning.jsonl" || true
-  ev --mode salad --adapter "$W/salad/adapter.safetensors" --label "SALAD keep 0.10"
-  ev --mode salad --adapter "$W/salad/adapter.safetensors" --drop-linear 0.2 \
+  AD=${ADAPTER:-$W/salad/adapter.safetensors}
+  if [ -z "${ADAPTER:-}" ]; then
+    t SALAD; ft salad --steps $FT_STEPS --mode salad --lora-rank $LORA_RANK
+    [ -n "$COPY_TO" ] && cp "$W/salad/adapter.safetensors" "$COPY_TO/adapter.safetensors" && cp "$W/salad/metrics.jsonl" "$COPY_TO/tuning.jsonl" || true
+  fi
+  ev --mode salad --adapter "$AD" --label "SALAD keep 0.10"
+  ev --mode salad --adapter "$AD" --drop-linear 0.2 \
     --label "SALAD keep 0.10, linear branch dropped in the 20% of layers with the smallest |s|"
 fi
 if has lora && left "sparse + LoRA"; then
