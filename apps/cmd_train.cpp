@@ -46,7 +46,7 @@ struct TrainArgs {
     app->add_option("--save-every", save_every, "checkpoint period in steps")->capture_default_str();
     app->add_flag("--resume", resume, "continue from <out>/checkpoint.safetensors");
     app->add_option("--device", device, "cpu | cuda")->capture_default_str();
-    app->add_flag("--bf16", bf16, "bf16 autocast (CUDA)");
+    app->add_flag("--bf16", bf16, "bf16 autocast, float32 master weights (CUDA; on the CPU: the GPU numerics)");
     app->add_flag("--quiet", quiet, "no progress bar");
     app->add_option("--trainable", trainable, "groups: all | lora,linear_o,gate,static_scale")->capture_default_str();
     app->add_option("--mode", mode, "attention while training: dense | sparse | salad")->capture_default_str();

@@ -2,6 +2,7 @@
 // sparse model bit-for-bit, merge_lora equals the adapted model, adapter
 // round trips, shape errors, trainable groups, and (with SALAD_CLI set) the
 // `salad convert` / `salad merge` commands on a tiny checkpoint.
+#include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -173,6 +174,50 @@ TEST(LoRA, RandomBChangesOutputAndMergeMatches) {
   for (const auto& p : m->named_parameters(true)) EXPECT_NE(parameter_group(p.key()), "lora") << p.key();
   const at::Tensor merged = run(m, in);
   EXPECT_TRUE(torch::allclose(merged, adapted, 1e-5, 1e-5));
+}
+
+// A training loop that turns bf16 autocast on and off around its forward, as
+// C++ code does (at::autocast::set_autocast_enabled, no clear_cache()): the
+// "lora" pre-forward hook must still give every forward the current A and B.
+// It once composed W0 + s B A under autocast, so A and B (float32 leaves that
+// require grad) went into autocast's cast cache and every later forward reused
+// step 1's copies (B = 0): GPU-tuned adapters trained blind, eval was garbage.
+TEST(LoRA, AdaptersUnderAutocastUseTheCurrentFactors) {
+  torch::manual_seed(13);
+  const WanConfig c = WanConfig::preset("tiny");
+  WanModel m(c, small_options().plan());
+  randomize(m);
+  SaladConvertOptions o = small_options();
+  o.reinit = false;
+  convert_to_salad(m, o);
+  trainable_parameters(m, {"lora", "linear_o", "gate", "static_scale"});
+  const Inputs in = make_inputs(c);
+  auto autocast_forward = [&] {
+    at::autocast::set_autocast_enabled(at::kCPU, true);
+    at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+    at::Tensor y;
+    try {
+      y = m->forward(in.x, in.t, in.context).to(at::kFloat);  // with grad, as a training step
+    } catch (...) {
+      at::autocast::set_autocast_enabled(at::kCPU, false);
+      throw;
+    }
+    at::autocast::set_autocast_enabled(at::kCPU, false);
+    return y.detach();
+  };
+  auto rel = [](const at::Tensor& a, const at::Tensor& b) { return ((a - b).norm() / b.norm()).item<double>(); };
+  const at::Tensor first = autocast_forward();  // B = 0: the sparse model
+  EXPECT_LT(rel(first, run(m, in)), 0.03) << "bf16 autocast vs float32";
+  {  // an optimizer step: in place, the same tensors
+    torch::NoGradGuard ng;
+    for (const LoRALinear& l : find_lora(m)) l.B->weight.normal_(0.0, 0.5);
+  }
+  const at::Tensor fp32 = run(m, in);
+  ASSERT_GT(rel(fp32, first), 0.1) << "the new B must change the output";
+  const at::Tensor second = autocast_forward();
+  at::autocast::clear_cache();
+  EXPECT_LT(rel(second, fp32), 0.03) << "the autocast forward must see the updated B (not a cached bf16 copy of B = 0)";
+  for (const LoRALinear& l : find_lora(m)) EXPECT_EQ(l.linear->weight.scalar_type(), at::kFloat) << l.name;
 }
 
 TEST(LoRA, TrainableGroupsAndFrozenBase) {

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <random>
 
+#include "salad/lora.h"
 #include "salad/train.h"
 
 using namespace salad;
@@ -140,4 +141,48 @@ TEST(Train, BadSamplesStopWithTheirNameAndNothingSavedIsLost) {
   EXPECT_THROW(FlowDataset(d / "missing"), ArgumentError);
   EXPECT_NEAR(shift_sigma(0.5, 5.0), 2.5 / 3.0, 1e-12);
   EXPECT_DOUBLE_EQ(shift_sigma(1.0, 5.0), 1.0);
+}
+
+// bf16 autocast training (the GPU recipe, run on the CPU): what the trainer's
+// forward computes must be what the saved files give a fresh model. Autocast
+// caches bf16 copies of float32 leaves that require grad until the cache is
+// cleared; the trainer never cleared it, so on the GPU every step reused step 1's
+// LoRA factors (B = 0), patch embedding and 2-D-input biases: training losses
+// looked normal, A never moved, B drifted blind, and the saved adapters were
+// garbage in `salad eval` (held-out loss 1.33 vs 0.30 untuned).
+TEST(Train, Bf16AutocastTrainsWhatIsSaved) {
+  const FlowDataset data(make_data("autocast", 6));
+  // (a) SALAD + LoRA fine-tuning: the reloaded adapter gives the loss the trainer sees.
+  WanModel m = tiny_model();
+  SaladConvertOptions conv;
+  conv.attn = m->block(0)->self_attn->config().attn;
+  conv.lora.rank = 4, conv.lora.alpha = 8;
+  convert_to_salad(m, conv);
+  const auto before = snapshot(m);
+  TrainConfig c = small_config(fresh_dir("autocast_ft"));
+  c.steps = 12, c.lr = 3e-3, c.save_every = 12, c.bf16_autocast = true;
+  train_flow_matching(m, data, c);
+  const auto after = snapshot(m);
+  for (const auto& [name, t] : before)
+    if (name.find(".lora_A.") != std::string::npos)
+      EXPECT_GT((after.at(name) - t).abs().max().item<double>(), 1e-3) << name << " never trained (only weight decay)";
+  const fs::path file = c.out_dir / "adapter.safetensors";
+  save_adapter(m, file);
+  WanModel fresh = tiny_model();
+  load_adapter(fresh, file);
+  TrainConfig fp32 = c;
+  fp32.bf16_autocast = false;
+  const double seen = training_loss(m, data, c, c.steps), reloaded = training_loss(fresh, data, fp32, c.steps);
+  EXPECT_NEAR(seen, reloaded, 0.02 * reloaded) << "next training step's loss (bf16 autocast) vs the saved adapter (float32)";
+
+  // (b) Every weight trained (pretrain): the patch embedding (a conv) and the biases of
+  // the 2-D time-embedding inputs are cast from the leaves as they are.
+  WanModel p = tiny_model();
+  TrainConfig cp = small_config(fresh_dir("autocast_pt"));
+  cp.steps = 12, cp.lr = 3e-3, cp.save_every = 12, cp.bf16_autocast = true, cp.trainable = {"all"};
+  train_flow_matching(p, data, cp);
+  TrainConfig cp32 = cp;
+  cp32.bf16_autocast = false;
+  const double seen_p = training_loss(p, data, cp, cp.steps), fp32_p = training_loss(p, data, cp32, cp.steps);
+  EXPECT_NEAR(seen_p, fp32_p, 0.02 * fp32_p) << "bf16 autocast vs float32 forward of the trained weights";
 }

@@ -49,7 +49,9 @@ struct TrainConfig {
   int64_t log_every = 1;
   bool progress = true;          // progress bar on stderr
   bool resume = false;           // continue from out_dir/checkpoint.safetensors if present
-  bool bf16_autocast = false;    // CUDA only
+  // bf16 autocast of the forward on the model's device (CUDA; on the CPU it
+  // reproduces the GPU recipe's numerics), float32 master weights and optimizer.
+  bool bf16_autocast = false;
   // Parameter groups to train: "all", or any of "lora", "linear_o", "gate", "static_scale".
   std::vector<std::string> trainable = {"lora", "linear_o", "gate", "static_scale"};
   std::filesystem::path out_dir = "salad-run";
@@ -76,6 +78,14 @@ std::vector<std::string> select_trainable(WanModel& model, const std::vector<std
 // as an uninterrupted one. `on_step` runs after every update (tests stop runs there).
 TrainResult train_flow_matching(WanModel& model, const FlowDataset& data, const TrainConfig& cfg,
                                 const std::function<void(const TrainStepInfo&)>& on_step = nullptr);
+
+// The loss the forward of training step `step` (0-based: the batch, sigmas and
+// noise that step draws from cfg.seed; cfg.batch_size, cfg.shift and
+// cfg.bf16_autocast apply) computes for `model` as it is, without gradient. After
+// train_flow_matching ran k steps, training_loss(model, data, cfg, k) is what its
+// next step would see: a model loaded from the saved files must give the same
+// value with bf16_autocast off, up to bf16 rounding.
+double training_loss(WanModel& model, const FlowDataset& data, const TrainConfig& cfg, int64_t step);
 
 // Mean flow-matching loss over `samples` dataset items at `n_sigmas` fixed,
 // evenly spaced sigmas (no randomness but the seeded noise): the held-out loss.

@@ -3,6 +3,8 @@
 #include "salad/lora.h"
 #include "model/text.h"
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
 #include <algorithm>
 #include <cctype>
 #include <cmath>
@@ -224,6 +226,13 @@ void refresh_lora(WanModel& model) {
   // The graph must exist even when the caller is under NoGradGuard, or a later
   // training forward would silently give A and B no gradient.
   at::AutoGradMode grad_on(true);
+  // Never under autocast (the "lora" pre-forward hook runs inside the training
+  // forward): the merge stays in float32 as documented, and above all A and B,
+  // float32 leaves that require grad, must not reach autocast's cast cache. A
+  // cached bf16 copy outlives the step (until at::autocast::clear_cache()), so
+  // every later forward would reuse step 1's A and B (B = 0): the adapter
+  // would have no effect on training, A no gradient, and B would drift blind.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   for (const LoRALinear& l : find_lora(model)) {
     at::Tensor w = l.effective_weight();
     if (w.requires_grad()) {

@@ -240,12 +240,33 @@ void run_backward_cpu(const BwdParams& p, Impl impl) {
     cpu::fast_backward(p);
 }
 
+// bf16 autocast leaves float32 q, k (an RMSNorm with a float32 weight) next to a
+// bf16 v. Like the CUDA path, the CPU one takes such a mix of float32, bf16 and
+// fp16 (it computes in float32 anyway); other dtype mismatches stay errors.
+bool autocast_mix(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  auto mixable = [](const at::Tensor& t) {
+    return t.defined() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
+                           t.scalar_type() == at::kHalf);
+  };
+  return mixable(q) && mixable(k) && mixable(v) &&
+         (k.scalar_type() != q.scalar_type() || v.scalar_type() != q.scalar_type());
+}
+
+// The dtype q, k, v are validated and computed as.
+at::ScalarType cpu_input_type(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return autocast_mix(q, k, v) ? at::kFloat : q.scalar_type();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, SALAD_OPT_PARAMS) {
   const OpArgs a = make_args(SALAD_OPT_NAMES);
-  make_params(q_in, k_in, v_in, a);  // validate before any conversion
+  // validate before any conversion
+  if (autocast_mix(q_in, k_in, v_in))
+    make_params(q_in.to(at::kFloat), k_in.to(at::kFloat), v_in.to(at::kFloat), a);
+  else
+    make_params(q_in, k_in, v_in, a);
   const Impl im = parse_impl(a.impl);
-  const at::ScalarType ct = cpu_compute_type(q_in.scalar_type(), im);
+  const at::ScalarType ct = cpu_compute_type(cpu_input_type(q_in, k_in, v_in), im);
   const at::Tensor q = channel_contiguous(q_in.to(ct)), k = channel_contiguous(k_in.to(ct)),
                    v = channel_contiguous(v_in.to(ct));
   Params p = make_params(q, k, v, a);
@@ -267,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& idx, const at::Tensor& cnt, SALAD_OPT_PARAMS, bool deterministic) {
   const OpArgs a = make_args(SALAD_OPT_NAMES);
   const Impl im = parse_impl(a.impl);
-  const at::ScalarType in = q_in.scalar_type(), ct = cpu_compute_type(in, im);
+  const at::ScalarType ct = cpu_compute_type(cpu_input_type(q_in, k_in, v_in), im);
   auto cvt = [&](const at::Tensor& t) { return t.to(ct).contiguous(); };
   const at::Tensor q = cvt(q_in), k = cvt(k_in), v = cvt(v_in);
   BwdParams p;
@@ -291,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.deterministic = deterministic;
   run_backward_cpu(p, im);
-  return {dq.to(in), dk.to(in), dv.to(in)};
+  return {dq.to(q_in.scalar_type()), dk.to(k_in.scalar_type()), dv.to(v_in.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> select_cpu(const at::Tensor& q_in, const at::Tensor& k_in, c10::IntArrayRef grid,

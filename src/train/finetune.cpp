@@ -50,6 +50,68 @@ struct Adam {
   std::vector<at::Tensor> m, v;
 };
 
+// bf16 autocast on one device type for the extent of a forward, as torch.autocast
+// does it. Above all, leaving the outermost scope clears autocast's cast cache:
+// it keeps the bf16 copy of every float32 leaf that requires grad (the trained
+// parameters an op takes as is: LoRA factors, conv weights, the biases of
+// 2-D Linear inputs) until at::autocast::clear_cache(), so without the clear
+// every later step would compute with step 1's values of those parameters
+// while the optimizer moves the float32 masters the saved files hold.
+class AutocastScope {
+ public:
+  AutocastScope(at::DeviceType type, bool on) : type_(type), on_(on) {
+    if (!on_) return;
+    was_enabled_ = at::autocast::is_autocast_enabled(type_);
+    was_dtype_ = at::autocast::get_autocast_dtype(type_);
+    at::autocast::set_autocast_enabled(type_, true);
+    at::autocast::set_autocast_dtype(type_, at::kBFloat16);
+    at::autocast::increment_nesting();
+  }
+  ~AutocastScope() {
+    if (!on_) return;
+    at::autocast::set_autocast_enabled(type_, was_enabled_);
+    at::autocast::set_autocast_dtype(type_, was_dtype_);
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  }
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  at::DeviceType type_;
+  bool on_, was_enabled_ = false;
+  at::ScalarType was_dtype_ = at::kBFloat16;
+};
+
+// What training step `step` (0-based) draws: batch, sigmas, noise; a function of (seed, step) only.
+struct StepBatch {
+  at::Tensor xt, t, ctx, target;
+};
+
+StepBatch step_batch(const FlowDataset& data, const TrainConfig& cfg, int64_t step, const at::Device& dev) {
+  std::mt19937_64 rng(step_seed(cfg.seed, step));
+  std::vector<int64_t> idx(cfg.batch_size);
+  for (auto& i : idx) i = static_cast<int64_t>(rng() % static_cast<uint64_t>(data.size()));
+  auto [x0, ctx] = data.batch(idx);
+  at::Generator gen = at::detail::createCPUGenerator(step_seed(cfg.seed, step) ^ 0x5A5A5A5Aull);
+  const at::Tensor noise = at::randn(x0.sizes(), gen, at::kFloat);
+  std::vector<double> sig(cfg.batch_size);
+  std::uniform_real_distribution<double> uni(0.0, 1.0);
+  for (auto& s : sig) s = shift_sigma(uni(rng), cfg.shift);
+  const at::Tensor sigma = at::tensor(sig, at::kDouble).to(at::kFloat);
+  const at::Tensor sb = sigma.view({-1, 1, 1, 1, 1});
+  return {((1 - sb) * x0 + sb * noise).to(dev), (sigma * 1000).to(dev), ctx.to(dev), (noise - x0).to(dev)};
+}
+
+// The training forward and its loss (bf16 autocast on the model's device when asked).
+at::Tensor step_loss(WanModel& model, const StepBatch& b, bool bf16_autocast, const at::Device& dev) {
+  at::Tensor pred;
+  {
+    AutocastScope autocast(dev.type(), bf16_autocast);
+    pred = model->forward(b.xt, b.t, b.ctx);
+  }
+  return at::mse_loss(pred.to(at::kFloat), b.target);
+}
+
 }  // namespace
 
 double shift_sigma(double u, double shift) { return shift * u / (1.0 + (shift - 1.0) * u); }
@@ -152,29 +214,9 @@ TrainResult train_flow_matching(WanModel& model, const FlowDataset& data, const 
 
   std::ofstream metrics(log, std::ios::app);
   const auto t0 = std::chrono::steady_clock::now();
-  const int64_t n = data.size();
   while (step < cfg.steps) {
     const auto ts = std::chrono::steady_clock::now();
-    std::mt19937_64 rng(step_seed(cfg.seed, step));
-    std::vector<int64_t> idx(cfg.batch_size);
-    for (auto& i : idx) i = static_cast<int64_t>(rng() % static_cast<uint64_t>(n));
-    auto [x0, ctx] = data.batch(idx);
-    at::Generator gen = at::detail::createCPUGenerator(step_seed(cfg.seed, step) ^ 0x5A5A5A5Aull);
-    const at::Tensor noise = at::randn(x0.sizes(), gen, at::kFloat);
-    std::vector<double> sig(cfg.batch_size);
-    std::uniform_real_distribution<double> uni(0.0, 1.0);
-    for (auto& s : sig) s = shift_sigma(uni(rng), cfg.shift);
-    const at::Tensor sigma = at::tensor(sig, at::kDouble).to(at::kFloat);
-    const at::Tensor sb = sigma.view({-1, 1, 1, 1, 1});
-    const at::Tensor xt = ((1 - sb) * x0 + sb * noise).to(dev), target = (noise - x0).to(dev);
-    at::Tensor loss;
-    {
-      at::autocast::set_autocast_enabled(at::kCUDA, cfg.bf16_autocast && dev.is_cuda());
-      if (cfg.bf16_autocast && dev.is_cuda()) at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-      const at::Tensor pred = model->forward(xt, (sigma * 1000).to(dev), ctx.to(dev));
-      at::autocast::set_autocast_enabled(at::kCUDA, false);
-      loss = at::mse_loss(pred.to(at::kFloat), target);
-    }
+    const at::Tensor loss = step_loss(model, step_batch(data, cfg, step, dev), cfg.bf16_autocast, dev);
     for (auto& p : params) p.mutable_grad().reset();
     loss.backward();
     double gn2 = 0;
@@ -218,6 +260,14 @@ TrainResult train_flow_matching(WanModel& model, const FlowDataset& data, const 
   }
   res.final_step = step;
   return res;
+}
+
+double training_loss(WanModel& model, const FlowDataset& data, const TrainConfig& cfg, int64_t step) {
+  if (step < 0) fail("step: expected a 0-based step index >= 0, got ", step);
+  if (cfg.batch_size <= 0) fail("batch: expected a positive size, got ", cfg.batch_size);
+  torch::NoGradGuard ng;
+  const at::Device dev = model->parameters()[0].device();
+  return step_loss(model, step_batch(data, cfg, step, dev), cfg.bf16_autocast, dev).item<double>();
 }
 
 double flow_matching_loss(WanModel& model, const FlowDataset& data, int64_t samples, int64_t n_sigmas, uint64_t seed,
