@@ -251,7 +251,7 @@ void add_experiment_commands(CLI::App& app, Commands& cmds) {
   // salad demo ---------------------------------------------------------------
   struct DemoArgs {
     std::string assets = "assets", out = "salad-demo", device = "cpu";
-    std::string world = "v1";  // the world preset the shipped checkpoints were trained on
+    std::string world = "cpu";  // the world preset the shipped checkpoints were trained on
     int64_t prompts = 3, steps = 12;
     uint64_t seed = 7;
   };
