@@ -185,6 +185,42 @@ int run_merge(const MergeArgs& a) {
   return 0;
 }
 
+// salad reset-params: copies named tensors of a freshly initialised model (the
+// pretraining's torch seed) into a checkpoint. Repairs bases pretrained with
+// the autocast cast-cache bug (fixed in finetune.cpp), whose forward used the
+// initial values of a few tensors while the saved copies drifted.
+struct ResetArgs {
+  std::string model, out, config = "world", names;
+  uint64_t seed = 0;
+};
+
+int run_reset(const ResetArgs& a) {
+  WanAttentionPlan plan = WanAttentionPlan::uniform(Mode::Dense);
+  plan.base.gate = Gate::None;  // as `salad pretrain` builds it
+  WanModel m = load_wan_model(a.model, plan);
+  torch::manual_seed(a.seed);
+  WanModel fresh(WanConfig::preset(a.config), plan);
+  auto dst = m->named_parameters(true), src = fresh->named_parameters(true);
+  std::stringstream ss(a.names);
+  int n = 0;
+  torch::NoGradGuard ng;
+  for (std::string name; std::getline(ss, name, ',');) {
+    if (name.empty()) continue;
+    const at::Tensor* d = dst.find(name);
+    const at::Tensor* f = src.find(name);
+    if (!d || !f) throw ArgumentError("--names: '" + name + "' is not a parameter of the model");
+    if (d->sizes() != f->sizes())
+      throw ArgumentError("--names: '" + name + "' has another shape in --config " + a.config);
+    d->copy_(*f);
+    ++n;
+  }
+  if (n == 0) throw ArgumentError("--names: expected a comma list of parameter names, got none");
+  save_wan_weights(m, a.out);
+  std::printf("reset %d tensors of %s to their seed-%llu initial values -> %s\n", n, a.model.c_str(),
+              static_cast<unsigned long long>(a.seed), a.out.c_str());
+  return 0;
+}
+
 }  // namespace
 
 namespace salad::cli {
@@ -224,5 +260,14 @@ void add_model_commands(CLI::App& app, Commands& cmds) {
   m->add_option("--dtype", mer.dtype, "auto (the base's) | float32 | float64 | bfloat16 | float16")
       ->capture_default_str();
   cmds.push_back({m, [] { return run_merge(mer); }});
+
+  static ResetArgs rs;
+  auto* r = app.add_subcommand("reset-params", "copy named tensors of a fresh seeded model into a checkpoint");
+  r->add_option("--model", rs.model, "checkpoint to repair")->required();
+  r->add_option("--out", rs.out, "checkpoint to write (.safetensors, atomic)")->required();
+  r->add_option("--names", rs.names, "comma list of parameter names")->required();
+  r->add_option("--config", rs.config, "preset the checkpoint was pretrained from")->capture_default_str();
+  r->add_option("--seed", rs.seed, "the pretraining's --seed")->capture_default_str();
+  cmds.push_back({r, [] { return run_reset(rs); }});
 }
 }  // namespace salad::cli
