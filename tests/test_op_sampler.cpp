@@ -417,3 +417,35 @@ TEST(SM90_Generate, CliOnCudaMatchesCpu) {
   EXPECT_LT(rel, 0.05) << "bf16 CUDA vs float32 CPU latents, relative L2";
   EXPECT_GT(out["cpu"].std().item<double>(), 0.1);  // a real sample, not a constant
 }
+
+// `salad reset-params` puts back the seeded initial values of the named tensors and nothing else.
+TEST(ModelCli, ResetParamsRestoresSeededInitialValues) {
+  if (!std::getenv("SALAD_CLI")) GTEST_SKIP() << "SALAD_CLI not set";
+  TempDir dir;
+  WanAttentionPlan plan = WanAttentionPlan::uniform(Mode::Dense);
+  plan.base.gate = Gate::None;
+  torch::manual_seed(7);
+  WanModel init(WanConfig::preset("tiny"), plan);
+  const at::Tensor bias0 = init->named_parameters()["patch_embedding.bias"].clone();
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : init->parameters()) p.add_(0.5);  // "trained": every tensor moved
+  }
+  const at::Tensor head_moved = init->named_parameters()["head.head.weight"].clone();
+  save_wan_weights(init, dir.path / "model.safetensors");
+  const fs::path out = dir.path / "fixed.safetensors", log = dir.path / "log.txt";
+  ASSERT_EQ(run_cli("reset-params --model " + (dir.path / "model.safetensors").string() + " --out " + out.string() +
+                        " --config tiny --seed 7 --names patch_embedding.bias",
+                    log),
+            0)
+      << read_all(log);
+  const auto t = read_tensor_file(out);
+  EXPECT_TRUE(t.at("patch_embedding.bias").equal(bias0));
+  EXPECT_TRUE(t.at("head.head.weight").equal(head_moved));
+  // A name that is not a parameter is an error naming it.
+  EXPECT_NE(run_cli("reset-params --model " + (dir.path / "model.safetensors").string() + " --out " + out.string() +
+                        " --config tiny --names no.such.tensor",
+                    log),
+            0);
+  EXPECT_NE(read_all(log).find("no.such.tensor"), std::string::npos) << read_all(log);
+}
