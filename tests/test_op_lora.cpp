@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <string>
 
+#include "temp_dir.h"
 #include "salad/lora.h"
 #include "salad/wan.h"
 
@@ -18,20 +19,8 @@ using namespace salad;
 namespace fs = std::filesystem;
 namespace {
 
-// Not fs::remove_all: it binds to a broken copy exported by the pip libtorch.so.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() / ("salad_lora_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::vector<std::string> files;
-    for (const auto& e : fs::directory_iterator(path)) files.push_back(e.path().string());
-    for (const auto& f : files) std::remove(f.c_str());
-    ::rmdir(path.c_str());
-  }
+struct TempDir : test::TempDir {
+  TempDir() : test::TempDir("salad_lora") {}
 };
 
 template <class F>

@@ -17,6 +17,7 @@
 #include <string>
 
 #include "io/safetensors.h"
+#include "temp_dir.h"
 #include "salad/lora.h"
 #include "salad/sampler.h"
 
@@ -56,22 +57,8 @@ SamplerConfig config(Solver solver, int64_t steps, double shift) {
   return c;
 }
 
-void remove_flat_dir(const fs::path& dir) {  // not fs::remove_all (crashes with the pip libtorch.so)
-  std::vector<std::string> files;
-  for (const auto& e : fs::directory_iterator(dir)) files.push_back(e.path().string());
-  for (const auto& f : files) std::remove(f.c_str());
-  ::rmdir(dir.c_str());
-}
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path =
-        fs::temp_directory_path() / ("salad_sampler_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { remove_flat_dir(path); }
+struct TempDir : test::TempDir {
+  TempDir() : test::TempDir("salad_sampler") {}
 };
 
 WanModel tiny_model(Mode m = Mode::Salad) {

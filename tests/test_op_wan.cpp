@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 
+#include "temp_dir.h"
 #include "salad/fused.h"
 #include "salad/layout.h"
 #include "salad/wan.h"
@@ -26,24 +27,9 @@ double rel(const at::Tensor& a, const at::Tensor& b) {
   return ((a.to(at::kDouble) - bd).norm() / bd.norm().clamp_min(1e-300)).item<double>();
 }
 
-// Removes a directory of plain files. Not fs::remove_all, which binds to a
-// broken copy exported by the pip libtorch.so (segfaults).
-void remove_flat_dir(const fs::path& dir) {
-  std::vector<std::string> files;
-  for (const auto& e : fs::directory_iterator(dir)) files.push_back(e.path().string());
-  for (const auto& f : files) std::remove(f.c_str());
-  ::rmdir(dir.c_str());
-}
-
-// A fresh directory under the temp dir, removed at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() / ("salad_wan_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { remove_flat_dir(path); }
+using test::remove_dir;
+struct TempDir : test::TempDir {
+  TempDir() : test::TempDir("salad_wan") {}
 };
 
 WanConfig tiny(int64_t layers = 2) {
@@ -299,7 +285,7 @@ TEST(WanCheckpoint, SaveLoadRoundTripBothLayouts) {
     expect_same_state(a, b);
   }
   EXPECT_EQ(detect_wan_config(shard_dir).num_heads, c.num_heads);
-  remove_flat_dir(shard_dir);
+  remove_dir(shard_dir);
 
   // bf16 on disk loads into a float32 model with bf16 rounding.
   const fs::path f16 = dir.path / "bf16.safetensors";

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "io/safetensors.h"
+#include "temp_dir.h"
 #include "salad/eval.h"
 #include "salad/layout.h"
 #include "salad/media.h"
@@ -23,24 +24,8 @@ using namespace salad::world;
 namespace fs = std::filesystem;
 namespace {
 
-// Removes a directory of plain files (and one level of subdirectories). Not
-// fs::remove_all, which binds to a broken copy exported by the pip libtorch.so.
-void remove_dir(const fs::path& dir) {
-  std::vector<fs::path> files, dirs;
-  for (const auto& e : fs::directory_iterator(dir)) (e.is_directory() ? dirs : files).push_back(e.path());
-  for (const auto& d : dirs) remove_dir(d);
-  for (const auto& f : files) std::remove(f.c_str());
-  ::rmdir(dir.c_str());
-}
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() / ("salad_world_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { remove_dir(path); }
+struct TempDir : test::TempDir {
+  TempDir() : test::TempDir("salad_world") {}
 };
 
 // A colour of the palette used by no object and not the background.
