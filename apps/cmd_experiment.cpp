@@ -264,7 +264,7 @@ void add_experiment_commands(CLI::App& app, Commands& cmds) {
   demo->add_option("--steps", d.steps, "sampling steps (UniPC)")->capture_default_str();
   demo->add_option("--seed", d.seed, "seed of the prompts and the noise")->capture_default_str();
   demo->add_option("--device", d.device, "cpu | cuda")->capture_default_str();
-  demo->add_option("--world", d.world, "world preset of the prompts: the one the assets were trained on (v1 | cpu | gpu)")
+  demo->add_option("--world", d.world, "world preset of the prompts: the one the assets were trained on (cpu | gpu | v2 | v1)")
       ->capture_default_str();
   cmds.push_back({demo, [] {
                     const at::Device dev = parse_device(d.device);

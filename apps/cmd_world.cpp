@@ -31,8 +31,8 @@ struct WorldArgs {
   static bool given(const CLI::Option* o) { return o && o->count() > 0; }
   void add(CLI::App* app) {
     app->add_option("--preset", preset,
-                    "world: cpu (16x32x32, speed 0.09, texture 0.25) | gpu (16x64x64, same) | v1 (8x32x32, speed "
-                    "0.06, no texture: the first world)")
+                    "world: cpu (24x32x32, speed 0.12, texture 0.35) | gpu (24x64x64, same) | v2 (16x32x32, speed "
+                    "0.09, texture 0.25) | v1 (8x32x32, speed 0.06, no texture: the first world)")
         ->capture_default_str();
     o_frames = app->add_option("--frames", frames, "frames per video (default: the preset's)");
     o_height = app->add_option("--height", height, "frame height in pixels (default: the preset's)");

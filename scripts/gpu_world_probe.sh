@@ -10,11 +10,13 @@
 #   pace of the longest one so far, it ends before then); OUT (the table also goes to $OUT/probe.txt, rewritten after
 #   every variant); QUICK=1 (tiny counts on the CPU: checks every command line).
 # Variants (salad world flags):
-#   A  --preset v1                               8x32x32, flat, speed 0.06 (the old world)
-#   B  --preset cpu                              16x32x32, texture 0.25, speed 0.09
-#   C  --preset cpu --texture 0.35 --speed 0.12
-#   D  --preset cpu --frames 24                  24x32x32, texture 0.25
-#   E  --preset cpu --texture 0                  16x32x32 flat (texture's share of B)
+#   A  --preset v1                               8x32x32, flat, speed 0.06 (the first world)
+#   B  --preset v2                               16x32x32, texture 0.25, speed 0.09 (world runs 2-3)
+#   C  --preset v2 --texture 0.35 --speed 0.12
+#   D  --preset v2 --frames 24                   24x32x32, texture 0.25
+#   E  --preset v2 --texture 0                   16x32x32 flat (texture's share of B)
+#   F  --preset cpu                              24x32x32, texture 0.35, speed 0.12 (world run 4, shipped)
+#   G  --preset cpu --speed 0.09
 set -euo pipefail
 SALAD=$1; W=$2
 QUICK=${QUICK:-}
@@ -31,11 +33,13 @@ OUT=${OUT:-}
 flags() {
   case $1 in
     A) echo "--preset v1" ;;
-    B) echo "--preset cpu" ;;
-    C) echo "--preset cpu --texture 0.35 --speed 0.12" ;;
-    D) echo "--preset cpu --frames 24" ;;
-    E) echo "--preset cpu --texture 0" ;;
-    *) echo "unknown variant '$1' (expected A B C D E)" >&2; return 1 ;;
+    B) echo "--preset v2" ;;
+    C) echo "--preset v2 --texture 0.35 --speed 0.12" ;;
+    D) echo "--preset v2 --frames 24" ;;
+    E) echo "--preset v2 --texture 0" ;;
+    F) echo "--preset cpu" ;;
+    G) echo "--preset cpu --speed 0.09" ;;
+    *) echo "unknown variant '$1' (expected A B C D E F G)" >&2; return 1 ;;
   esac
 }
 t() { echo "[$(date +%T) +${SECONDS}s] $*" >&2; }

@@ -497,16 +497,19 @@ TEST(World, ConfigValidation) {
   c.speed = -1;
   EXPECT_THROW(c.validate(), ArgumentError);
   EXPECT_THROW(WorldConfig::preset("tpu"), ArgumentError);
-  for (const char* p : {"v1", "cpu", "gpu"})
+  for (const char* p : {"v1", "v2", "cpu", "gpu"})
     EXPECT_EQ(WorldConfig::from_json(WorldConfig::preset(p).to_json()).to_json(), WorldConfig::preset(p).to_json());
   // Presets.
-  const WorldConfig cpu = WorldConfig::preset("cpu"), gpu = WorldConfig::preset("gpu");
-  EXPECT_EQ(cpu.frames * cpu.height * cpu.width / 4, 4096);  // tokens of the 1x2x2 patch: 64 key blocks of 64
-  EXPECT_EQ(gpu.frames, 16);
+  const WorldConfig cpu = WorldConfig::preset("cpu"), gpu = WorldConfig::preset("gpu"), v2 = WorldConfig::preset("v2");
+  EXPECT_EQ(cpu.frames * cpu.height * cpu.width / 4, 6144);  // tokens of the 1x2x2 patch: 96 key blocks of 64
+  EXPECT_EQ(v2.frames * v2.height * v2.width / 4, 4096);
+  EXPECT_EQ(gpu.frames, 24);
   EXPECT_EQ(gpu.height, 64);
-  EXPECT_EQ(cpu.texture, 0.25);
+  EXPECT_EQ(cpu.texture, 0.35);
+  EXPECT_EQ(v2.texture, 0.25);
   EXPECT_EQ(gpu.texture, cpu.texture);
-  EXPECT_GT(cpu.speed, WorldConfig().speed);
+  EXPECT_GT(cpu.speed, v2.speed);
+  EXPECT_GT(v2.speed, WorldConfig().speed);
   // Texture fields: validated, with the field named.
   auto expect_error = [](const WorldConfig& w, const std::string& field) {
     try {
@@ -621,7 +624,7 @@ TEST(World, SampleFileRoundTrip) {
   const Sample ts = make_sample(WorldConfig::preset("cpu"), text, 11, 4);
   write_sample(dir.path / "tex.safetensors", ts);
   const Sample tr = read_sample(dir.path / "tex.safetensors");
-  EXPECT_EQ(tr.world.texture, 0.25);
+  EXPECT_EQ(tr.world.texture, WorldConfig::preset("cpu").texture);
   EXPECT_TRUE(render(tr.world, tr.scene).equal(ts.latents));
 
   // A file written before the texture existed (world JSON without it) still loads, flat.

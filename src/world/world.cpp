@@ -245,12 +245,14 @@ WorldConfig WorldConfig::preset(const std::string& name) {
   WorldConfig c;  // "v1"
   if (name == "v1") return c;
   c.frames = 16, c.speed = 0.09, c.texture = 0.25, c.texture_cell = 2;
+  if (name == "v2") return c;
+  c.frames = 24, c.speed = 0.12, c.texture = 0.35;
   if (name == "cpu") return c;
   if (name == "gpu") {
     c.height = 64, c.width = 64;
     return c;
   }
-  throw ArgumentError("world preset: expected cpu | gpu | v1, got '" + name + "'");
+  throw ArgumentError("world preset: expected cpu | gpu | v2 | v1, got '" + name + "'");
 }
 
 std::string WorldConfig::to_json() const {
