@@ -2,7 +2,7 @@
 # Run on the GPU machine (device tool, carry [".devdeps", ".cutlass"]): build
 # against the machine's own PyTorch, run every test (CUDA ones included), then
 # the benchmarks. Logs go to $OUT; a short table is printed last.
-#   scripts/gpu_run.sh [test] [sanitize] [prof] [bench] [dit] [dit14] [world]   (default: test bench sanitize)
+#   scripts/gpu_run.sh [test] [sanitize] [prof] [bench] [ab] [dit] [dit14] [world]   (default: test bench sanitize)
 # Env TARGETS: ninja targets to build (default: all), e.g. salad_cli; `none` as the
 # only stage just builds.
 set -uo pipefail
@@ -25,7 +25,7 @@ if has test; then
 fi
 if has sanitize; then
   for tool in memcheck racecheck; do
-    SALAD_TEST_QUICK=1 compute-sanitizer --tool $tool --error-exitcode 9 build-gpu/salad_op_tests \
+    SALAD_TEST_QUICK=1 timeout ${SANITIZE_TIMEOUT:-200} compute-sanitizer --tool $tool --error-exitcode 9 build-gpu/salad_op_tests \
       --gtest_filter='SM90_Attention.ForwardAndBackward*' >"$OUT/sanitize_$tool.log" 2>&1
     echo "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' "$OUT/sanitize_$tool.log" | tail -2 | tr '\n' ' ')"
   done
@@ -56,6 +56,16 @@ if has bench; then
   for shape in wan1.3b-480p wan14b-480p wan14b-720p; do
     timeout 120 build-gpu/salad bench-attn --shape $shape --device cuda --iters 20 --warmup 5 --backward \
       --variants sdpa,sparse,salad 2>&1 | tail -5
+  done
+fi
+if has ab; then
+  # A/B of kernel switches at Wan1.3B-480p, same build and card: one bench per setting
+  # (env AB: space-separated VAR=value items; "-" is the default build).
+  for e in ${AB:--}; do
+    echo "== $e"
+    if [ "$e" = - ]; then env_set=(); else env_set=("$e"); fi
+    env "${env_set[@]}" timeout 120 build-gpu/salad bench-attn --shape wan1.3b-480p --device cuda --iters 20 --warmup 5 \
+      --backward --variants sdpa,salad 2>&1 | tail -3
   done
 fi
 if has dit; then

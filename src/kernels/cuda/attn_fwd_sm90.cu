@@ -54,7 +54,7 @@ struct Sm90Args {
 
 // Shared memory (1024-byte aligned): Q [D/64][128 rows][128 B], the output
 // staging tile (same layout), K and V stages [kStages][D/64][64 rows][128 B]
-// (TMA 128-byte swizzle), then the valid-key count of each stage and the mbarriers.
+// (TMA 128-byte swizzle), then the mbarriers (8-byte aligned).
 template <int D>
 struct Smem {
   static constexpr int kQ = kM * D * 2;
@@ -63,8 +63,7 @@ struct Smem {
   static constexpr int kO = kQ;
   static constexpr int kK = kO + kQ;
   static constexpr int kV = kK + kStages * kTile;
-  static constexpr int kValid = kV + kStages * kTile;
-  static constexpr int kBar = kValid + 16 * kStages;
+  static constexpr int kBar = kV + kStages * kTile;
   static constexpr int kBytes = kBar + 8 * (3 * kStages + 2);
   static constexpr int kAlloc = kBytes + 1024;  // slack for aligning the dynamic base
 };

@@ -3,6 +3,8 @@
 // salad::cuda.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "internal.cuh"
@@ -116,8 +118,43 @@ __device__ __forceinline__ uint32_t order_key(float s) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// One warp: exact radix select of the k_keep largest of row[0 .. n_k) (shared memory), 32
+// one-bit passes, ties to the lower j; writes out[0 .. max_k) ascending, -1 padded.
+__device__ void select_row_smem(const float* row, int64_t n_k, int k_keep, int64_t max_k, int32_t* out,
+                                int lane) {
+  uint32_t thr = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    uint32_t cand = thr | (1u << bit);
+    int c = 0;
+    for (int64_t j = lane; j < n_k; j += 32) c += order_key(row[j]) >= cand;
+    c = __reduce_add_sync(0xffffffffu, c);
+    if (c >= k_keep) thr = cand;
+  }
+  int gt = 0;
+  for (int64_t j = lane; j < n_k; j += 32) gt += order_key(row[j]) > thr;
+  gt = __reduce_add_sync(0xffffffffu, gt);
+  const int need_eq = k_keep - gt;
+  int taken = 0, eq_seen = 0;
+  const uint32_t lt = (1u << lane) - 1u;
+  for (int64_t base = 0; base < n_k; base += 32) {
+    int64_t j = base + lane;
+    uint32_t key = j < n_k ? order_key(row[j]) : 0u;
+    bool in = j < n_k;
+    bool is_gt = in && key > thr, is_eq = in && key == thr;
+    uint32_t eq_mask = __ballot_sync(0xffffffffu, is_eq);
+    int eq_rank = eq_seen + __popc(eq_mask & lt);
+    bool take = is_gt || (is_eq && eq_rank < need_eq);
+    uint32_t take_mask = __ballot_sync(0xffffffffu, take);
+    if (take) out[taken + __popc(take_mask & lt)] = static_cast<int32_t>(j);
+    taken += __popc(take_mask);
+    eq_seen += __popc(eq_mask);
+  }
+  for (int64_t c = k_keep + lane; c < max_k; c += 32) out[c] = -1;
+}
+
 // CTA: kSelectRows query blocks of one (b, h). Scores S[i, j] = qmean_i . kmean_j * scale,
 // then per row (one warp) an exact radix select of the k largest, ties to the lower j.
+// The reference kernel (SALAD_SELECT_KERNEL=old); select_fast_kernel gives the same bits.
 __global__ void select_kernel(const float* __restrict__ qmean, const float* __restrict__ kmean,
                               int64_t n_q, int64_t n_k, int D, float scale, int k_keep,
                               int64_t max_k, int32_t* __restrict__ idx, int32_t* __restrict__ cnt) {
@@ -152,41 +189,160 @@ __global__ void select_kernel(const float* __restrict__ qmean, const float* __re
   }
   __syncthreads();
   for (int q = warp; q < rows; q += nwarp) {
-    const float* row = sc + q * n_k;
-    uint32_t thr = 0;
-    for (int bit = 31; bit >= 0; --bit) {
-      uint32_t cand = thr | (1u << bit);
-      int c = 0;
-      for (int64_t j = lane; j < n_k; j += 32) c += order_key(row[j]) >= cand;
-      c = __reduce_add_sync(0xffffffffu, c);
-      if (c >= k_keep) thr = cand;
+    select_row_smem(sc + q * n_k, n_k, k_keep, max_k, idx + (bh * n_q + i0 + q) * max_k, lane);
+    if (lane == 0) cnt[bh * n_q + i0 + q] = k_keep;
+  }
+}
+
+__host__ __device__ inline int select_stride(int n_k) { return (n_k + 31) / 32 * 32 + 4; }
+
+// Same contract and bits as select_kernel, faster (kSelectRows == 8 warps, blockDim 256).
+// Scores: lane l keeps qmean[q][l + 32 m] of the CTA's 8 rows in registers, slot r holding
+// row q = r ^ ((l >> 2) & 7), so the cross-lane sum of 8 rows is a 4 + 2 + 1 + 1 + 1 shuffle
+// transpose-reduce that adds the same pairs, in the same tree, as select_kernel's butterflies
+// (lane l ends with row (l >> 2) & 7). Selection (KPL > 0, n_k <= 32 KPL): the row's order
+// keys, key[t] of j = lane + 32 t, stay in registers; bits 31..16 of the threshold by one-bit
+// passes over them, then the low halves of the keys that share those 16 bits are compacted
+// into the row's (now free) score slots and bits 15..0 are found over those alone. KPL == 0:
+// select_row_smem. Shared memory: sc[kSelectRows][select_stride(n_k)] (= 4 mod 32: the 8 rows'
+// stores of one j fall in distinct banks).
+template <int D, int KPL>
+__global__ void __launch_bounds__(32 * kSelectRows, 2)
+    select_fast_kernel(const float* __restrict__ qmean, const float* __restrict__ kmean, int64_t n_q,
+                       int64_t n_k, float scale, int k_keep, int64_t max_k, int32_t* __restrict__ idx,
+                       int32_t* __restrict__ cnt) {
+  static_assert(kSelectRows == 8, "the transpose-reduce maps 8 rows onto lane bits 4..2");
+  constexpr int M = D / 32;  // channels per lane
+  constexpr int U = 2;       // key blocks per warp iteration (loads issued one iteration ahead)
+  extern __shared__ float sm[];
+  const int nk = static_cast<int>(n_k);  // L < 2^31
+  const int ld = select_stride(nk);
+  float* sc = sm;  // [kSelectRows][ld]
+  const int64_t bh = blockIdx.y;
+  const int64_t i0 = blockIdx.x * int64_t(kSelectRows);
+  const int rows = static_cast<int>(imin64(kSelectRows, n_q - i0));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarp = blockDim.x / 32;
+  const int sw = (lane >> 2) & 7;
+  float qr[kSelectRows][M];
+#pragma unroll
+  for (int r = 0; r < kSelectRows; ++r) {
+    const int q = r ^ sw;
+#pragma unroll
+    for (int m = 0; m < M; ++m) qr[r][m] = q < rows ? qmean[(bh * n_q + i0 + q) * D + lane + 32 * m] : 0.f;
+  }
+  const float* kb = kmean + bh * n_k * D + lane;
+  float kv[U][M];
+  auto load = [&](float(&dst)[U][M], int j) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int m = 0; m < M; ++m) dst[u][m] = j + u * nwarp < nk ? kb[(j + u * nwarp) * int64_t(D) + 32 * m] : 0.f;
+  };
+  load(kv, warp);
+  for (int j = warp; j < nk; j += U * nwarp) {
+    float nx[U][M];
+    load(nx, j + U * nwarp);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float acc[kSelectRows];
+#pragma unroll
+      for (int r = 0; r < kSelectRows; ++r) acc[r] = 0.f;
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < kSelectRows; ++r) acc[r] = fmaf(qr[r][m], kv[u][m], acc[r]);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r + 4], 16);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r + 2], 8);
+      acc[0] += __shfl_xor_sync(0xffffffffu, acc[1], 4);
+      acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], 2);
+      acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], 1);
+      const int jj = j + u * nwarp;
+      if ((lane & 3) == 0 && jj < nk) sc[sw * ld + jj] = acc[0] * scale;
     }
-    int gt = 0;
-    for (int64_t j = lane; j < n_k; j += 32) gt += order_key(row[j]) > thr;
-    gt = __reduce_add_sync(0xffffffffu, gt);
-    const int need_eq = k_keep - gt;
-    int taken = 0, eq_seen = 0;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int m = 0; m < M; ++m) kv[u][m] = nx[u][m];
+  }
+  __syncthreads();
+  for (int q = warp; q < rows; q += nwarp) {
+    float* row = sc + q * ld;
     int32_t* out = idx + (bh * n_q + i0 + q) * max_k;
-    const uint32_t lt = (1u << lane) - 1u;
-    for (int64_t base = 0; base < n_k; base += 32) {
-      int64_t j = base + lane;
-      uint32_t key = j < n_k ? order_key(row[j]) : 0u;
-      bool in = j < n_k;
-      bool is_gt = in && key > thr, is_eq = in && key == thr;
-      uint32_t eq_mask = __ballot_sync(0xffffffffu, is_eq);
-      int eq_rank = eq_seen + __popc(eq_mask & lt);
-      bool take = is_gt || (is_eq && eq_rank < need_eq);
-      uint32_t take_mask = __ballot_sync(0xffffffffu, take);
-      if (take) out[taken + __popc(take_mask & lt)] = static_cast<int32_t>(j);
-      taken += __popc(take_mask);
-      eq_seen += __popc(eq_mask);
+    if constexpr (KPL == 0) {
+      select_row_smem(row, n_k, k_keep, max_k, out, lane);
+    } else {
+      uint32_t key[KPL];
+#pragma unroll
+      for (int t = 0; t < KPL; ++t) key[t] = lane + 32 * t < nk ? order_key(row[lane + 32 * t]) : 0u;
+      // Padding keys (j >= n_k) are 0 and never reach a candidate (>= 1) nor exceed thr.
+      uint32_t thr = 0;
+#pragma unroll 1
+      for (int bit = 31; bit >= 16; --bit) {
+        const uint32_t cand = thr | (1u << bit);
+        int c = 0;
+#pragma unroll
+        for (int t = 0; t < KPL; ++t) c += key[t] >= cand;
+        if (__reduce_add_sync(0xffffffffu, c) >= k_keep) thr = cand;
+      }
+      // key >= (hi << 16 | low) <=> key >> 16 > hi, or key >> 16 == hi and its low half >= low.
+      const uint32_t hi = thr >> 16;
+      const uint32_t lt = (1u << lane) - 1u;
+      uint32_t* buf = reinterpret_cast<uint32_t*>(row);
+      int above = 0, n_eq = 0;
+      __syncwarp();  // every lane has read its scores before buf overwrites them
+#pragma unroll
+      for (int t = 0; t < KPL; ++t) {
+        above += (key[t] >> 16) > hi;
+        const bool match = lane + 32 * t < nk && (key[t] >> 16) == hi;
+        const uint32_t mm = __ballot_sync(0xffffffffu, match);
+        if (match) buf[n_eq + __popc(mm & lt)] = key[t] & 0xffffu;
+        n_eq += __popc(mm);
+      }
+      above = __reduce_add_sync(0xffffffffu, above);
+      __syncwarp();
+      uint32_t lo[4];
+#pragma unroll
+      for (int s = 0; s < 4; ++s) lo[s] = lane + 32 * s < n_eq ? buf[lane + 32 * s] : 0u;
+      uint32_t tl = 0;
+#pragma unroll 1
+      for (int bit = 15; bit >= 0; --bit) {
+        const uint32_t cand = tl | (1u << bit);
+        int c = 0;
+#pragma unroll
+        for (int s = 0; s < 4; ++s) c += lo[s] >= cand;
+        for (int e = lane + 128; e < n_eq; e += 32) c += buf[e] >= cand;
+        if (__reduce_add_sync(0xffffffffu, c) + above >= k_keep) tl = cand;
+      }
+      thr = hi << 16 | tl;
+      int gt = 0;
+#pragma unroll
+      for (int t = 0; t < KPL; ++t) gt += key[t] > thr;
+      gt = __reduce_add_sync(0xffffffffu, gt);
+      const int need_eq = k_keep - gt;
+      int taken = 0, eq_seen = 0;
+#pragma unroll
+      for (int t = 0; t < KPL; ++t) {
+        const int j = lane + 32 * t;
+        const bool in = j < nk;
+        const bool is_gt = in && key[t] > thr, is_eq = in && key[t] == thr;
+        const uint32_t eq_mask = __ballot_sync(0xffffffffu, is_eq);
+        const int eq_rank = eq_seen + __popc(eq_mask & lt);
+        const bool take = is_gt || (is_eq && eq_rank < need_eq);
+        const uint32_t take_mask = __ballot_sync(0xffffffffu, take);
+        if (take) out[taken + __popc(take_mask & lt)] = j;
+        taken += __popc(take_mask);
+        eq_seen += __popc(eq_mask);
+      }
+      for (int64_t c = k_keep + lane; c < max_k; c += 32) out[c] = -1;
     }
-    for (int64_t c = k_keep + lane; c < max_k; c += 32) out[c] = -1;
     if (lane == 0) cnt[bh * n_q + i0 + q] = k_keep;
   }
 }
 
 // One CTA per (b, h): offsets by counting, rows filled in ascending query-block order.
+// The reference kernel (SALAD_SELECT_KERNEL=old, or tables too large for invert_tiled_kernel).
 __global__ void invert_kernel(const int32_t* __restrict__ idx, const int32_t* __restrict__ cnt,
                               int64_t n_q, int64_t n_k, int64_t max_k, int32_t* __restrict__ off,
                               int32_t* __restrict__ rows) {
@@ -221,6 +377,154 @@ __global__ void invert_kernel(const int32_t* __restrict__ idx, const int32_t* __
     }
     __syncthreads();
   }
+}
+
+// Grid (b*h, tiles), kInvThreads threads; same off / rows as invert_kernel (rows of (b, h) at
+// bh * n_q * max_k). CTA (bh, s) owns key blocks [j0, j0 + C), C = 32 * words, and the R row
+// segments [r * seg, (r + 1) * seg) of each. Shared memory: cs[n_q] (clamped cnt), sel[n_q][words]
+// (bit j - j0 of row i: i kept j) and ct[C * R] (entries of column jl in segment r at jl * R + r,
+// then their exclusive offsets). Every CTA reads the whole idx of its (b, h); entries below j0
+// only add to the base offset. A thread per (jl, r) then walks its rows in ascending i.
+constexpr int kInvThreads = 1024;
+
+__global__ void __launch_bounds__(kInvThreads)
+    invert_tiled_kernel(const int32_t* __restrict__ idx, const int32_t* __restrict__ cnt, int n_q, int n_k,
+                        int max_k, int words, int R, int32_t* __restrict__ off, int32_t* __restrict__ rows) {
+  extern __shared__ uint32_t su[];
+  const int C = 32 * words, CR = C * R;
+  int32_t* cs = reinterpret_cast<int32_t*>(su);                // [n_q]
+  uint32_t* sel = su + n_q;                                     // [n_q][words]
+  int32_t* ct = reinterpret_cast<int32_t*>(sel + n_q * words);  // [C * R]
+  __shared__ int32_t wsum[kInvThreads / 32], wbelow[kInvThreads / 32];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nwarp = blockDim.x / 32;
+  const int64_t bh = blockIdx.x;
+  const int j0 = blockIdx.y * C, j1 = min(n_k, j0 + C);
+  const int seg = (n_q + R - 1) / R;
+  const int32_t* ib = idx + bh * n_q * int64_t(max_k);
+  const int32_t* cb = cnt + bh * n_q;
+  for (int e = tid; e < n_q * words + CR; e += blockDim.x) sel[e] = 0u;  // sel and ct
+  for (int i = tid; i < n_q; i += blockDim.x) cs[i] = min(max(cb[i], 0), max_k);
+  __syncthreads();
+  // Entries: count those below j0, mark those in the tile (a repeated j counts once).
+  int below = 0;
+  const uint32_t total = static_cast<uint32_t>(n_q) * static_cast<uint32_t>(max_k);
+  constexpr int kBatch = 8;  // loads in flight per thread
+  for (uint32_t e0 = tid; e0 < total; e0 += kBatch * blockDim.x) {
+    int jv[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const uint32_t e = e0 + b * blockDim.x;
+      jv[b] = e < total ? __ldg(ib + e) : -1;
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const uint32_t e = e0 + b * blockDim.x;
+      if (e >= total) break;
+      const int i = static_cast<int>(e / static_cast<uint32_t>(max_k)), c = static_cast<int>(e - i * max_k);
+      const int j = jv[b];
+      if (c >= cs[i] || j < 0 || j >= j1) continue;
+      if (j < j0) {
+        ++below;
+      } else {
+        const int jl = j - j0;
+        const uint32_t bit = 1u << (jl & 31);
+        if (!(atomicOr(&sel[i * words + (jl >> 5)], bit) & bit)) atomicAdd(&ct[jl * R + i / seg], 1);
+      }
+    }
+  }
+  // Exclusive scan of ct (thread-contiguous chunks), offset by the entries below j0.
+  __syncthreads();
+  const int per = (CR + blockDim.x - 1) / blockDim.x;
+  const int a = min(CR, tid * per), z = min(CR, a + per);
+  int local = 0;
+  for (int k = a; k < z; ++k) local += ct[k];
+  int inc = local;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += y;
+  }
+  below = __reduce_add_sync(0xffffffffu, below);
+  if (lane == 31) wsum[warp] = inc;
+  if (lane == 0) wbelow[warp] = below;
+  __syncthreads();
+  if (warp == 0) {
+    int v = lane < nwarp ? wsum[lane] : 0;
+    const int bl = __reduce_add_sync(0xffffffffu, lane < nwarp ? wbelow[lane] : 0);
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, v, o);
+      if (lane >= o) v += y;
+    }
+    wsum[lane] = bl + v;  // entries below j0 plus warps 0 .. lane, inclusive
+    if (lane == 0) wbelow[0] = bl;
+  }
+  __syncthreads();
+  int run = (warp ? wsum[warp - 1] : wbelow[0]) + inc - local;
+  for (int k = a; k < z; ++k) {
+    const int v = ct[k];
+    ct[k] = run;
+    run += v;
+  }
+  __syncthreads();
+  int32_t* ob = off + bh * (n_k + 1);
+  for (int jl = tid; jl < j1 - j0; jl += blockDim.x) ob[j0 + jl] = ct[jl * R];
+  if (j1 == n_k && tid == 0) ob[n_k] = wsum[nwarp - 1];
+  int32_t* rb = rows + bh * n_q * int64_t(max_k);
+  for (int t = tid; t < CR; t += blockDim.x) {
+    const int r = t / C, jl = t - r * C;  // a warp shares r and one sel word: broadcast loads
+    if (j0 + jl >= j1) continue;
+    int pos = ct[jl * R + r];
+    const uint32_t* col = sel + (jl >> 5);
+    const int sh = jl & 31, i_end = min(n_q, (r + 1) * seg);
+#pragma unroll 4
+    for (int i = r * seg; i < i_end; ++i)
+      if ((col[i * words] >> sh) & 1u) rb[pos++] = i;
+  }
+}
+
+// SALAD_SELECT_KERNEL=old: the reference select_kernel / invert_kernel (A/B timing).
+bool old_select_kernels() {
+  const char* e = std::getenv("SALAD_SELECT_KERNEL");
+  return e && std::strcmp(e, "old") == 0;
+}
+
+using SelectFn = void (*)(const float*, const float*, int64_t, int64_t, float, int, int64_t, int32_t*, int32_t*);
+// Smallest keys-per-lane instantiation that holds n_k; 0 (keys in shared memory) past 32 * 40.
+template <int D>
+SelectFn pick_select(int64_t n_k) {
+  const int64_t kpl = (n_k + 31) / 32;
+  if (kpl <= 4) return select_fast_kernel<D, 4>;
+  if (kpl <= 8) return select_fast_kernel<D, 8>;
+  if (kpl <= 16) return select_fast_kernel<D, 16>;
+  if (kpl <= 24) return select_fast_kernel<D, 24>;
+  if (kpl <= 32) return select_fast_kernel<D, 32>;
+  if (kpl <= 40) return select_fast_kernel<D, 40>;
+  return select_fast_kernel<D, 0>;
+}
+
+// Tiling of invert_tiled_kernel: up to 8 column tiles per (b, h) (about two CTAs per SM of an
+// H100 in all), narrower where the bitmap would pass 160 KB; words = 0: it does not fit.
+struct InvertTiles {
+  int words = 0, R = 1;
+  int64_t tiles = 0;
+  size_t smem = 0;
+};
+InvertTiles invert_tiles(const Plan& pl) {
+  InvertTiles t;
+  if (pl.n_k <= 0 || pl.n_q <= 0 || pl.n_q * std::max<int64_t>(pl.max_k, 1) >= (int64_t{1} << 31)) return t;
+  const int64_t target = std::clamp<int64_t>(264 / std::max<int64_t>(pl.BH, 1), 1, 8);
+  int64_t words = std::max<int64_t>(2, ((pl.n_k + target - 1) / target + 31) / 32);
+  words = std::min(words, (pl.n_k + 31) / 32);
+  auto bytes = [&](int64_t w, int64_t R) { return sizeof(int32_t) * (pl.n_q * (1 + w) + 32 * w * R); };
+  auto rsegs = [&](int64_t w) { return std::max<int64_t>(1, std::min<int64_t>(kInvThreads / (32 * w), pl.n_q)); };
+  while (words > 1 && bytes(words, rsegs(words)) > 160 * 1024) words = (words + 1) / 2;
+  if (bytes(words, rsegs(words)) > 160 * 1024 || (pl.n_k + 32 * words - 1) / (32 * words) > 65535) return t;
+  t.words = static_cast<int>(words);
+  t.R = static_cast<int>(rsegs(words));
+  t.tiles = (pl.n_k + 32 * words - 1) / (32 * words);
+  t.smem = bytes(words, t.R);
+  return t;
 }
 
 }  // namespace
@@ -351,18 +655,42 @@ void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
   size_t smem = sizeof(float) * kSelectRows * (p.D + pl.n_k);
   if (smem > 200 * 1024)
     throw ArgumentError("L: too many key blocks for the GPU top-k (n_k=" + std::to_string(pl.n_k) + ")");
-  if (smem > 48 * 1024)
-    SALAD_CUDA_CHECK(cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
   dim3 grid(static_cast<unsigned>((pl.n_q + kSelectRows - 1) / kSelectRows), static_cast<unsigned>(pl.BH));
-  select_kernel<<<grid, 32 * kSelectRows, smem, s>>>(
-      at<float>(ws, pl.qmean), at<float>(ws, pl.kmean), pl.n_q, pl.n_k, static_cast<int>(p.D),
-      static_cast<float>(p.softmax_scale()), static_cast<int>(pl.max_k), pl.max_k, p.block_idx,
-      p.block_cnt);
+  const float scale = static_cast<float>(p.softmax_scale());
+  if (old_select_kernels()) {
+    if (smem > 48 * 1024)
+      SALAD_CUDA_CHECK(cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
+    select_kernel<<<grid, 32 * kSelectRows, smem, s>>>(at<float>(ws, pl.qmean), at<float>(ws, pl.kmean), pl.n_q,
+                                                       pl.n_k, static_cast<int>(p.D), scale,
+                                                       static_cast<int>(pl.max_k), pl.max_k, p.block_idx,
+                                                       p.block_cnt);
+  } else {
+    smem = sizeof(float) * kSelectRows * select_stride(static_cast<int>(pl.n_k));
+    SelectFn fn = p.D == 64 ? pick_select<64>(pl.n_k) : pick_select<128>(pl.n_k);
+    if (smem > 48 * 1024)
+      SALAD_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    fn<<<grid, 32 * kSelectRows, smem, s>>>(at<float>(ws, pl.qmean), at<float>(ws, pl.kmean), pl.n_q, pl.n_k, scale,
+                                            static_cast<int>(pl.max_k), pl.max_k, p.block_idx, p.block_cnt);
+  }
   SALAD_LAUNCH_CHECK();
 }
 
 void launch_invert(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
+  int32_t* off = at<int32_t>(ws, pl.inv_off);
+  int32_t* rows = at<int32_t>(ws, pl.inv_rows);
+  const InvertTiles t = invert_tiles(pl);
+  if (t.words > 0 && !old_select_kernels()) {
+    if (t.smem > 48 * 1024)
+      SALAD_CUDA_CHECK(cudaFuncSetAttribute(invert_tiled_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(t.smem)));
+    dim3 grid(static_cast<unsigned>(pl.BH), static_cast<unsigned>(t.tiles));
+    invert_tiled_kernel<<<grid, kInvThreads, t.smem, s>>>(p.block_idx, p.block_cnt, static_cast<int>(pl.n_q),
+                                                         static_cast<int>(pl.n_k), static_cast<int>(pl.max_k),
+                                                         t.words, t.R, off, rows);
+    SALAD_LAUNCH_CHECK();
+    return;
+  }
   size_t smem = sizeof(int32_t) * (2 * pl.n_k + 1);
   if (smem > 200 * 1024)
     throw ArgumentError("L: too many key blocks for the GPU inverse table (n_k=" + std::to_string(pl.n_k) + ")");
@@ -370,8 +698,7 @@ void launch_invert(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
     SALAD_CUDA_CHECK(cudaFuncSetAttribute(invert_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
   invert_kernel<<<static_cast<unsigned>(pl.BH), 256, smem, s>>>(p.block_idx, p.block_cnt, pl.n_q, pl.n_k,
-                                                                pl.max_k, at<int32_t>(ws, pl.inv_off),
-                                                                at<int32_t>(ws, pl.inv_rows));
+                                                                pl.max_k, off, rows);
   SALAD_LAUNCH_CHECK();
 }
 
