@@ -692,14 +692,15 @@ __device__ __forceinline__ void state_transform(const LinArgs& g, bf16* X, int64
 // part[bh][chunk] = X^T Y over the chunk's tokens (D x D, fp32).
 // TRANSFORM: X = k (raw), transformed to c = R phi(k), zpart = sum phi(k).
 // !TRANSFORM: X used as is (a / den), Y = dO; no z.
-// The next tile is already prefetched (two stages). PIPE: launch bounds for 2 CTAs / SM (D = 128 with
-// TRANSFORM otherwise takes 192 registers -> 1 CTA = 8 warps / SM and two waves on the ~2 CTAs / SM grid);
-// costs a few loop-invariant spills; same PTX apart from the bound (!PIPE: 0 = no minimum, as before).
-template <int D, bool TRANSFORM, bool PIPE>
-__global__ void __launch_bounds__(kT, PIPE ? 2 : 0)
-    state_mma_kernel(LinArgs g, const bf16* __restrict__ X, int64_t xsb, int64_t xsh, int64_t xst,
-                     const bf16* __restrict__ Y, int64_t ysb, int64_t ysh, int64_t yst, float* __restrict__ part,
-                     float* __restrict__ zpart) {
+// 2 CTAs / SM: without the bound, D = 128 with TRANSFORM took 192 registers -> 8 warps / SM and two
+// waves of the ~2 CTAs / SM grid; with it, a few loop-invariant spills and 16% less time (H100, ncu:
+// 197 -> 166 us at Wan1.3B-480p). The double-buffered apply kernels tried alongside were no faster
+// (bwd q side 506 -> 557 us, k side 441 -> 442 us) and were dropped.
+template <int D, bool TRANSFORM>
+__global__ void __launch_bounds__(kT, 2) state_mma_kernel(LinArgs g, const bf16* __restrict__ X, int64_t xsb, int64_t xsh,
+                                                       int64_t xst, const bf16* __restrict__ Y, int64_t ysb,
+                                                       int64_t ysh, int64_t yst, float* __restrict__ part,
+                                                       float* __restrict__ zpart) {
   constexpr int CPL = D / 8;
   constexpr int MT = D / 32, NT = D / 32;  // warp tile (D/2) x (D/4): MT m16 tiles, NT n8 tiles
   extern __shared__ __align__(16) unsigned char smraw[];
@@ -1020,24 +1021,20 @@ __device__ __forceinline__ void bwd_epilogue(const LinArgs& g, float (&acc)[D / 
 // ---------------------------------------------------------------- backward, query side (mma)
 // Per 16-token warp tile: den, dden = -(dO . O) / den, as = R phi(q) / den (bf16, for dSv),
 // dz partial, and dq = phi'(R^T (dO Sv^T) / den + dden z) with Sv = hi + lo.
-// PIPE: q and dO tiles double-buffered (next tile prefetched with cp.async during this one), o_l staged
-// in smem too (its next tile is fetched once the row pass is done with it); same arithmetic as !PIPE.
-template <int D, bool PIPE>
+template <int D>
 __global__ void __launch_bounds__(kT) apply_bwd_q_mma_kernel(LinArgs g, const bf16* __restrict__ q,
                                                              const bf16* __restrict__ ol, const bf16* __restrict__ dol,
                                                              const bf16* __restrict__ svhl, const float* __restrict__ zv,
                                                              bf16* __restrict__ as_out, float* __restrict__ dzpart,
                                                              float* __restrict__ dq) {
   constexpr int CPL = D / 8;
-  constexpr int NB = PIPE ? 5 : 2;  // warp tiles per warp
   extern __shared__ __align__(16) unsigned char smraw[];
   bf16* Sh = reinterpret_cast<bf16*>(smraw);  // D x D hi
   bf16* Sl = Sh + D * D;                      // D x D lo
-  bf16* Wb = Sl + D * D;                      // [kW][NB][kWT * D]: raw q, dO (PIPE: q, dO, q', dO', o_l)
-  float* zs = reinterpret_cast<float*>(Wb + kW * NB * kWT * D);  // D
-  float* st = zs + D;                                            // [kW][4][kWT]
-  // [kW][D]; PIPE: over the tiles (dead after the loop; written after a __syncthreads).
-  float* dzw = PIPE ? reinterpret_cast<float*>(Wb) : st + kW * 4 * kWT;
+  bf16* Wb = Sl + D * D;                      // [kW][2][kWT * D]: raw q, dO
+  float* zs = reinterpret_cast<float*>(Wb + kW * 2 * kWT * D);  // D
+  float* st = zs + D;                                           // [kW][4][kWT]
+  float* dzw = st + kW * 4 * kWT;                               // [kW][D]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, s = lane & 7;
   const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
   const Range rg = cta_range(g);
@@ -1053,44 +1050,18 @@ __global__ void __launch_bounds__(kT) apply_bwd_q_mma_kernel(LinArgs g, const bf
   const bf16* qb = q + b * g.q_sb + h * g.q_sh;
   const bf16* ob = ol + bh * g.L * D;
   const bf16* gb = dol + bh * g.L * D;
-  bf16* const wbuf = Wb + warp * NB * kWT * D;
-  bf16* const Os = wbuf + 4 * kWT * D;  // PIPE only
+  bf16* Qs = Wb + warp * 2 * kWT * D;
+  bf16* Gs = Qs + kWT * D;
   float* s_inv = st + warp * 4 * kWT;
   float* s_dd = s_inv + kWT;
   float* s_mx = s_dd + kWT;
   float* s_iv = s_mx + kWT;
-  int tile = warp;
-  if constexpr (PIPE) {
-    if (tile < rg.ntile) {
-      const int64_t base = rg.t0 + int64_t(tile) * kWT;
-      load_rows<D>(wbuf, qb, g.q_st, base, rg.t1, kWT, lane, 32);
-      load_rows<D>(wbuf + kWT * D, gb, D, base, rg.t1, kWT, lane, 32);
-      load_rows<D>(Os, ob, D, base, rg.t1, kWT, lane, 32);
-    }
-    cp_async_commit();
-  }
-  // Groups in flight at the wait (PIPE): [q, dO](i), o_l(i), [q, dO](i + 1) -> wait<1> leaves the last.
-  for (int i = 0; tile < rg.ntile; ++i, tile += kW) {
+  for (int tile = warp; tile < rg.ntile; tile += kW) {
     const int64_t base = rg.t0 + int64_t(tile) * kWT;
-    bf16* Qs = wbuf + (PIPE ? (i & 1) * 2 * kWT * D : 0);
-    bf16* Gs = Qs + kWT * D;
-    const bool more = tile + kW < rg.ntile;
-    if constexpr (PIPE) {
-      if (more) {
-        bf16* Qn = wbuf + ((i + 1) & 1) * 2 * kWT * D;
-        load_rows<D>(Qn, qb, g.q_st, base + kW * kWT, rg.t1, kWT, lane, 32);
-        load_rows<D>(Qn + kWT * D, gb, D, base + kW * kWT, rg.t1, kWT, lane, 32);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-    } else {
-      load_rows<D>(Qs, qb, g.q_st, base, rg.t1, kWT, lane, 32);
-      load_rows<D>(Gs, gb, D, base, rg.t1, kWT, lane, 32);
-      cp_async_commit();
-      cp_async_wait<0>();
-    }
+    load_rows<D>(Qs, qb, g.q_st, base, rg.t1, kWT, lane, 32);
+    load_rows<D>(Gs, gb, D, base, rg.t1, kWT, lane, 32);
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncwarp();
 #pragma unroll
     for (int rr = 0; rr < kWT / 4; ++rr) {
@@ -1103,8 +1074,7 @@ __global__ void __launch_bounds__(kT) apply_bwd_q_mma_kernel(LinArgs g, const bf
         unpack8(Qs + swz<D>(row, s * CPL + 8 * c), x + 8 * c);
         unpack8(Gs + swz<D>(row, s * CPL + 8 * c), gv + 8 * c);
         if (ok) {
-          if constexpr (PIPE) unpack8(Os + swz<D>(row, s * CPL + 8 * c), ov + 8 * c);
-          else unpack8(ob + (base + row) * D + s * CPL + 8 * c, ov + 8 * c);
+          unpack8(ob + (base + row) * D + s * CPL + 8 * c, ov + 8 * c);
         } else {
           for (int e = 0; e < 8; ++e) ov[8 * c + e] = 0.f;
         }
@@ -1129,12 +1099,6 @@ __global__ void __launch_bounds__(kT) apply_bwd_q_mma_kernel(LinArgs g, const bf
       if (s == 0) s_inv[row] = ok ? id : 0.f, s_dd[row] = dd, s_mx[row] = mx, s_iv[row] = iv;
     }
     __syncwarp();
-    if constexpr (PIPE) {
-      if (more) {  // o_l is consumed: fetch the next tile's during the GEMMs and the epilogue
-        load_rows<D>(Os, ob, D, base + kW * kWT, rg.t1, kWT, lane, 32);
-        cp_async_commit();
-      }
-    }
     float acc[D / 8][4];
     zero_acc<D>(acc);
     warp_gemm<D, true>(acc, Gs, Sh, lane);
@@ -1148,7 +1112,6 @@ __global__ void __launch_bounds__(kT) apply_bwd_q_mma_kernel(LinArgs g, const bf
     dzacc[c] += __shfl_xor_sync(0xffffffffu, dzacc[c], 8);
     dzacc[c] += __shfl_xor_sync(0xffffffffu, dzacc[c], 16);
   }
-  if constexpr (PIPE) __syncthreads();  // dzw overlays other warps' tiles
   if (lane < 8)
 #pragma unroll
     for (int c = 0; c < CPL; ++c) dzw[warp * D + s * CPL + c] = dzacc[c];
@@ -1162,20 +1125,17 @@ __global__ void __launch_bounds__(kT) apply_bwd_q_mma_kernel(LinArgs g, const bf
 
 // ---------------------------------------------------------------- backward, key side (mma)
 // Per 16-token warp tile: dc = v dSv^T -> dk = phi'(R^T dc + dz); dv = c dSv with c = R phi(k).
-// PIPE: k and v tiles double-buffered (next tile prefetched with cp.async during this one); same
-// arithmetic as !PIPE.
-template <int D, bool PIPE>
+template <int D>
 __global__ void __launch_bounds__(kT) apply_bwd_k_mma_kernel(LinArgs g, const bf16* __restrict__ kin,
                                                              const bf16* __restrict__ vin, const bf16* __restrict__ dsv,
                                                              const float* __restrict__ dzv, float* __restrict__ dk,
                                                              float* __restrict__ dv) {
   constexpr int CPL = D / 8;
-  constexpr int NB = PIPE ? 5 : 3;  // warp tiles per warp
   extern __shared__ __align__(16) unsigned char smraw[];
   bf16* Ms = reinterpret_cast<bf16*>(smraw);  // dSv, D x D
-  bf16* Wb = Ms + D * D;                      // [kW][NB][kWT * D]: raw k, v, (PIPE: k', v'), c
-  float* zs = reinterpret_cast<float*>(Wb + kW * NB * kWT * D);  // D
-  float* st = zs + D;                                            // [kW][2][kWT]
+  bf16* Wb = Ms + D * D;                      // [kW][3][kWT * D]: raw k, v, c
+  float* zs = reinterpret_cast<float*>(Wb + kW * 3 * kWT * D);  // D
+  float* st = zs + D;                                           // [kW][2][kWT]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, s = lane & 7;
   const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
   const Range rg = cta_range(g);
@@ -1186,39 +1146,17 @@ __global__ void __launch_bounds__(kT) apply_bwd_k_mma_kernel(LinArgs g, const bf
   __syncthreads();
   const bf16* kb = kin + b * g.k_sb + h * g.k_sh;
   const bf16* vb = vin + b * g.v_sb + h * g.v_sh;
-  bf16* const wbuf = Wb + warp * NB * kWT * D;
-  bf16* const Cs = wbuf + (NB - 1) * kWT * D;
+  bf16* Ks = Wb + warp * 3 * kWT * D;
+  bf16* Vs = Ks + kWT * D;
+  bf16* Cs = Vs + kWT * D;
   float* s_mx = st + warp * 2 * kWT;
   float* s_iv = s_mx + kWT;
-  int tile = warp;
-  if constexpr (PIPE) {
-    if (tile < rg.ntile) {
-      const int64_t base = rg.t0 + int64_t(tile) * kWT;
-      load_rows<D>(wbuf, kb, g.k_st, base, rg.t1, kWT, lane, 32);
-      load_rows<D>(wbuf + kWT * D, vb, g.v_st, base, rg.t1, kWT, lane, 32);
-    }
-    cp_async_commit();
-  }
-  for (int i = 0; tile < rg.ntile; ++i, tile += kW) {
+  for (int tile = warp; tile < rg.ntile; tile += kW) {
     const int64_t base = rg.t0 + int64_t(tile) * kWT;
-    bf16* Ks = wbuf + (PIPE ? (i & 1) * 2 * kWT * D : 0);
-    bf16* Vs = Ks + kWT * D;
-    if constexpr (PIPE) {
-      if (tile + kW < rg.ntile) {
-        bf16* Kn = wbuf + ((i + 1) & 1) * 2 * kWT * D;
-        load_rows<D>(Kn, kb, g.k_st, base + kW * kWT, rg.t1, kWT, lane, 32);
-        load_rows<D>(Kn + kWT * D, vb, g.v_st, base + kW * kWT, rg.t1, kWT, lane, 32);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-    } else {
-      load_rows<D>(Ks, kb, g.k_st, base, rg.t1, kWT, lane, 32);
-      load_rows<D>(Vs, vb, g.v_st, base, rg.t1, kWT, lane, 32);
-      cp_async_commit();
-      cp_async_wait<0>();
-    }
+    load_rows<D>(Ks, kb, g.k_st, base, rg.t1, kWT, lane, 32);
+    load_rows<D>(Vs, vb, g.v_st, base, rg.t1, kWT, lane, 32);
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncwarp();
 #pragma unroll
     for (int rr = 0; rr < kWT / 4; ++rr) {
@@ -1260,33 +1198,19 @@ __global__ void __launch_bounds__(kT) apply_bwd_k_mma_kernel(LinArgs g, const bf
   }
 }
 
-// SALAD_LINEAR_PIPE=0 launches the unpipelined variants (PIPE = false) of the tensor-core kernels, for A/B timing.
-bool use_pipe() {
-  const char* e = std::getenv("SALAD_LINEAR_PIPE");
-  return !(e && std::strcmp(e, "0") == 0);
-}
-
 template <class K>
 void set_smem_mma(K kernel, size_t bytes) {
   SALAD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-template <int D, bool TRANSFORM, bool PIPE>
-void state_mma_launch(const LinArgs& g, const Plan& pl, const bf16* x, const int64_t* xs, const bf16* y,
-                      const int64_t* ys, float* part, float* zpart, cudaStream_t s) {
-  const size_t smem = sizeof(bf16) * 4 * kTT * D;
-  set_smem_mma(state_mma_kernel<D, TRANSFORM, PIPE>, smem);
-  state_mma_kernel<D, TRANSFORM, PIPE>
-      <<<dim3(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH)), kT, smem, s>>>(
-          g, x, xs[0], xs[1], xs[2], y, ys[0], ys[1], ys[2], part, zpart);
-  SALAD_LAUNCH_CHECK();
-}
-
 template <int D, bool TRANSFORM>
 void state_mma(const LinArgs& g, const Plan& pl, const bf16* x, const int64_t* xs, const bf16* y, const int64_t* ys,
                float* part, float* zpart, bf16* out, bool split, float* zout, cudaStream_t s) {
-  if (use_pipe()) state_mma_launch<D, TRANSFORM, true>(g, pl, x, xs, y, ys, part, zpart, s);
-  else state_mma_launch<D, TRANSFORM, false>(g, pl, x, xs, y, ys, part, zpart, s);
+  const size_t smem = sizeof(bf16) * 4 * kTT * D;
+  set_smem_mma(state_mma_kernel<D, TRANSFORM>, smem);
+  state_mma_kernel<D, TRANSFORM><<<dim3(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH)), kT, smem, s>>>(
+      g, x, xs[0], xs[1], xs[2], y, ys[0], ys[1], ys[2], part, zpart);
+  SALAD_LAUNCH_CHECK();
   reduce_sv_kernel<D><<<dim3((D * D + 255) / 256, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(part, out, pl.n_chunk,
                                                                                            split);
   SALAD_LAUNCH_CHECK();
@@ -1314,58 +1238,31 @@ void fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStrea
   SALAD_LAUNCH_CHECK();
 }
 
-// Shared memory of the backward apply kernels (bytes); PIPE: double-buffered input tiles.
-// D = 128: query side 137,728 (PIPE 231,936), key side 132,608 (PIPE 198,144); the sm_90 cap is 232,448.
-template <int D, bool PIPE>
-constexpr size_t smem_bwd_q() {
-  return PIPE ? sizeof(bf16) * (2 * D * D + kW * 5 * kWT * D) + sizeof(float) * (D + kW * 4 * kWT)
-              : sizeof(bf16) * (2 * D * D + kW * 2 * kWT * D) + sizeof(float) * (D + kW * 4 * kWT + kW * D);
-}
-template <int D, bool PIPE>
-constexpr size_t smem_bwd_k() {
-  return sizeof(bf16) * (D * D + kW * (PIPE ? 5 : 3) * kWT * D) + sizeof(float) * (D + kW * 2 * kWT);
-}
-static_assert(smem_bwd_q<128, true>() <= 232448 && smem_bwd_k<128, true>() <= 232448, "smem over the sm_90 cap");
-
-template <int D, bool PIPE>
-void bwd_q_launch(const BwdParams& p, const LinArgs& g, const Plan& pl, dim3 grid, bf16* as, void* ws,
-                  cudaStream_t s) {
-  constexpr size_t smem = smem_bwd_q<D, PIPE>();
-  set_smem_mma(apply_bwd_q_mma_kernel<D, PIPE>, smem);
-  apply_bwd_q_mma_kernel<D, PIPE><<<grid, kT, smem, s>>>(
-      g, static_cast<const bf16*>(p.q), static_cast<const bf16*>(p.o_l), static_cast<const bf16*>(p.do_l),
-      at<bf16>(ws, pl.sv), at<float>(ws, pl.z), as, at<float>(ws, pl.dz_part), at<float>(ws, pl.dq_l));
-  SALAD_LAUNCH_CHECK();
-}
-
-template <int D, bool PIPE>
-void bwd_k_launch(const BwdParams& p, const LinArgs& g, const Plan& pl, dim3 grid, void* ws, cudaStream_t s) {
-  constexpr size_t smem = smem_bwd_k<D, PIPE>();
-  set_smem_mma(apply_bwd_k_mma_kernel<D, PIPE>, smem);
-  apply_bwd_k_mma_kernel<D, PIPE><<<grid, kT, smem, s>>>(g, static_cast<const bf16*>(p.k),
-                                                         static_cast<const bf16*>(p.v), at<bf16>(ws, pl.dsv),
-                                                         at<float>(ws, pl.dz), at<float>(ws, pl.dk_l),
-                                                         at<float>(ws, pl.dv_l));
-  SALAD_LAUNCH_CHECK();
-}
-
 template <int D>
 void bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
   LinArgs g = make_args(p, pl, r);
   fwd_state<D>(p, pl, g, ws, s);
   const dim3 grid(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH));
   bf16* as = at<bf16>(ws, pl.dnum);  // a / den, (BH, L, D) bf16 in the fp32 dnum region
-  const bool pipe = use_pipe();
-  if (pipe) bwd_q_launch<D, true>(p, g, pl, grid, as, ws, s);
-  else bwd_q_launch<D, false>(p, g, pl, grid, as, ws, s);
+  const size_t smem_q = sizeof(bf16) * (2 * D * D + kW * 2 * kWT * D) + sizeof(float) * (D + kW * 4 * kWT + kW * D);
+  set_smem_mma(apply_bwd_q_mma_kernel<D>, smem_q);
+  apply_bwd_q_mma_kernel<D><<<grid, kT, smem_q, s>>>(g, static_cast<const bf16*>(p.q), static_cast<const bf16*>(p.o_l),
+                                                     static_cast<const bf16*>(p.do_l), at<bf16>(ws, pl.sv),
+                                                     at<float>(ws, pl.z), as, at<float>(ws, pl.dz_part),
+                                                     at<float>(ws, pl.dq_l));
+  SALAD_LAUNCH_CHECK();
   const int64_t cs[3] = {p.H * p.L * D, p.L * D, D};  // contiguous (B, H, L, D)
   state_mma<D, false>(g, pl, as, cs, static_cast<const bf16*>(p.do_l), cs, at<float>(ws, pl.dsv_part), nullptr,
                       at<bf16>(ws, pl.dsv), false, nullptr, s);
   reduce_chunks_kernel<<<dim3(1, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(at<float>(ws, pl.dz_part),
                                                                              at<float>(ws, pl.dz), pl.n_chunk, D);
   SALAD_LAUNCH_CHECK();
-  if (pipe) bwd_k_launch<D, true>(p, g, pl, grid, ws, s);
-  else bwd_k_launch<D, false>(p, g, pl, grid, ws, s);
+  const size_t smem_k = sizeof(bf16) * (D * D + kW * 3 * kWT * D) + sizeof(float) * (D + kW * 2 * kWT);
+  set_smem_mma(apply_bwd_k_mma_kernel<D>, smem_k);
+  apply_bwd_k_mma_kernel<D><<<grid, kT, smem_k, s>>>(g, static_cast<const bf16*>(p.k), static_cast<const bf16*>(p.v),
+                                                     at<bf16>(ws, pl.dsv), at<float>(ws, pl.dz), at<float>(ws, pl.dk_l),
+                                                     at<float>(ws, pl.dv_l));
+  SALAD_LAUNCH_CHECK();
 }
 
 }  // namespace mma
