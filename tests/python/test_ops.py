@@ -131,3 +131,20 @@ def test_cli_rejects_bad_input_with_a_named_error(salad_cli):
     res = subprocess.run([salad_cli, "select", "--grid", "4,16"], capture_output=True, text=True)
     assert res.returncode != 0
     assert "--grid: expected 3 comma-separated integers, got '4,16'" in res.stderr
+
+
+def test_library_shares_the_process_cxx_runtime():
+    """libsalad.so must not carry a private libstdc++: a compiler that links it
+    statically by default gave it one, and its iostreams crashed under Python
+    while formatting an error message (GPU machine, session 3)."""
+    import os
+    import shutil
+    from conftest import _lib_path
+
+    if shutil.which("nm") is None:
+        pytest.skip("nm (binutils) not installed")
+    lib = str(_lib_path())
+    syms = subprocess.run(["nm", "-C", "--defined-only", lib], capture_output=True, text=True, check=True).stdout
+    private = [l for l in syms.splitlines() if "std::ostream::_M_insert" in l or "std::locale::classic" in l]
+    assert not private, f"{os.path.basename(lib)} defines C++ runtime symbols: {private[:3]}"
+    assert "libstdc++.so" in subprocess.run(["ldd", lib], capture_output=True, text=True).stdout
