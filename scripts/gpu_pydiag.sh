@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Run on the GPU machine after a build (build-gpu): why does the Python suite
-# crash there? Prints the toolchains, then runs the first failing test without
-# pytest's output capture (which swallows a crash's stderr) and, where gdb
-# exists, under gdb for a native stack.
+# Run on the GPU machine after a build (build-gpu): checks for the Python-only
+# crash of session 2 (fixed in session 3). Prints the toolchains, counts C++
+# runtime code linked into libsalad.so (must be 0), triggers op errors from plain
+# Python with SALAD_SEGV_TRACE=1 and resolves any crash's libsalad frames with
+# addr2line; where gdb exists, runs the error tests under it.
 cd "$(dirname "$0")/.."
 B=${BUILD:-build-gpu}
 export SALAD_LIB=$PWD/$B/libsalad.so SALAD_CLI=$PWD/$B/salad SALAD_OP_TESTS=$PWD/$B/salad_op_tests
