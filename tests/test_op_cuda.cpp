@@ -133,12 +133,16 @@ TEST(SM90_Attention, ForwardAndBackwardMatchFloat64WithinTwiceNaiveError) {
 // (SALAD_BWD_KERNEL=mma) on a Wan-like L = 4140 (partial last query and key
 // blocks), with block sizes that exercise its edge paths: 128-row query items
 // with an idle warpgroup (block_q 192, 64), 128-key spans inside one key block
-// (block_k 128) and across two (block_k 192). Per-row relative difference, so a
-// missing or doubled tile in any row fails; gradient buffers are pre-poisoned.
+// (block_k 128) and across two (block_k 192), and both dK/dV layouts (128-key
+// spans, and one 64-key tile shared by both warpgroups, SALAD_BWD_DKV_SPLIT) on
+// every block shape. Per-row relative difference, so a missing or doubled tile
+// in any row fails; gradient buffers are pre-poisoned.
 TEST(SM90_Attention, HopperBackwardMatchesMmaBackward) {
   if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
   const char* prev = std::getenv("SALAD_BWD_KERNEL");
   const std::string saved = prev ? prev : "";
+  const char* prev_split = std::getenv("SALAD_BWD_DKV_SPLIT");
+  const std::string saved_split = prev_split ? prev_split : "";
   torch::manual_seed(3);
   const Grid g{3, 30, 46};  // L = 4140 = 64 * 64 + 44
   struct V {
@@ -157,9 +161,10 @@ TEST(SM90_Attention, HopperBackwardMatchesMmaBackward) {
     auto opt = at::TensorOptions().dtype(c.dt).device(at::kCUDA);
     const at::Tensor q = at::randn({2, 3, g.size(), c.D}, opt), k = at::randn_like(q), v = at::randn_like(q);
     const at::Tensor gs = at::randn(q.sizes(), opt.dtype(at::kFloat)), gl = at::randn_like(gs);
-    auto grads = [&](const char* kernel) {
+    auto grads = [&](const char* kernel, const char* split) {
       if (kernel) setenv("SALAD_BWD_KERNEL", kernel, 1);
       else unsetenv("SALAD_BWD_KERNEL");
+      setenv("SALAD_BWD_DKV_SPLIT", split, 1);
       at::Tensor qq = q.clone().requires_grad_(), kk = k.clone().requires_grad_(), vv = v.clone().requires_grad_();
       const AttentionOutput out = attention(qq, kk, vv, g, o);
       at::Tensor loss = (out.o_s.to(at::kFloat) * gs).sum();
@@ -171,18 +176,23 @@ TEST(SM90_Attention, HopperBackwardMatchesMmaBackward) {
       loss.backward();
       return std::array<at::Tensor, 3>{qq.grad(), kk.grad(), vv.grad()};
     };
-    const std::array<at::Tensor, 3> mma = grads("mma"), sm90 = grads(nullptr);
-    for (int i = 0; i < 3; ++i) {
-      SCOPED_TRACE(std::string("grad ") + "qkv"[i]);
-      const at::Tensor a = sm90[i].to(at::kDouble), b = mma[i].to(at::kDouble);
-      EXPECT_TRUE(at::isfinite(a).all().item<bool>());
-      const at::Tensor d = (a - b).norm(2, {-1}), n = b.norm(2, {-1});
-      const double worst = (d / (n + 1e-2 * n.mean())).max().item<double>();
-      EXPECT_LT(worst, 2e-2) << "worst per-row relative difference";
+    const std::array<at::Tensor, 3> mma = grads("mma", "0");
+    for (const char* split : {"0", "1"}) {
+      const std::array<at::Tensor, 3> sm90 = grads(nullptr, split);
+      for (int i = 0; i < 3; ++i) {
+        SCOPED_TRACE(std::string("split ") + split + " grad " + "qkv"[i]);
+        const at::Tensor a = sm90[i].to(at::kDouble), b = mma[i].to(at::kDouble);
+        EXPECT_TRUE(at::isfinite(a).all().item<bool>());
+        const at::Tensor d = (a - b).norm(2, {-1}), n = b.norm(2, {-1});
+        const double worst = (d / (n + 1e-2 * n.mean())).max().item<double>();
+        EXPECT_LT(worst, 2e-2) << "worst per-row relative difference";
+      }
     }
   }
   if (prev) setenv("SALAD_BWD_KERNEL", saved.c_str(), 1);
   else unsetenv("SALAD_BWD_KERNEL");
+  if (prev_split) setenv("SALAD_BWD_DKV_SPLIT", saved_split.c_str(), 1);
+  else unsetenv("SALAD_BWD_DKV_SPLIT");
 }
 
 TEST(SM90_Attention, DeterministicRepeatsAndNoQuadraticMemory) {

@@ -18,6 +18,7 @@
 // env SALAD_FWD_KERNEL=mma forces the mma.sync kernel; SALAD_SM90_PERSISTENT=0
 // launches one CTA per work item; SALAD_SM90_GRID=N caps the persistent grid
 // (testing); SALAD_SM90_VSWAP=1 swaps the V descriptor's LBO/SBO (debugging).
+#include <climits>
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
@@ -241,12 +242,19 @@ __global__ void __launch_bounds__(kThreads, 1)
       const Item it = item(w);
       if (it.row0 >= it.row_end) continue;
       const int ntiles = it.ntiles;
-      // Valid key rows of tile t (< kN only in the sequence's last tile). Computed here rather
-      // than passed through shared memory, so no stage slot is shared across the mbarrier.
+      // Valid key rows of tile t (< kN only in the tiles of the sequence's last key block, which
+      // an ascending list has last). Computed here rather than passed through shared memory, so
+      // no stage slot is shared across the mbarrier; the list is read once per item, not per
+      // tile (a global load there stalls the softmax by the L2 latency).
+      int tail_t = INT_MAX;
+      int64_t tail_key = 0;
+      if (ntiles > 0) {
+        const int nblk = ntiles / a.tiles_per_block;
+        const int64_t jl = a.dense ? a.n_k - 1 : it.list[nblk - 1];
+        if (jl == a.n_k - 1) tail_t = (nblk - 1) * static_cast<int>(a.tiles_per_block), tail_key = jl * a.block_k;
+      }
       auto valid_at = [&](int t) {
-        const int c = t / a.tiles_per_block, kt = t % a.tiles_per_block;
-        const int64_t j = a.dense ? c : it.list[c];
-        return static_cast<int>(imin64(kN, a.L - (j * a.block_k + kt * kN)));
+        return t < tail_t ? kN : static_cast<int>(imin64(kN, a.L - (tail_key + (t - tail_t) * kN)));
       };
 
       mbar_wait(barQ, n & 1);
