@@ -67,6 +67,31 @@ __global__ void delta_kernel(const T* __restrict__ o, const T* __restrict__ dout
   if (lane == 0) delta[bh * L + p] = acc;
 }
 
+// Same, 16-byte loads: a group of D / 8 lanes (a power of two <= 32) per row, several rows per
+// warp (the one-warp-per-row kernel above issues 4-byte loads and is latency-bound).
+template <class T>
+__global__ void __launch_bounds__(256) delta_vec_kernel(const T* __restrict__ o, const T* __restrict__ dout,
+                                                        float* __restrict__ delta, const int32_t* __restrict__ perm,
+                                                        int64_t L, int D) {
+  const int lanes = D / 8, c = threadIdx.x % lanes;
+  const int64_t bh = blockIdx.y;
+  const int64_t p = blockIdx.x * int64_t(blockDim.x / lanes) + threadIdx.x / lanes;
+  float acc = 0.f;
+  if (p < L) {
+    const int64_t t = perm_at(perm, p);
+    const uint4 x = *reinterpret_cast<const uint4*>(o + (bh * L + t) * D + 8 * c);
+    const uint4 y = *reinterpret_cast<const uint4*>(dout + (bh * L + t) * D + 8 * c);
+    const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 a = Elem<T>::unpack(xs[i]), b = Elem<T>::unpack(ys[i]);
+      acc += a.x * b.x + a.y * b.y;
+    }
+  }
+  for (int k = lanes / 2; k > 0; k >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, k);
+  if (c == 0 && p < L) delta[bh * L + p] = acc;
+}
+
 // Writes one row-pair fragment: rotate back (R^T), add the fp32 extra, store.
 template <class T, int D>
 __device__ __forceinline__ void store_rotated(const RopeInfo& r, T* out, const float* extra, int64_t t,
@@ -449,8 +474,17 @@ void launch(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cud
   a.scale = static_cast<float>(p.softmax_scale());
   a.scale_log2 = static_cast<float>(p.softmax_scale() * 1.4426950408889634);
 
-  delta_kernel<T><<<dim3(static_cast<unsigned>((p.L + 7) / 8), static_cast<unsigned>(pl.BH)), 256, 0, s>>>(
-      static_cast<const T*>(p.o_s), a.dout, at<float>(ws, pl.delta), r.perm, p.L, static_cast<int>(p.D));
+  const bool vec = (p.D == 64 || p.D == 128) && reinterpret_cast<uintptr_t>(p.o_s) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(a.dout) % 16 == 0;
+  if (vec) {
+    const int64_t rows = 256 / (p.D / 8);
+    delta_vec_kernel<T><<<dim3(static_cast<unsigned>((p.L + rows - 1) / rows), static_cast<unsigned>(pl.BH)), 256, 0,
+                          s>>>(static_cast<const T*>(p.o_s), a.dout, at<float>(ws, pl.delta), r.perm, p.L,
+                               static_cast<int>(p.D));
+  } else {
+    delta_kernel<T><<<dim3(static_cast<unsigned>((p.L + 7) / 8), static_cast<unsigned>(pl.BH)), 256, 0, s>>>(
+        static_cast<const T*>(p.o_s), a.dout, at<float>(ws, pl.delta), r.perm, p.L, static_cast<int>(p.D));
+  }
   SALAD_LAUNCH_CHECK();
 
   if (!try_launch_attn_dq_sm90(p, pl, r, ws, s)) {
