@@ -132,30 +132,49 @@ __device__ __forceinline__ float2 ld_shared_f2(uint32_t addr) {
   return v;
 }
 
-// rope_cs with 32-bit index math (L < 2^31; no 64-bit division calls in the epilogue).
-__device__ __forceinline__ float2 rope_cs32(const RopeInfo& r, int t, int m, int half_d) {
-  const int gw = static_cast<int>(r.gw), gh = static_cast<int>(r.gh), gf = static_cast<int>(r.gf);
-  const int tw = t / gw, w = t - tw * gw, hgt = tw % gh, f = tw / gh;
-  const int row = m < r.pf ? f : (m < r.pf + r.ph ? gf + hgt : gf + gh + w);
-  return r.table[row * half_d + m];
-}
-
-// One row-pair of a gradient: rotate back (R^T), add the fp32 extra, store (attn_bwd.cu's store_rotated).
+// One accumulator row of a gradient (this thread's D / 4 columns col = 8 c + 2 tq4 of row t;
+// x[4 c + 2 half], x[4 c + 2 half + 1] of an m64nD fragment): rotate back (R^T), scale, add the
+// fp32 extra, store (attn_bwd.cu's store_rotated, 32-bit index math). Every load (rope table,
+// extra) is issued before the first store: with a load between stores per pair (pointers that
+// may alias), each pair waited a full L2 round trip, and ncu put ~29% of the dK/dV kernel's
+// warp samples in that epilogue.
 template <class T, int D>
-__device__ __forceinline__ void store_pair(const RopeInfo& r, T* out, const float* extra, int t, int col, float x0,
-                                           float x1, bool rotate) {
+__device__ __forceinline__ void store_row(const RopeInfo& r, T* __restrict__ out, const float* __restrict__ extra,
+                                          int t, int tq4, const float* x, int half, float scale, bool rotate) {
+  constexpr int NC = D / 8, NB = 4;  // column pairs per thread, pairs per batch of loads
+  const float2 *rf = nullptr, *rh = nullptr, *rw = nullptr;
   if (rotate) {
-    const float2 cs = rope_cs32(r, t, col / 2, D / 2);
-    const float y0 = x0 * cs.x + x1 * cs.y, y1 = -x0 * cs.y + x1 * cs.x;
-    x0 = y0;
-    x1 = y1;
+    const int gw = static_cast<int>(r.gw), gh = static_cast<int>(r.gh), gf = static_cast<int>(r.gf);
+    const int tw = t / gw, w = t - tw * gw, hgt = tw % gh, f = tw / gh;
+    rf = r.table + f * (D / 2);
+    rh = r.table + (gf + hgt) * (D / 2);
+    rw = r.table + (gf + gh + w) * (D / 2);
   }
-  if (extra) {
-    const float2 e = *reinterpret_cast<const float2*>(extra + col);
-    x0 += e.x;
-    x1 += e.y;
+#pragma unroll
+  for (int c0 = 0; c0 < NC; c0 += NB) {
+    float2 cs[NB], e[NB];
+#pragma unroll
+    for (int j = 0; j < NB; ++j) {
+      const int m = 4 * (c0 + j) + tq4;
+      if (rotate) cs[j] = __ldg((m < r.pf ? rf : (m < r.pf + r.ph ? rh : rw)) + m);
+      if (extra) e[j] = __ldg(reinterpret_cast<const float2*>(extra + 8 * (c0 + j) + 2 * tq4));
+    }
+#pragma unroll
+    for (int j = 0; j < NB; ++j) {
+      const int c = c0 + j;
+      float x0 = x[4 * c + 2 * half] * scale, x1 = x[4 * c + 2 * half + 1] * scale;
+      if (rotate) {
+        const float y0 = x0 * cs[j].x + x1 * cs[j].y, y1 = -x0 * cs[j].y + x1 * cs[j].x;
+        x0 = y0;
+        x1 = y1;
+      }
+      if (extra) {
+        x0 += e[j].x;
+        x1 += e[j].y;
+      }
+      *reinterpret_cast<uint32_t*>(out + 8 * c + 2 * tq4) = Elem<T>::pack(x0, x1);
+    }
   }
-  *reinterpret_cast<uint32_t*>(out + col) = Elem<T>::pack(x0, x1);
 }
 
 // ================================================================== dQ
@@ -441,12 +460,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int r = it.row0 + wrow + g + half * 8;
         if (r >= it.row_end) continue;
         const int64_t o = (static_cast<int64_t>(it.bh) * L + r) * D;
-        T* orow = out + o;
-        const float* ex = a.extra0 ? a.extra0 + o : nullptr;
-#pragma unroll
-        for (int i = 0; i < D / 8; ++i)
-          store_pair<T, D>(a.rope, orow, ex, r, i * 8 + 2 * tq4, dq[4 * i + 2 * half] * a.scale,
-                           dq[4 * i + 2 * half + 1] * a.scale, true);
+        store_row<T, D>(a.rope, out + o, a.extra0 ? a.extra0 + o : nullptr, r, tq4, dq, half, a.scale, true);
       }
     }
   }
@@ -732,7 +746,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int gt = 0, n = 0;  // tiles / items consumed so far (same sequence as the producer)
     for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
       Item it = item(w);
-      const bool active = wg < it.nact;
+      const bool active = SPLIT || wg < it.nact;  // SPLIT: both warpgroups write (dk, dv)
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
       mbar_wait(barKV, n & 1);
@@ -756,20 +770,27 @@ __global__ void __launch_bounds__(kThreads, 1)
         // Both warpgroups hold partial dK / dV of the same keys: warpgroup 1 hands its sums to
         // warpgroup 0 through the K / V region (fixed order: deterministic), dK then dV.
         const uint32_t red = sK + static_cast<uint32_t>(cw % 4 * 32 + lane_now()) * 4;
-        auto hand = [&](float* acc) {
-          consumer_sync();  // K / V (or the previous hand-over) no longer read
-          if (wg == 1) {
+        // dK goes to warpgroup 0, dV to warpgroup 1, which then write one each.
+        consumer_sync();  // K / V no longer read
+        if (wg == 1) {
 #pragma unroll
-            for (int i = 0; i < D / 2; ++i) st_shared_f32(red + i * 512, acc[i]);
-          }
-          consumer_sync();
-          if (wg == 0) {
+          for (int i = 0; i < D / 2; ++i) st_shared_f32(red + i * 512, dk[i]);
+        }
+        consumer_sync();
+        if (wg == 0) {
 #pragma unroll
-            for (int i = 0; i < D / 2; ++i) acc[i] += ld_shared_f32(red + i * 512);
-          }
-        };
-        hand(dk);
-        hand(dv);
+          for (int i = 0; i < D / 2; ++i) dk[i] += ld_shared_f32(red + i * 512);
+        }
+        consumer_sync();  // warpgroup 0 has read the dK hand-over
+        if (wg == 0) {
+#pragma unroll
+          for (int i = 0; i < D / 2; ++i) st_shared_f32(red + i * 512, dv[i]);
+        }
+        consumer_sync();
+        if (wg == 1) {
+#pragma unroll
+          for (int i = 0; i < D / 2; ++i) dv[i] += ld_shared_f32(red + i * 512);
+        }
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // before TMA rewrites K / V
       }
       __syncwarp();
@@ -777,25 +798,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       ++n;
 
       // ---- epilogue: dk = R^T (scale * dK), dv = dV (+ extras), straight from the accumulators
-      if (active && (!SPLIT || wg == 0)) {
+      // (SPLIT: warpgroup 0 writes dk, warpgroup 1 dv, of the same 64 keys).
+      if (active) {
         T* dko = static_cast<T*>(a.out0);
         T* dvo = static_cast<T*>(a.out1);
+        const bool do_k = !SPLIT || wg == 0, do_v = !SPLIT || wg == 1;
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int r = it.key0 + wg * 64 + wrow + g + half * 8;
+          const int r = it.key0 + (SPLIT ? 0 : wg * 64) + wrow + g + half * 8;
           if (r >= L) continue;
           const int64_t o = (static_cast<int64_t>(it.bh) * L + r) * D;
-          T* krow = dko + o;
-          T* vrow = dvo + o;
-          const float* ek = a.extra0 ? a.extra0 + o : nullptr;
-          const float* ev = a.extra1 ? a.extra1 + o : nullptr;
-#pragma unroll
-          for (int c = 0; c < D / 8; ++c) {
-            const int col = c * 8 + 2 * tq4;
-            store_pair<T, D>(a.rope, krow, ek, r, col, dk[4 * c + 2 * half] * a.scale,
-                             dk[4 * c + 2 * half + 1] * a.scale, true);
-            store_pair<T, D>(a.rope, vrow, ev, r, col, dv[4 * c + 2 * half], dv[4 * c + 2 * half + 1], false);
-          }
+          if (do_k) store_row<T, D>(a.rope, dko + o, a.extra0 ? a.extra0 + o : nullptr, r, tq4, dk, half, a.scale, true);
+          if (do_v) store_row<T, D>(a.rope, dvo + o, a.extra1 ? a.extra1 + o : nullptr, r, tq4, dv, half, 1.f, false);
         }
       }
     }
@@ -939,9 +953,12 @@ bool use_split(const BwdParams& p) {
 
 template <class T, int D>
 bool launch_dkv(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
-  if (use_split(p)) return launch_dkv_ov<T, D, 1, true>(p, pl, r, ws, s);
   int ov = SALAD_BWD_DKV_OVERLAP;
   if (const char* e = std::getenv("SALAD_BWD_DKV_OVERLAP")) ov = std::atoi(e);
+  if (use_split(p)) {
+    if (ov >= 2) return launch_dkv_ov<T, D, 2, true>(p, pl, r, ws, s);
+    return launch_dkv_ov<T, D, 1, true>(p, pl, r, ws, s);
+  }
   if (ov <= 0) return launch_dkv_ov<T, D, 0, false>(p, pl, r, ws, s);
   if (ov == 1) return launch_dkv_ov<T, D, 1, false>(p, pl, r, ws, s);
   return launch_dkv_ov<T, D, 2, false>(p, pl, r, ws, s);
