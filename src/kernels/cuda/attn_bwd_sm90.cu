@@ -45,9 +45,10 @@
 //   different key blocks, whose inverse lists differ, and the span layout leaves
 //   one warpgroup idle on most tiles. Instead a work item is one 64-key tile;
 //   both warpgroups hold its K / V and take the two 64-row halves of each
-//   128-row Q / dO stage (2 stages), and warpgroup 1 hands its partial dK / dV
-//   to warpgroup 0 through shared memory at the end (fixed order). Measured
-//   at Wan1.3B-480p (H100, ncu): 3.81 ms against the span layout's 3.93 ms.
+//   128-row Q / dO stage (2 stages); at the end warpgroup 1 hands its partial dK
+//   to warpgroup 0 and warpgroup 0 its partial dV to warpgroup 1 through shared
+//   memory (fixed order), and each writes one. Measured at Wan1.3B-480p (H100, ncu, before the
+//   epilogue fix): 3.81 ms against the span layout's 3.93 ms.
 // Same semantics as attn_bwd.cu's mma.sync kernels (delta from its
 // delta_kernel, which still runs first).
 //
@@ -493,24 +494,18 @@ struct KvSmem {
 };
 
 // Ascending union of two ascending query-block lists base[a0 .. e0) and base[a1 .. e1) (null
-// base: the lists 0, 1, ..., e - 1); flags bit w: the block is in list w. The heads h0, h1 are
-// read one entry ahead (start() then next()), so the global load of the following entry is in
-// flight while the caller works on the current one instead of stalling the tile loop.
+// base: the lists 0, 1, ..., e - 1); flags bit w: the block is in list w.
 struct QMerge {
   const int32_t* base;
   int a0, e0, a1, e1;
-  int h0, h1;
-  __device__ __forceinline__ int head(int a, int e) const { return a < e ? (base ? base[a] : a) : INT_MAX; }
-  __device__ __forceinline__ void start() {
-    h0 = head(a0, e0);
-    h1 = head(a1, e1);
-  }
   __device__ __forceinline__ int next(int& flags) {
-    const int i = h0 < h1 ? h0 : h1;
+    const int i0 = a0 < e0 ? (base ? base[a0] : a0) : INT_MAX;
+    const int i1 = a1 < e1 ? (base ? base[a1] : a1) : INT_MAX;
+    const int i = i0 < i1 ? i0 : i1;
     if (i == INT_MAX) return -1;
-    flags = (h0 == i ? 1 : 0) | (h1 == i ? 2 : 0);
-    if (h0 == i) h0 = head(++a0, e0);
-    if (h1 == i) h1 = head(++a1, e1);
+    flags = (i0 == i ? 1 : 0) | (i1 == i ? 2 : 0);
+    a0 += i0 == i ? 1 : 0;
+    a1 += i1 == i ? 1 : 0;
     return i;
   }
 };
@@ -559,7 +554,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       it.m.a1 = it.nact > 1 ? off[j1] : 0;
       it.m.e1 = it.nact > 1 ? off[j1 + 1] : 0;
     }
-    it.m.start();
     return it;
   };
   // Rows [qs, qe) of query block i, in ceil((qe - qs) / kQr) stages.
@@ -767,30 +761,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       // Every wgmma reading K / V of this item has completed (wait<0> in tile()).
       if constexpr (SPLIT) {
-        // Both warpgroups hold partial dK / dV of the same keys: warpgroup 1 hands its sums to
-        // warpgroup 0 through the K / V region (fixed order: deterministic), dK then dV.
+        // Both warpgroups hold partial dK / dV of the same keys. Through the K / V region (every
+        // wgmma reading it has completed), warpgroup 1 hands dK to warpgroup 0 and warpgroup 0 hands
+        // dV to warpgroup 1 (fixed order: deterministic); each then writes one of them.
         const uint32_t red = sK + static_cast<uint32_t>(cw % 4 * 32 + lane_now()) * 4;
-        // dK goes to warpgroup 0, dV to warpgroup 1, which then write one each.
-        consumer_sync();  // K / V no longer read
-        if (wg == 1) {
+        auto hand = [&](int from, float* acc) {
+          consumer_sync();  // K / V, or the previous hand-over, no longer read
+          if (wg == from) {
 #pragma unroll
-          for (int i = 0; i < D / 2; ++i) st_shared_f32(red + i * 512, dk[i]);
-        }
-        consumer_sync();
-        if (wg == 0) {
+            for (int i = 0; i < D / 2; ++i) st_shared_f32(red + i * 512, acc[i]);
+          }
+          consumer_sync();
+          if (wg != from) {
 #pragma unroll
-          for (int i = 0; i < D / 2; ++i) dk[i] += ld_shared_f32(red + i * 512);
-        }
-        consumer_sync();  // warpgroup 0 has read the dK hand-over
-        if (wg == 0) {
-#pragma unroll
-          for (int i = 0; i < D / 2; ++i) st_shared_f32(red + i * 512, dv[i]);
-        }
-        consumer_sync();
-        if (wg == 1) {
-#pragma unroll
-          for (int i = 0; i < D / 2; ++i) dv[i] += ld_shared_f32(red + i * 512);
-        }
+            for (int i = 0; i < D / 2; ++i) acc[i] += ld_shared_f32(red + i * 512);
+          }
+        };
+        hand(1, dk);
+        hand(0, dv);
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // before TMA rewrites K / V
       }
       __syncwarp();
@@ -955,10 +943,7 @@ template <class T, int D>
 bool launch_dkv(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
   int ov = SALAD_BWD_DKV_OVERLAP;
   if (const char* e = std::getenv("SALAD_BWD_DKV_OVERLAP")) ov = std::atoi(e);
-  if (use_split(p)) {
-    if (ov >= 2) return launch_dkv_ov<T, D, 2, true>(p, pl, r, ws, s);
-    return launch_dkv_ov<T, D, 1, true>(p, pl, r, ws, s);
-  }
+  if (use_split(p)) return launch_dkv_ov<T, D, 1, true>(p, pl, r, ws, s);  // OV 2 measured no faster
   if (ov <= 0) return launch_dkv_ov<T, D, 0, false>(p, pl, r, ws, s);
   if (ov == 1) return launch_dkv_ov<T, D, 1, false>(p, pl, r, ws, s);
   return launch_dkv_ov<T, D, 2, false>(p, pl, r, ws, s);
