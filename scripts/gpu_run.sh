@@ -60,10 +60,10 @@ if has bench; then
 fi
 if has ab; then
   # A/B of kernel switches at Wan1.3B-480p, same build and card: one bench per setting
-  # (env AB: space-separated VAR=value items; "-" is the default build).
+  # (env AB: space-separated items, each VAR=value[,VAR=value...]; "-" is the default build).
   for e in ${AB:--}; do
     echo "== $e"
-    if [ "$e" = - ]; then env_set=(); else env_set=("$e"); fi
+    if [ "$e" = - ]; then env_set=(); else IFS=, read -ra env_set <<<"$e"; fi
     env "${env_set[@]}" timeout 120 build-gpu/salad bench-attn --shape wan1.3b-480p --device cuda --iters 20 --warmup 5 \
       --backward --variants sdpa,salad 2>&1 | tail -3
   done

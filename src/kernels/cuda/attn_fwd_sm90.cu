@@ -1,16 +1,25 @@
 // Hopper-native (sm_90a) block-sparse FlashAttention forward: TMA loads of
 // Q/K/V tiles into 128-byte-swizzled shared memory on mbarriers, a producer
-// warpgroup (setmaxnreg 40) and two consumer warpgroups (setmaxnreg 232), each
-// owning 64 of the CTA's 128 query rows. S = Q K^T and O += P V run on wgmma
-// (m64n64k16 / m64nDk16, A = Q / P from registers, B = K / V from shared memory;
-// V through the transposed "MN-major" descriptor), with the QK^T of tile t
-// issued together with the PV of tile t-1 and the softmax of tile t overlapping
-// that PV (FA3's intra-warpgroup overlap). Persistent CTAs (one per SM) walk
-// the work items (b*h, 128-row query tile) head-major; the producer loads the
-// next item's Q and K/V while the consumers finish the current one. Same
-// semantics as attn_fwd.cu's mma.sync kernel: kept key blocks of
-// p.block_idx / p.block_cnt (or all blocks in mode dense), exp2 online
-// softmax, o_s and lse (natural log) in caller order.
+// warpgroup (setmaxnreg 24) and two consumer warpgroups (setmaxnreg 240), each
+// owning 64 of the CTA's 128 query rows. A key tile holds 128 keys gathered from
+// two 64-key halves of kept blocks (a missing second half is loaded past the end
+// of the sequence, which TMA fills with zeros). S = Q K^T (m64n128k16, both
+// operands from shared memory: Q stays resident, double-buffered across work
+// items) and O += P V (m64nDk16, P from registers, V through the transposed
+// "MN-major" descriptor) run on wgmma, with the QK^T of tile t issued together
+// with the PV of tile t-1 and the softmax of tile t overlapping that PV (FA3's
+// intra-warpgroup overlap); P is kept in fp32 in the S registers until the PV
+// that reads the previous P is done. K and V stages are released separately (K
+// once its QK^T is done). Persistent CTAs (one per SM) walk the work items
+// (b*h, 128-row query tile) head-major; the producer loads the next item's Q and
+// K/V while the consumers finish the current one. Same semantics as
+// attn_fwd.cu's mma.sync kernel: kept key blocks of p.block_idx / p.block_cnt
+// (or all blocks in mode dense), exp2 online softmax, o_s and lse (natural log)
+// in caller order.
+//
+// Measured against the earlier 64-key version (Q in registers, two P register
+// sets), H100, Wan1.3B-480p: 1.375 -> 1.27 ms. The 64-key tile in this layout
+// took 1.53 ms; FA3's warpgroup turn-taking (scheduler barriers) 1.43 ms.
 //
 // Limits (else launch_attn_fwd keeps the mma.sync kernel): bf16/fp16, D 64 or
 // 128, block_k a multiple of 64 (any block_q), raster token order (V is read
@@ -34,12 +43,8 @@ namespace salad::cuda::detail {
 namespace {
 using namespace sm90;  // wgmma / mbarrier / TMA helpers and the tensor-map encoder (sm90_common.cuh)
 
-constexpr int kM = 128;  // query rows per CTA (2 consumer warpgroups x 64)
-constexpr int kN = 64;   // keys per tile
-#ifndef SALAD_SM90_STAGES
-#define SALAD_SM90_STAGES 4
-#endif
-constexpr int kStages = SALAD_SM90_STAGES;
+constexpr int kM = 128;        // query rows per CTA (2 consumer warpgroups x 64)
+constexpr int KN = 128;        // keys per tile: two 64-key halves, each from its own kept block
 constexpr int kThreads = 384;  // warpgroup 0: producer; 1, 2: consumers
 
 struct Sm90Args {
@@ -48,24 +53,28 @@ struct Sm90Args {
   const int32_t* idx;
   const int32_t* cnt;
   int64_t L, n_q, n_k, max_k, block_q, block_k, H;
-  int sub_q, tiles_per_block, dense, v_swap;
+  int sub_q, halves_per_block, dense, v_swap;  // halves: 64-key rows of a key block
   int num_work;  // work items: (b*h, query block, 128-row part), head-major
   float scale_log2;
 };
 
-// Shared memory (1024-byte aligned): Q [D/64][128 rows][128 B], the output
-// staging tile (same layout), K and V stages [kStages][D/64][64 rows][128 B]
-// (TMA 128-byte swizzle), then the mbarriers (8-byte aligned).
+// Shared memory (1024-byte aligned): two Q buffers [D/64][128 rows][128 B] (the
+// item's Q stays there for the SS QK^T while the next item's Q loads into the
+// other; the finished item's output is staged in its own Q buffer), K and V stages
+// [stages][D/64][KN rows][128 B] (TMA 128-byte swizzle), then the mbarriers
+// (8-byte aligned). A KN-key tile is made of KN/64 "halves" of 64 keys, each from
+// its own kept block (or part of one), so a 128-key tile gathers two 64-key blocks.
 template <int D>
 struct Smem {
+  static constexpr int kStages = D == 64 ? 4 : 2;  // K and V stages are released separately
   static constexpr int kQ = kM * D * 2;
-  static constexpr int kTile = kN * D * 2;
-  static constexpr int kSub = kN * 128;  // one 64-row x 128-byte sub-tile
-  static constexpr int kO = kQ;
-  static constexpr int kK = kO + kQ;
+  static constexpr int kTile = KN * D * 2;
+  static constexpr int kSub = KN * 128;  // one KN-row x 128-byte sub-tile (64 columns of D)
+  static constexpr int kHalf = 64 * 128;  // one 64-row part of a sub-tile
+  static constexpr int kK = 2 * kQ;
   static constexpr int kV = kK + kStages * kTile;
   static constexpr int kBar = kV + kStages * kTile;
-  static constexpr int kBytes = kBar + 8 * (3 * kStages + 2);
+  static constexpr int kBytes = kBar + 8 * (4 * kStages + 4);
   static constexpr int kAlloc = kBytes + 1024;  // slack for aligning the dynamic base
 };
 
@@ -75,17 +84,20 @@ __global__ void __launch_bounds__(kThreads, 1)
                          const __grid_constant__ CUtensorMap tv, const Sm90Args a) {
   static_assert(D == 64 || D == 128, "head width 64 or 128");
   using S = Smem<D>;
+  constexpr int kStages = S::kStages;
   constexpr int NH = D / 64;
+  constexpr int HT = KN / 64;  // halves per tile
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t base = (raw + 1023u) & ~1023u;
   const uint32_t sQ = base, sK = base + S::kK, sV = base + S::kV, sBar = base + S::kBar;
   auto fullK = [&](int s) { return sBar + 8u * s; };
   auto fullV = [&](int s) { return sBar + 8u * (kStages + s); };
-  auto empty = [&](int s) { return sBar + 8u * (2 * kStages + s); };
-  const uint32_t barQ = sBar + 8u * (3 * kStages);       // Q tile landed
-  const uint32_t barQfree = sBar + 8u * (3 * kStages + 1);  // Q copied to registers by all consumer warps
-  const uint32_t sO = base + S::kO;
+  auto emptyK = [&](int s) { return sBar + 8u * (2 * kStages + s); };  // K read by QK (released early)
+  auto emptyV = [&](int s) { return sBar + 8u * (3 * kStages + s); };  // V read by PV
+  auto barQ = [&](int b) { return sBar + 8u * (4 * kStages + b); };          // Q buffer b landed
+  auto barQfree = [&](int b) { return sBar + 8u * (4 * kStages + 2 + b); };  // Q buffer b's item done
+  auto sQb = [&](int b) { return sQ + static_cast<uint32_t>(b * S::kQ); };
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   // Persistent CTAs: work item w = (bh, query block, 128-row part), w = blockIdx.x + k * gridDim.x.
@@ -94,7 +106,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   struct Item {
     int64_t bh, row0, row_end;
     const int32_t* list;
-    int ntiles;
+    int nhalf, ntiles;
   };
   const int64_t per_bh = a.n_q * a.sub_q;
   auto item = [&](int w) {
@@ -105,7 +117,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     it.row_end = imin64(imin64(it.row0 + kM, (qi + 1) * a.block_q), a.L);
     const int64_t nblk = it.row0 >= it.row_end ? 0 : (a.dense ? a.n_k : a.cnt[it.bh * a.n_q + qi]);
     it.list = a.dense ? nullptr : a.idx + (it.bh * a.n_q + qi) * a.max_k;
-    it.ntiles = static_cast<int>(nblk) * a.tiles_per_block;
+    it.nhalf = static_cast<int>(nblk) * a.halves_per_block;
+    it.ntiles = (it.nhalf + HT - 1) / HT;
     return it;
   };
 
@@ -113,17 +126,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       mbar_init(fullK(s), 1);
       mbar_init(fullV(s), 1);
-      mbar_init(empty(s), 8);  // one arrival per consumer warp
+      mbar_init(emptyK(s), 8);  // one arrival per consumer warp
+      mbar_init(emptyV(s), 8);
     }
-    mbar_init(barQ, 1);
-    mbar_init(barQfree, 8);
+    for (int b = 0; b < 2; ++b) {
+      mbar_init(barQ(b), 1);
+      mbar_init(barQfree(b), 8);
+    }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
 
   if (warp < 4) {
     // ================= producer warpgroup: one thread issues every TMA load
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
     if (warp == 0 && lane == 0) {
       tma_prefetch(&tq);
       tma_prefetch(&tk);
@@ -134,68 +150,84 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (it.row0 >= it.row_end) continue;
         const int bh = static_cast<int>(it.bh);
         const int b = static_cast<int>(it.bh / a.H), h = static_cast<int>(it.bh % a.H);
-        mbar_wait(barQfree, (n & 1) ^ 1);
-        mbar_expect_tx(barQ, S::kQ);
+        const int qb = n & 1;
+        mbar_wait(barQfree(qb), ((n >> 1) & 1) ^ 1);
+        mbar_expect_tx(barQ(qb), S::kQ);
 #pragma unroll
         for (int hh = 0; hh < NH; ++hh)
 #pragma unroll
           for (int r = 0; r < 2; ++r)
-            tma_load_3d(sQ + hh * (kM * 128) + r * (64 * 128), &tq, hh * 64, static_cast<int>(it.row0 + r * 64), bh,
-                        barQ);
-        int c = 0, kt = 0;
+            tma_load_3d(sQb(qb) + hh * (kM * 128) + r * (64 * 128), &tq, hh * 64, static_cast<int>(it.row0 + r * 64),
+                        bh, barQ(qb));
         for (int t = 0; t < it.ntiles; ++t, ++gt) {
           const int s = gt % kStages;
-          mbar_wait(empty(s), ((gt / kStages) & 1) ^ 1);
-          const int64_t j = a.dense ? c : it.list[c];
-          const int row = static_cast<int>(j * a.block_k + kt * kN);
+          const uint32_t ph = ((gt / kStages) & 1) ^ 1;
+          int rows[HT];  // first key row of each half (the item's last tile may lack its second half)
+#pragma unroll
+          for (int x = 0; x < HT; ++x) {
+            const int u = t * HT + x;
+            if (u < it.nhalf) {
+              const int c = u / a.halves_per_block;
+              const int64_t j = a.dense ? c : it.list[c];
+              rows[x] = static_cast<int>(j * a.block_k + (u % a.halves_per_block) * 64);
+            } else {
+              rows[x] = static_cast<int>(a.L);  // past the end: TMA fills zeros (P is 0 there, 0 * 0 = 0)
+            }
+          }
+          mbar_wait(emptyK(s), ph);
           mbar_expect_tx(fullK(s), S::kTile);
 #pragma unroll
-          for (int hh = 0; hh < NH; ++hh)
-            tma_load_3d(sK + s * S::kTile + hh * S::kSub, &tk, hh * 64, row, bh, fullK(s));
+          for (int x = 0; x < HT; ++x)
+#pragma unroll
+            for (int hh = 0; hh < NH; ++hh)
+              tma_load_3d(sK + s * S::kTile + hh * S::kSub + x * S::kHalf, &tk, hh * 64, rows[x], bh, fullK(s));
+          mbar_wait(emptyV(s), ph);
           mbar_expect_tx(fullV(s), S::kTile);
 #pragma unroll
-          for (int hh = 0; hh < NH; ++hh)
-            tma_load_4d(sV + s * S::kTile + hh * S::kSub, &tv, hh * 64, row, h, b, fullV(s));
-          if (++kt == a.tiles_per_block) kt = 0, ++c;
+          for (int x = 0; x < HT; ++x)
+#pragma unroll
+              for (int hh = 0; hh < NH; ++hh)
+                tma_load_4d(sV + s * S::kTile + hh * S::kSub + x * S::kHalf, &tv, hh * 64, rows[x], h, b, fullV(s));
         }
         ++n;
       }
     }
   } else {
     // ================= consumer warpgroups
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    const int cw = warp - 4;     // consumer warp 0..7
-    const int wrow = cw * 16;    // first CTA row of this warp (rows wrow + g, wrow + g + 8)
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+    const int cw = warp - 4;   // consumer warp 0..7
+    const int cwg = cw / 4;    // consumer warpgroup: CTA rows 64 * cwg ..
+    const int wrow = cw * 16;  // first CTA row of this warp (rows wrow + g, wrow + g + 8)
     const int g = lane >> 2, tq4 = lane & 3;
     const float sl2 = a.scale_log2;
     const uint32_t vlbo = a.v_swap ? 1024u : static_cast<uint32_t>(S::kSub);
     const uint32_t vsbo = a.v_swap ? static_cast<uint32_t>(S::kSub) : 1024u;
 
-    uint32_t qf[D / 16][4];
     float o[D / 2];
-    float sacc[kN / 2];
+    float sacc[KN / 2];  // S, then (in place) the unnormalised probabilities, fp32
     float m0, m1, l0, l1;
-    uint32_t pf[kN / 16][4], pg[kN / 16][4];
+    uint32_t pf[KN / 16][4];  // P as the A operand of PV (converted once the previous PV is done)
 
-    auto issue_qk = [&](int s) {
+    auto issue_qk = [&](uint32_t q, int s) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t addr = sK + s * S::kTile + (kk / 4) * S::kSub + (kk % 4) * 32;
-        wgmma_rs<T, kN, 0>(sacc, qf[kk], desc_sw128(addr, 16, 1024), kk > 0);
+        const uint32_t aaddr = q + (kk / 4) * (kM * 128) + cwg * (64 * 128) + (kk % 4) * 32;
+        const uint32_t baddr = sK + s * S::kTile + (kk / 4) * S::kSub + (kk % 4) * 32;
+        wgmma_ss<T, KN>(sacc, desc_sw128(aaddr, 16, 1024), desc_sw128(baddr, 16, 1024), kk > 0);
       }
     };
-    auto issue_pv = [&](int s, uint32_t (*p)[4]) {
+    auto issue_pv = [&](int s) {
 #pragma unroll
-      for (int kk = 0; kk < kN / 16; ++kk) {
+      for (int kk = 0; kk < KN / 16; ++kk) {
         const uint32_t addr = sV + s * S::kTile + kk * 16 * 128;
-        wgmma_rs<T, D, 1>(o, p[kk], desc_sw128(addr, vlbo, vsbo), 1);
+        wgmma_rs<T, D, 1>(o, pf[kk], desc_sw128(addr, vlbo, vsbo), 1);
       }
     };
-    // Online softmax of sacc (this thread: rows g and g + 8 of the warp), P into pn.
-    auto softmax = [&](int valid, uint32_t (*pn)[4], float& c0, float& c1) {
-      if (valid < kN) {
+    // Online softmax of sacc (this thread: rows g and g + 8 of the warp), probabilities in place.
+    auto softmax = [&](int valid, float& c0, float& c1) {
+      if (valid < KN) {
 #pragma unroll
-        for (int nt = 0; nt < kN / 8; ++nt) {
+        for (int nt = 0; nt < KN / 8; ++nt) {
           const int col = nt * 8 + 2 * tq4;
           if (col >= valid) sacc[4 * nt] = sacc[4 * nt + 2] = -INFINITY;
           if (col + 1 >= valid) sacc[4 * nt + 1] = sacc[4 * nt + 3] = -INFINITY;
@@ -203,7 +235,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt) {
+      for (int nt = 0; nt < KN / 8; ++nt) {
         mx0 = fmaxf(mx0, fmaxf(sacc[4 * nt], sacc[4 * nt + 1]));
         mx1 = fmaxf(mx1, fmaxf(sacc[4 * nt + 2], sacc[4 * nt + 3]));
       }
@@ -219,22 +251,37 @@ __global__ void __launch_bounds__(kThreads, 1)
       m1 = mn1;
       float rs0 = 0.f, rs1 = 0.f;
 #pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt) {
-        const float e0 = ex2(fmaf(sacc[4 * nt], sl2, -ms0));
-        const float e1 = ex2(fmaf(sacc[4 * nt + 1], sl2, -ms0));
-        const float e2 = ex2(fmaf(sacc[4 * nt + 2], sl2, -ms1));
-        const float e3 = ex2(fmaf(sacc[4 * nt + 3], sl2, -ms1));
-        rs0 += e0 + e1;
-        rs1 += e2 + e3;
-        // A fragment of m64k16 chunk nt / 2: a0/a1 from the even n8 chunk, a2/a3 from the odd one.
-        pn[nt / 2][(nt & 1) * 2 + 0] = Elem<T>::pack(e0, e1);
-        pn[nt / 2][(nt & 1) * 2 + 1] = Elem<T>::pack(e2, e3);
+      for (int nt = 0; nt < KN / 8; ++nt) {
+        sacc[4 * nt] = ex2(fmaf(sacc[4 * nt], sl2, -ms0));
+        sacc[4 * nt + 1] = ex2(fmaf(sacc[4 * nt + 1], sl2, -ms0));
+        sacc[4 * nt + 2] = ex2(fmaf(sacc[4 * nt + 2], sl2, -ms1));
+        sacc[4 * nt + 3] = ex2(fmaf(sacc[4 * nt + 3], sl2, -ms1));
+        rs0 += sacc[4 * nt] + sacc[4 * nt + 1];
+        rs1 += sacc[4 * nt + 2] + sacc[4 * nt + 3];
       }
       l0 = l0 * c0 + rs0;
       l1 = l1 * c1 + rs1;
     };
-    auto release = [&](int s) {
-      if (lane == 0) mbar_arrive(empty(s));
+    // sacc -> pf: the A fragment of m64k16 chunk nt / 2 takes a0/a1 from the even n8 chunk and
+    // a2/a3 from the odd one.
+    auto pack_p = [&]() {
+#pragma unroll
+      for (int nt = 0; nt < KN / 8; ++nt) {
+        pf[nt / 2][(nt & 1) * 2 + 0] = Elem<T>::pack(sacc[4 * nt], sacc[4 * nt + 1]);
+        pf[nt / 2][(nt & 1) * 2 + 1] = Elem<T>::pack(sacc[4 * nt + 2], sacc[4 * nt + 3]);
+      }
+    };
+    auto rescale = [&](float c0, float c1) {
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        o[4 * i] *= c0;
+        o[4 * i + 1] *= c0;
+        o[4 * i + 2] *= c1;
+        o[4 * i + 3] *= c1;
+      }
+    };
+    auto arrive = [&](uint32_t bar) {
+      if (lane == 0) mbar_arrive(bar);
     };
 
     int gt = 0, n = 0;  // tiles / items consumed so far (same sequence as the producer)
@@ -242,32 +289,34 @@ __global__ void __launch_bounds__(kThreads, 1)
       const Item it = item(w);
       if (it.row0 >= it.row_end) continue;
       const int ntiles = it.ntiles;
-      // Valid key rows of tile t (< kN only in the tiles of the sequence's last key block, which
-      // an ascending list has last). Computed here rather than passed through shared memory, so
-      // no stage slot is shared across the mbarrier; the list is read once per item, not per
-      // tile (a global load there stalls the softmax by the L2 latency).
-      int tail_t = INT_MAX;
+      // Valid keys of tile t (< KN only in the tiles of the sequence's last key block, which an
+      // ascending list has last, or in a last tile with fewer than HT halves). Computed here
+      // rather than passed through shared memory, so no stage slot is shared across the
+      // mbarrier; the list is read once per item, not per tile (a global load there stalls the
+      // softmax by the L2 latency).
+      int tail_u = INT_MAX;
       int64_t tail_key = 0;
       if (ntiles > 0) {
-        const int nblk = ntiles / a.tiles_per_block;
+        const int nblk = it.nhalf / a.halves_per_block;
         const int64_t jl = a.dense ? a.n_k - 1 : it.list[nblk - 1];
-        if (jl == a.n_k - 1) tail_t = (nblk - 1) * static_cast<int>(a.tiles_per_block), tail_key = jl * a.block_k;
+        if (jl == a.n_k - 1) tail_u = (nblk - 1) * a.halves_per_block, tail_key = jl * a.block_k;
       }
       auto valid_at = [&](int t) {
-        return t < tail_t ? kN : static_cast<int>(imin64(kN, a.L - (tail_key + (t - tail_t) * kN)));
+        int v = 0;
+#pragma unroll
+        for (int x = 0; x < HT; ++x) {
+          const int u = t * HT + x;
+          const int vh = u >= it.nhalf ? 0
+                         : u < tail_u  ? 64
+                                       : static_cast<int>(imax64(0, imin64(64, a.L - (tail_key + int64_t(u - tail_u) * 64))));
+          v += vh;
+        }
+        return v;
       };
 
-      mbar_wait(barQ, n & 1);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const int r = wrow + (lane & 7) + ((lane >> 3) & 1) * 8;
-        const int col = kk * 16 + (lane >> 4) * 8;
-        const int hh = col / 64, ch = (col % 64) / 8;
-        ldmatrix_x4(sQ + hh * (kM * 128) + r * 128 + ((ch ^ (r & 7)) << 4), qf[kk][0], qf[kk][1], qf[kk][2],
-                    qf[kk][3]);
-      }
-      __syncwarp();
-      if (lane == 0) mbar_arrive(barQfree);  // the producer may load the next item's Q
+      const int qb = n & 1;
+      const uint32_t q = sQb(qb);
+      mbar_wait(barQ(qb), (n >> 1) & 1);
 
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
@@ -279,83 +328,69 @@ __global__ void __launch_bounds__(kThreads, 1)
         {
           const int s0 = gt % kStages;
           mbar_wait(fullK(s0), (gt / kStages) & 1);
-          fence_regs<kN / 2>(sacc);
+          fence_regs<KN / 2>(sacc);
           wgmma_fence();
-          issue_qk(s0);
+          issue_qk(q, s0);
           wgmma_commit();
           wgmma_wait<0>();
-          fence_regs<kN / 2>(sacc);
-          softmax(valid_at(0), pf, c0, c1);
+          fence_regs<KN / 2>(sacc);
+          arrive(emptyK(s0));
+          softmax(valid_at(0), c0, c1);
+          pack_p();
         }
-        // Tile t: QK_t and PV_{t-1} in flight together, softmax of S_t overlaps PV_{t-1}.
-        // P alternates between two register sets (no copies inside the wgmma pipeline).
-        auto step = [&](int t, uint32_t (*pin)[4], uint32_t (*pout)[4]) {
+        // Tile t: QK_t and PV_{t-1} in flight together, softmax of S_t overlaps PV_{t-1}; P_t is
+        // packed into pf once PV_{t-1} (which reads pf) is done.
+        for (int t = 1; t < ntiles; ++t) {
           const int u = gt + t;
           const int s = u % kStages, ps = (u - 1) % kStages;
           mbar_wait(fullK(s), (u / kStages) & 1);
           mbar_wait(fullV(ps), ((u - 1) / kStages) & 1);  // loaded with K_{t-1}: no spin inside the wgmma stage
           fence_regs<D / 2>(o);
-          fence_regs<kN / 2>(sacc);
-          fence_regs_u<kN / 4>(&pin[0][0]);
+          fence_regs<KN / 2>(sacc);
+          fence_regs_u<KN / 4>(&pf[0][0]);
           wgmma_fence();
-          issue_qk(s);
+          issue_qk(q, s);
           wgmma_commit();
-          issue_pv(ps, pin);
+          issue_pv(ps);
           wgmma_commit();
           wgmma_wait<1>();
-          fence_regs<kN / 2>(sacc);
-          softmax(valid_at(t), pout, c0, c1);
+          fence_regs<KN / 2>(sacc);
+          arrive(emptyK(s));
+          softmax(valid_at(t), c0, c1);
           wgmma_wait<0>();
           fence_regs<D / 2>(o);
-          fence_regs_u<kN / 4>(&pin[0][0]);
-          release(ps);
-#pragma unroll
-          for (int i = 0; i < D / 8; ++i) {
-            o[4 * i] *= c0;
-            o[4 * i + 1] *= c0;
-            o[4 * i + 2] *= c1;
-            o[4 * i + 3] *= c1;
-          }
-        };
-        int t = 1;
-        for (; t + 1 < ntiles; t += 2) {
-          step(t, pf, pg);
-          step(t + 1, pg, pf);
+          fence_regs_u<KN / 4>(&pf[0][0]);
+          arrive(emptyV(ps));
+          pack_p();
+          rescale(c0, c1);
         }
-        const bool odd_tail = t < ntiles;
-        if (odd_tail) step(t, pf, pg);
         const int lu = gt + ntiles - 1, ls = lu % kStages;
         mbar_wait(fullV(ls), (lu / kStages) & 1);
-        auto last = [&](uint32_t (*p)[4]) {
-          fence_regs<D / 2>(o);
-          fence_regs_u<kN / 4>(&p[0][0]);
-          wgmma_fence();
-          issue_pv(ls, p);
-          wgmma_commit();
-          wgmma_wait<0>();
-          fence_regs<D / 2>(o);
-          fence_regs_u<kN / 4>(&p[0][0]);
-        };
-        if (odd_tail) last(pg);
-        else last(pf);
-        release(ls);
+        fence_regs<D / 2>(o);
+        fence_regs_u<KN / 4>(&pf[0][0]);
+        wgmma_fence();
+        issue_pv(ls);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs<D / 2>(o);
+        fence_regs_u<KN / 4>(&pf[0][0]);
+        arrive(emptyV(ls));
         gt += ntiles;
       }
-      ++n;
 
-      // ---- epilogue: normalise, stage this warp's 16 rows in sO, 16-byte stores
+      // ---- epilogue: normalise, stage this warp's 16 rows in its own rows of the
+      // item's Q buffer (this warpgroup's QK^T are all done; the other one reads other rows), 16-byte stores
       l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
       l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
       l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
       l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
       const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-      __syncwarp();  // this warp's reads of sO for the previous item are done
 #pragma unroll
       for (int i = 0; i < D / 8; ++i) {
         const int hh = i / 8, ch = i % 8;
         const int r0 = wrow + g, r1 = wrow + g + 8;
-        const uint32_t a0 = sO + hh * (kM * 128) + r0 * 128 + ((ch ^ (r0 & 7)) << 4) + tq4 * 4;
-        const uint32_t a1 = sO + hh * (kM * 128) + r1 * 128 + ((ch ^ (r1 & 7)) << 4) + tq4 * 4;
+        const uint32_t a0 = q + hh * (kM * 128) + r0 * 128 + ((ch ^ (r0 & 7)) << 4) + tq4 * 4;
+        const uint32_t a1 = q + hh * (kM * 128) + r1 * 128 + ((ch ^ (r1 & 7)) << 4) + tq4 * 4;
         asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a0), "r"(Elem<T>::pack(o[4 * i] * inv0, o[4 * i + 1] * inv0))
                      : "memory");
         asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a1),
@@ -369,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int k = 0; k < 16 * CH / 32; ++k) {
         const int e = k * 32 + lane, rr = e / CH, cc = e % CH;
         const int r = wrow + rr;
-        const uint32_t src = sO + (cc / 8) * (kM * 128) + r * 128 + (((cc % 8) ^ (r & 7)) << 4);
+        const uint32_t src = q + (cc / 8) * (kM * 128) + r * 128 + (((cc % 8) ^ (r & 7)) << 4);
         uint4 v;
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
@@ -378,6 +413,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int64_t gr = it.row0 + r;
         if (gr < it.row_end) *reinterpret_cast<uint4*>(out + gr * D + cc * 8) = v;
       }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(barQfree(qb));  // the producer may load item n + 2's Q here
+      ++n;
       if (tq4 == 0) {
         constexpr float kLn2 = 0.6931471805599453f;
         const int64_t gr0 = it.row0 + wrow + g, gr1 = gr0 + 8;
@@ -419,13 +457,14 @@ bool launch(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
   a.block_k = p.opt.block_k;
   a.H = p.H;
   a.sub_q = static_cast<int>((p.opt.block_q + kM - 1) / kM);
-  a.tiles_per_block = static_cast<int>(p.opt.block_k / kN);
+  a.halves_per_block = static_cast<int>(p.opt.block_k / 64);
   a.dense = pl.dense ? 1 : 0;
   const char* sw = std::getenv("SALAD_SM90_VSWAP");
   a.v_swap = sw && std::strcmp(sw, "1") == 0;
   a.scale_log2 = static_cast<float>(p.softmax_scale() * 1.4426950408889634);
   constexpr int smem = Smem<D>::kAlloc;
-  SALAD_CUDA_CHECK(cudaFuncSetAttribute(attn_fwd_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  auto kernel = attn_fwd_sm90_kernel<T, D>;
+  SALAD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int64_t work = pl.n_q * a.sub_q * pl.BH;
   a.num_work = static_cast<int>(work);
   int dev = 0, sms = 0;
@@ -436,7 +475,7 @@ bool launch(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
   int64_t cap = sms;
   if (const char* g = std::getenv("SALAD_SM90_GRID")) cap = imax64(1, std::atoll(g));  // testing: fewer CTAs
   const unsigned grid = static_cast<unsigned>(persistent ? imin64(work, cap) : work);
-  attn_fwd_sm90_kernel<T, D><<<grid, kThreads, smem, s>>>(mq, mk, mv, a);
+  kernel<<<grid, kThreads, smem, s>>>(mq, mk, mv, a);
   SALAD_LAUNCH_CHECK();
   return true;
 }
@@ -453,7 +492,7 @@ bool try_launch_attn_fwd_sm90(const Params& p, const Plan& pl, const RopeInfo& r
   if (p.dtype != DType::BF16 && p.dtype != DType::F16) return false;
   if (p.D != 64 && p.D != 128) return false;
   if (r.perm) return false;  // tile order: V needs a gather
-  if (p.opt.block_k % kN != 0 || p.opt.block_q <= 0) return false;
+  if (p.opt.block_k % 64 != 0 || p.opt.block_q <= 0) return false;
   if (p.L >= (int64_t(1) << 31) - 2 * kM || pl.BH * pl.n_q * ((p.opt.block_q + kM - 1) / kM) >= (int64_t(1) << 31))
     return false;
   if (!pl.dense && (!p.block_idx || !p.block_cnt)) return false;
