@@ -17,8 +17,13 @@ namespace salad::cuda::detail {
 struct Plan {
   int64_t BH = 0, L = 0, D = 0, n_q = 0, n_k = 0, max_k = 0;
   int64_t n_chunk = 0;  // linear branch: token chunks per (b, h) for the state sums
+  int64_t chunk = 0;    // tokens per chunk, a multiple of 64
   bool dense = false, topk_select = false, linear = false, tile_order = false;
-  size_t rope = 0, perm = 0, qr = 0, kr = 0, qmean = 0, kmean = 0;
+  // Forward in mode salad: the linear apply kernel (which reads q anyway) also writes qr and
+  // per-16-token sums of qr for the query block means, so the rotation pass reads only k
+  // (SALAD_FUSE_ROTATE=0 turns it off). Fusing k into the state kernel measured slower.
+  bool fuse_rotate = false;
+  size_t rope = 0, perm = 0, qr = 0, kr = 0, qmean = 0, kmean = 0, qsum = 0;
   size_t sv_part = 0, z_part = 0, sv = 0, z = 0;
   // backward only
   size_t delta = 0, inv_off = 0, inv_rows = 0;
@@ -36,9 +41,12 @@ X* at(void* ws, size_t off) {
 // Rope table and block permutation (device-computed, no host uploads).
 RopeInfo prepare_order_and_rope(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
 
-// qr/kr (rotated, block order, contiguous (BH, L, D)) and optional block means.
-void launch_rotate(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, bool means,
-                   cudaStream_t s);
+// qr/kr (rotated, block order, contiguous (BH, L, D)) and optional block means; kr only
+// when !q_too.
+void launch_rotate(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, bool means, cudaStream_t s,
+                   bool q_too = true);
+// Query block means from the fused rotation's 16-token sums (plan.fuse_rotate).
+void launch_q_tile_means(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
 // Top-K table (or window table) into p.block_idx / p.block_cnt.
 void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
 // Inverse table for the backward.
@@ -49,6 +57,7 @@ void launch_attn_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* w
 void launch_attn_bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s);
 
 // Linear branch.
+bool linear_uses_mma(DType t);  // the bf16 tensor-core kernels (which can fuse the rotation)
 void launch_linear_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s);
 void launch_linear_bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s);
 

@@ -32,7 +32,11 @@ struct LinArgs {
   bool rope;
   float eps;
   RopeInfo r;
-  int64_t n_chunk;
+  int64_t n_chunk, chunk;  // chunk: tokens per CTA (a multiple of 64, see make_plan)
+  // Fused rotation (forward, see fuse_rotate in make_plan): the apply kernel also writes
+  // qr = rope3d(q) and per-16-token sums of qr.
+  __nv_bfloat16* qr;
+  float* qsum;
 };
 
 // Row of D channels held by one warp: lane owns columns lane + 32 i.
@@ -128,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) state_kernel(LinArgs g, const T* __r
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int ty = tid / 16, tx = tid % 16;
   const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
-  const int64_t chunk = (g.L + g.n_chunk - 1) / g.n_chunk;
+  const int64_t chunk = g.chunk;
   const int64_t t0 = blockIdx.x * chunk, t1 = imin64(g.L, t0 + chunk);
   const int64_t xsb = KIND == kState ? g.k_sb : g.q_sb, xsh = KIND == kState ? g.k_sh : g.q_sh,
                 xst = KIND == kState ? g.k_st : g.q_st;
@@ -483,6 +487,9 @@ LinArgs make_args(const Params& p, const Plan& pl, const RopeInfo& r) {
   g.eps = static_cast<float>(p.opt.eps);
   g.r = r;
   g.n_chunk = pl.n_chunk;
+  g.chunk = pl.chunk;
+  g.qr = nullptr;
+  g.qsum = nullptr;
   return g;
 }
 
@@ -661,6 +668,35 @@ __device__ __forceinline__ void load_rows(bf16* tile, const bf16* src, int64_t s
   }
 }
 
+// Rotates x (CPL channels from c0, even) into xr with the token's rope3d table entries and, when
+// rope_y, y in place with the same entries.
+template <int CPL, int D>
+__device__ __forceinline__ void rope_xy(const RopeInfo& r, const Rows& rw, int c0, const float* x, float* xr, float* y,
+                                        bool rope_y) {
+#pragma unroll
+  for (int p = 0; p < CPL / 2; ++p) {
+    const float2 cs = tok_cs(r, rw, c0 / 2 + p, D / 2);
+    const float x0 = x[2 * p], x1 = x[2 * p + 1];
+    xr[2 * p] = x0 * cs.x - x1 * cs.y;
+    xr[2 * p + 1] = x0 * cs.y + x1 * cs.x;
+    if (rope_y) {
+      const float y0 = y[2 * p], y1 = y[2 * p + 1];
+      y[2 * p] = y0 * cs.x - y1 * cs.y;
+      y[2 * p + 1] = y0 * cs.y + y1 * cs.x;
+    }
+  }
+}
+
+// Sum over the 4 token rows of a warp that share this lane's channels (lanes s, s + 8, ...).
+template <int CPL>
+__device__ __forceinline__ void rows4_sum(float* a) {
+#pragma unroll
+  for (int i = 0; i < CPL; ++i) {
+    a[i] += __shfl_xor_sync(0xffffffffu, a[i], 8);
+    a[i] += __shfl_xor_sync(0xffffffffu, a[i], 16);
+  }
+}
+
 // The phi / RoPE / z part of the state kernel for one 64-token tile (in place, bf16).
 template <int D>
 __device__ __forceinline__ void state_transform(const LinArgs& g, bf16* X, int64_t base, int64_t t1,
@@ -709,7 +745,7 @@ __global__ void __launch_bounds__(kT, 2) state_mma_kernel(LinArgs g, const bf16*
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 2, wn = warp & 3;
   const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
-  const int64_t chunk = (g.L + g.n_chunk - 1) / g.n_chunk;
+  const int64_t chunk = g.chunk;
   const int64_t t0 = blockIdx.x * chunk, t1 = imin64(g.L, t0 + chunk);
   const bf16* xb = X + b * xsb + h * xsh;
   const bf16* yb = Y + b * ysb + h * ysh;
@@ -862,7 +898,7 @@ struct Range {
   int ntile;
 };
 __device__ __forceinline__ Range cta_range(const LinArgs& g) {
-  const int64_t chunk = (g.L + g.n_chunk - 1) / g.n_chunk;
+  const int64_t chunk = g.chunk;
   Range r;
   r.t0 = blockIdx.x * chunk;
   r.t1 = imin64(g.L, r.t0 + chunk);
@@ -881,14 +917,14 @@ __global__ void __launch_bounds__(kT, 2) apply_fwd_mma_kernel(LinArgs g, const b
   bf16* Svs = reinterpret_cast<bf16*>(smraw);                 // D x D
   bf16* Wb = Svs + D * D;                                     // [kW][2][kWT * D]
   float* inv_all = reinterpret_cast<float*>(Wb + kW * 2 * kWT * D);  // [kW][kWT]
+  float* zs = inv_all + kW * kWT;                                    // [D]: z (in shared memory: registers
+                                                                     // go to the fused rotation's sums)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, s = lane & 7;
   const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
   const Range rg = cta_range(g);
   load_mat<D>(Svs, svhl + bh * 2 * D * D);
   cp_async_commit();
-  float zr[CPL];
-#pragma unroll
-  for (int i = 0; i < CPL; ++i) zr[i] = zv[bh * D + s * CPL + i];
+  for (int d = tid; d < D; d += kT) zs[d] = zv[bh * D + d];
   cp_async_wait<0>();
   __syncthreads();
   const bf16* qb = q + b * g.q_sb + h * g.q_sh;
@@ -909,6 +945,9 @@ __global__ void __launch_bounds__(kT, 2) apply_fwd_mma_kernel(LinArgs g, const b
       cp_async_wait<0>();
     }
     __syncwarp();
+    float racc[CPL];  // fused rotation: this lane's sums of qr over its rows of the tile
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) racc[c] = 0.f;
 #pragma unroll
     for (int rr = 0; rr < kWT / 4; ++rr) {
       const int row = rr * 4 + (lane >> 3);
@@ -920,16 +959,36 @@ __global__ void __launch_bounds__(kT, 2) apply_fwd_mma_kernel(LinArgs g, const b
       phi8<CPL>(g.feature, x, y, mx, iv);
       float dz = 0.f;
 #pragma unroll
-      for (int c = 0; c < CPL; ++c) dz += y[c] * zr[c];
+      for (int c = 0; c < CPL; ++c) dz += y[c] * zs[s * CPL + c];
       dz = g8_sum(dz) + g.eps;
       if (!ok) {
 #pragma unroll
         for (int c = 0; c < CPL; ++c) y[c] = 0.f;
       }
-      if (g.rope && ok) rope8<CPL, D>(g.r, tok_rows(g.r, t), s * CPL, y);
+      if (g.qr) {
+        if (ok) {
+          float xr[CPL];
+          rope_xy<CPL, D>(g.r, tok_rows(g.r, t), s * CPL, x, xr, y, g.rope);
+#pragma unroll
+          for (int c = 0; c < CPL / 8; ++c)
+            *reinterpret_cast<uint4*>(g.qr + (bh * g.L + t) * D + s * CPL + 8 * c) = pack8(xr + 8 * c);
+#pragma unroll
+          for (int c = 0; c < CPL; ++c) racc[c] += xr[c];
+        }
+      } else if (g.rope && ok) {
+        rope8<CPL, D>(g.r, tok_rows(g.r, t), s * CPL, y);
+      }
 #pragma unroll
       for (int c = 0; c < CPL / 8; ++c) *reinterpret_cast<uint4*>(X + swz<D>(row, s * CPL + 8 * c)) = pack8(y + 8 * c);
       if (s == 0) inv[row] = ok ? 1.f / dz : 0.f;
+    }
+    if (g.qsum) {  // qr sums of this 16-token tile (rows in a fixed order)
+      rows4_sum<CPL>(racc);
+      if (lane < 8) {
+        float* dst = g.qsum + (bh * ((g.L + kWT - 1) / kWT) + base / kWT) * D + s * CPL;
+#pragma unroll
+        for (int c = 0; c < CPL; c += 4) *reinterpret_cast<float4*>(dst + c) = make_float4(racc[c], racc[c + 1], racc[c + 2], racc[c + 3]);
+      }
     }
     __syncwarp();
     float acc[D / 8][4];
@@ -1230,8 +1289,12 @@ void fwd_state(const Params& p, const Plan& pl, const LinArgs& g, void* ws, cuda
 template <int D>
 void fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
   LinArgs g = make_args(p, pl, r);
+  if (pl.fuse_rotate) {
+    g.qr = at<bf16>(ws, pl.qr);
+    if (pl.topk_select) g.qsum = at<float>(ws, pl.qsum);
+  }
   fwd_state<D>(p, pl, g, ws, s);
-  const size_t smem = sizeof(bf16) * (D * D + kW * 2 * kWT * D) + sizeof(float) * kW * kWT;
+  const size_t smem = sizeof(bf16) * (D * D + kW * 2 * kWT * D) + sizeof(float) * (kW * kWT + D);
   set_smem_mma(apply_fwd_mma_kernel<D>, smem);
   apply_fwd_mma_kernel<D><<<dim3(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH)), kT, smem, s>>>(
       g, static_cast<const bf16*>(p.q), at<bf16>(ws, pl.sv), at<float>(ws, pl.z), static_cast<bf16*>(p.o_l));
@@ -1267,17 +1330,17 @@ void bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaSt
 
 }  // namespace mma
 
+}  // namespace
+
 // SALAD_LINEAR_KERNEL=old selects the fp32 CUDA-core path (also used for fp16 inputs).
-bool use_mma(DType t) {
+bool linear_uses_mma(DType t) {
   if (t != DType::BF16) return false;
   const char* e = std::getenv("SALAD_LINEAR_KERNEL");
   return !(e && std::strcmp(e, "old") == 0);
 }
 
-}  // namespace
-
 void launch_linear_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
-  if (use_mma(p.dtype)) {
+  if (linear_uses_mma(p.dtype)) {
     if (p.D == 64) mma::fwd<64>(p, pl, r, ws, s);
     else mma::fwd<128>(p, pl, r, ws, s);
   } else if (p.dtype == DType::BF16) {
@@ -1292,7 +1355,7 @@ void launch_linear_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void*
 void launch_linear_bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
   if (!p.do_l) return;  // zero incoming gradient: the branch adds nothing
   if (!p.o_l) throw ArgumentError("o_l: expected the forward's linear output for the backward in mode salad");
-  if (use_mma(p.dtype)) {
+  if (linear_uses_mma(p.dtype)) {
     if (p.D == 64) mma::bwd<64>(p, pl, r, ws, s);
     else mma::bwd<128>(p, pl, r, ws, s);
   } else if (p.dtype == DType::BF16) {

@@ -544,6 +544,15 @@ Plan make_plan(const Params& p, bool backward) {
   pl.topk_select = !pl.dense && !p.blocks_given && p.opt.pattern == Pattern::TopK;
   // Enough chunks to fill ~2 waves of 132 SMs, each at least 256 tokens.
   pl.n_chunk = std::max<int64_t>(1, std::min<int64_t>((264 + pl.BH - 1) / pl.BH, (p.L + 255) / 256));
+  // Chunks of whole 64-token tiles, so the apply kernel's 16-token tiles never straddle a chunk
+  // (their qr sums feed the block means when the rotation is fused).
+  pl.chunk = ((p.L + pl.n_chunk - 1) / pl.n_chunk + 63) / 64 * 64;
+  pl.n_chunk = (p.L + pl.chunk - 1) / pl.chunk;
+  {
+    const char* e = std::getenv("SALAD_FUSE_ROTATE");
+    pl.fuse_rotate = !backward && pl.linear && !pl.tile_order && linear_uses_mma(p.dtype) &&
+                     p.opt.block_q % 16 == 0 && !(e && std::strcmp(e, "0") == 0);
+  }
   size_t cur = 0;
   auto take = [&](size_t bytes) {
     size_t o = cur;
@@ -558,6 +567,7 @@ Plan make_plan(const Params& p, bool backward) {
   if (pl.topk_select && !backward) {
     pl.qmean = take(sizeof(float) * pl.BH * pl.n_q * p.D);
     pl.kmean = take(sizeof(float) * pl.BH * pl.n_k * p.D);
+    if (pl.fuse_rotate) pl.qsum = take(sizeof(float) * pl.BH * ((p.L + 15) / 16) * p.D);
   }
   if (pl.linear) {
     pl.sv_part = take(sizeof(float) * pl.BH * pl.n_chunk * p.D * p.D);
@@ -612,12 +622,12 @@ RopeInfo prepare_order_and_rope(const Params& p, const Plan& pl, void* ws, cudaS
 }
 
 template <class T>
-static void rotate_t(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, bool means,
+static void rotate_t(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, bool means, bool q_too,
                      cudaStream_t s) {
   const int threads = 256;
   const int groups = threads / static_cast<int>(p.D / 8);
   size_t smem = sizeof(float) * groups * p.D;
-  rotate_kernel<T><<<dim3(static_cast<unsigned>(pl.n_q), static_cast<unsigned>(pl.BH)), threads, smem, s>>>(
+  if (q_too) rotate_kernel<T><<<dim3(static_cast<unsigned>(pl.n_q), static_cast<unsigned>(pl.BH)), threads, smem, s>>>(
       static_cast<const T*>(p.q), p.q_stride[0], p.q_stride[1], p.q_stride[2], p.H, at<T>(ws, pl.qr),
       means ? at<float>(ws, pl.qmean) : nullptr, p.L, static_cast<int>(p.D), p.opt.block_q, r);
   SALAD_LAUNCH_CHECK();
@@ -627,12 +637,32 @@ static void rotate_t(const Params& p, const Plan& pl, const RopeInfo& r, void* w
   SALAD_LAUNCH_CHECK();
 }
 
-void launch_rotate(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, bool means,
-                   cudaStream_t s) {
+// mean[bh][i] = (sum of the per-tile sums of block i, in tile order) / tokens in block i;
+// blocks are whole tiles (block % tile == 0). One CTA of D threads per (block, bh). For the
+// query block means of the fused rotation (16-token tiles of the linear apply kernel).
+__global__ void tile_means_kernel(const float* __restrict__ part, int64_t tile, int64_t block, int64_t L,
+                                  float* __restrict__ mean) {
+  const int D = blockDim.x, d = threadIdx.x;
+  const int64_t bh = blockIdx.y, i = blockIdx.x, n_tiles = (L + tile - 1) / tile;
+  const int64_t t0 = i * block, t1 = min(L, t0 + block);
+  const float* src = part + bh * n_tiles * D + d;
+  float sum = 0.f;
+  for (int64_t j = t0 / tile; j < (t1 + tile - 1) / tile; ++j) sum += src[j * D];
+  mean[(bh * gridDim.x + i) * D + d] = sum / static_cast<float>(t1 - t0);
+}
+
+void launch_q_tile_means(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
+  tile_means_kernel<<<dim3(static_cast<unsigned>(pl.n_q), static_cast<unsigned>(pl.BH)), static_cast<unsigned>(p.D), 0,
+                      s>>>(at<float>(ws, pl.qsum), 16, p.opt.block_q, p.L, at<float>(ws, pl.qmean));
+  SALAD_LAUNCH_CHECK();
+}
+
+void launch_rotate(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, bool means, cudaStream_t s,
+                   bool q_too) {
   if (p.dtype == DType::BF16)
-    rotate_t<__nv_bfloat16>(p, pl, r, ws, means, s);
+    rotate_t<__nv_bfloat16>(p, pl, r, ws, means, q_too, s);
   else
-    rotate_t<__half>(p, pl, r, ws, means, s);
+    rotate_t<__half>(p, pl, r, ws, means, q_too, s);
 }
 
 void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
@@ -764,10 +794,14 @@ void forward(const Params& p, void* workspace, void* stream) {
   void* ws = aligned(workspace);
   Plan pl = make_plan(p, false);
   RopeInfo r = prepare_order_and_rope(p, pl, ws, s);
-  launch_rotate(p, pl, r, ws, pl.topk_select, s);
+  launch_rotate(p, pl, r, ws, pl.topk_select, s, /*q_too=*/!pl.fuse_rotate);
+  if (pl.fuse_rotate) {
+    launch_linear_fwd(p, pl, r, ws, s);  // writes qr and its tile sums too
+    if (pl.topk_select) launch_q_tile_means(p, pl, ws, s);
+  }
   if (!pl.dense && !p.blocks_given) launch_select(p, pl, ws, s);
   launch_attn_fwd(p, pl, r, ws, s);
-  if (pl.linear) launch_linear_fwd(p, pl, r, ws, s);
+  if (pl.linear && !pl.fuse_rotate) launch_linear_fwd(p, pl, r, ws, s);
 }
 
 void backward(const BwdParams& p, void* workspace, void* stream) {
