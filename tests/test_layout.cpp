@@ -9,6 +9,7 @@
 #include <set>
 
 #include "../src/kernels/cpu/common.h"
+#include "../src/kernels/fastdiv.h"
 #include "salad/kernels.h"
 #include "salad/layout.h"
 
@@ -261,4 +262,23 @@ TEST(Validate, KernelsRefuseTheWrongDtype) {
   c.p.dtype = DType::F64;
   EXPECT_THROW(cpu::fast_forward(c.p), ArgumentError);
   EXPECT_THROW(cpu::reference_forward<float>(c.p), ArgumentError);
+}
+
+// The CUDA kernels' token -> (frame, row, column) maps divide by the grid's row width and frame
+// area with FastDiv; it must equal '/' for every token index below 2^31.
+TEST(FastDiv, MatchesIntegerDivisionBelow2To31) {
+  std::mt19937 rng(7);
+  std::vector<uint32_t> divisors = {1, 2, 3, 5, 7, 30, 52, 60, 64, 90, 104, 160, 1560, 4680, 9360, 65535, 65536,
+                                    1000003, (1u << 30) + 1, (1u << 31) - 1};
+  for (int i = 0; i < 200; ++i) divisors.push_back(1 + rng() % 100000);
+  for (uint32_t d : divisors) {
+    const FastDiv f(d);
+    std::vector<uint32_t> ns = {0, 1, d - 1, d, d + 1, 2 * d - 1, (1u << 31) - 1, (1u << 31) - 2};
+    for (uint32_t m = 1; m < 2000 && uint64_t(m) * d < (1u << 31); m += 1 + m / 7) ns.push_back(m * d - 1), ns.push_back(m * d);
+    for (int i = 0; i < 2000; ++i) ns.push_back(rng() & 0x7fffffffu);
+    for (uint32_t n : ns) {
+      if (n >= (1u << 31)) continue;
+      ASSERT_EQ(f.div(n), n / d) << "n=" << n << " d=" << d;
+    }
+  }
 }

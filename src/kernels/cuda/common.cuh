@@ -12,6 +12,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "../fastdiv.h"
 #include "salad/layout.h"
 #include "salad/params.h"
 
@@ -126,6 +127,7 @@ struct RopeInfo {
   int64_t gh = 1, gw = 1;         // grid rows / columns
   int64_t gf = 1;
   int pf = 0, ph = 0;             // pairs rotated by the frame / row axis (rest: column)
+  FastDiv div_gw, div_ghw;        // token -> (frame, row, column) without hardware division
 };
 
 // (cos, sin) of channel pair m at raster token t.

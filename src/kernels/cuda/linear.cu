@@ -567,19 +567,20 @@ constexpr int kT = kW * 32;    // threads per CTA
 constexpr int kTT = 64;        // tokens per state-kernel tile
 constexpr int kWT = 16;        // tokens per warp tile in the apply kernels
 
+// A token's rope3d table offsets (row * half) for the frame, row and column axes.
 struct Rows {
   int f, h, w;
 };
-// 32-bit index math (check_supported guarantees L < 2^31).
-__device__ __forceinline__ Rows tok_rows(const RopeInfo& r, int64_t t64) {
-  const uint32_t t = static_cast<uint32_t>(t64), gw = static_cast<uint32_t>(r.gw);
-  const uint32_t ghw = gw * static_cast<uint32_t>(r.gh);
-  const uint32_t f = t / ghw, rem = t - f * ghw, h = rem / gw, w = rem - h * gw;
-  return {static_cast<int>(f), static_cast<int>(r.gf + h), static_cast<int>(r.gf + r.gh + w)};
+// 32-bit index math (check_supported guarantees L < 2^31), divisions through FastDiv.
+__device__ __forceinline__ Rows tok_rows(const RopeInfo& r, int64_t t64, int half) {
+  const uint32_t t = static_cast<uint32_t>(t64);
+  const uint32_t f = r.div_ghw.div(t), rem = t - f * r.div_ghw.d, h = r.div_gw.div(rem), w = rem - h * r.div_gw.d;
+  const int gf = static_cast<int>(r.gf), gfh = static_cast<int>(r.gf + r.gh);
+  return {static_cast<int>(f) * half, (gf + static_cast<int>(h)) * half, (gfh + static_cast<int>(w)) * half};
 }
-__device__ __forceinline__ float2 tok_cs(const RopeInfo& r, const Rows& rw, int m, int half) {
-  int row = m < r.pf ? rw.f : (m < r.pf + r.ph ? rw.h : rw.w);
-  return __ldg(&r.table[static_cast<int64_t>(row) * half + m]);
+__device__ __forceinline__ float2 tok_cs(const RopeInfo& r, const Rows& rw, int m) {
+  const int off = m < r.pf ? rw.f : (m < r.pf + r.ph ? rw.h : rw.w);
+  return __ldg(&r.table[off + m]);
 }
 
 // 8 consecutive bf16 <-> floats.
@@ -646,25 +647,32 @@ template <int CPL, int D>
 __device__ __forceinline__ void rope8(const RopeInfo& r, const Rows& rw, int c0, float* y) {
 #pragma unroll
   for (int p = 0; p < CPL / 2; ++p) {
-    float2 cs = tok_cs(r, rw, c0 / 2 + p, D / 2);
+    float2 cs = tok_cs(r, rw, c0 / 2 + p);
     float y0 = y[2 * p], y1 = y[2 * p + 1];
     y[2 * p] = y0 * cs.x - y1 * cs.y;
     y[2 * p + 1] = y0 * cs.y + y1 * cs.x;
   }
 }
 
-// Copies rows [base, base + rows) of a (row stride st) into a swizzled smem tile; rows >= end are zero.
-// Work split over `nthr` threads starting at index `me`.
-template <int D>
+// Copies rows [base, base + ROWS) of a (row stride st) into a swizzled smem tile; rows >= end are
+// zero. NTHR threads starting at index `me` each copy one 16-byte column chunk of every
+// (NTHR / (D / 8))-th row: the chunk, the source row pointer and the swizzled offset are computed
+// once, not per copy (the integer work was a quarter of the state kernel's instructions).
+template <int D, int ROWS, int NTHR>
 __device__ __forceinline__ void load_rows(bf16* tile, const bf16* src, int64_t st, int64_t base, int64_t end,
-                                          int rows, int me, int nthr) {
+                                          int me) {
   constexpr int CH = D / 8;
-  for (int idx = me; idx < rows * CH; idx += nthr) {
-    int row = idx / CH, ch = idx % CH;
-    int64_t t = base + row;
-    bool ok = t < end;
-    const bf16* p = src + (ok ? t : base) * st + ch * 8;
-    cp_async16(smem_addr(tile + swz<D>(row, ch * 8)), p, ok ? 16 : 0);
+  constexpr int RS = NTHR / CH;  // rows per step
+  static_assert(NTHR % CH == 0 && ROWS % RS == 0, "whole rows per step");
+  const int ch = me % CH, r0 = me / CH;
+  const int64_t lim = end - base;
+  const bf16* s0 = src + base * st + ch * 8;
+  const uint32_t d0 = smem_addr(tile);
+#pragma unroll
+  for (int k = 0; k < ROWS / RS; ++k) {
+    const int row = r0 + k * RS;
+    const bool ok = row < lim;
+    cp_async16(d0 + 2u * static_cast<uint32_t>(swz<D>(row, ch * 8)), ok ? s0 + row * st : s0, ok ? 16 : 0);
   }
 }
 
@@ -675,7 +683,7 @@ __device__ __forceinline__ void rope_xy(const RopeInfo& r, const Rows& rw, int c
                                         bool rope_y) {
 #pragma unroll
   for (int p = 0; p < CPL / 2; ++p) {
-    const float2 cs = tok_cs(r, rw, c0 / 2 + p, D / 2);
+    const float2 cs = tok_cs(r, rw, c0 / 2 + p);
     const float x0 = x[2 * p], x1 = x[2 * p + 1];
     xr[2 * p] = x0 * cs.x - x1 * cs.y;
     xr[2 * p + 1] = x0 * cs.y + x1 * cs.x;
@@ -718,7 +726,7 @@ __device__ __forceinline__ void state_transform(const LinArgs& g, bf16* X, int64
     }
 #pragma unroll
     for (int i = 0; i < CPL; ++i) zacc[i] += y[i];
-    if (g.rope && ok) rope8<CPL, D>(g.r, tok_rows(g.r, t), s * CPL, y);
+    if (g.rope && ok) rope8<CPL, D>(g.r, tok_rows(g.r, t, D / 2), s * CPL, y);
 #pragma unroll
     for (int c = 0; c < CPL / 8; ++c)
       *reinterpret_cast<uint4*>(X + swz<D>(row, s * CPL + 8 * c)) = pack8(y + 8 * c);
@@ -762,8 +770,8 @@ __global__ void __launch_bounds__(kT, 2) state_mma_kernel(LinArgs g, const bf16*
 
   const int ntile = t1 > t0 ? static_cast<int>((t1 - t0 + kTT - 1) / kTT) : 0;
   if (ntile > 0) {
-    load_rows<D>(Xs, xb, xst, t0, t1, kTT, tid, kT);
-    load_rows<D>(Ys, yb, yst, t0, t1, kTT, tid, kT);
+    load_rows<D, kTT, kT>(Xs, xb, xst, t0, t1, tid);
+    load_rows<D, kTT, kT>(Ys, yb, yst, t0, t1, tid);
   }
   cp_async_commit();
   const int mat = lane >> 3, r8 = lane & 7;
@@ -771,8 +779,8 @@ __global__ void __launch_bounds__(kT, 2) state_mma_kernel(LinArgs g, const bf16*
     const int buf = it & 1;
     const int64_t base = t0 + int64_t(it) * kTT;
     if (it + 1 < ntile) {
-      load_rows<D>(Xs + (buf ^ 1) * kTT * D, xb, xst, base + kTT, t1, kTT, tid, kT);
-      load_rows<D>(Ys + (buf ^ 1) * kTT * D, yb, yst, base + kTT, t1, kTT, tid, kT);
+      load_rows<D, kTT, kT>(Xs + (buf ^ 1) * kTT * D, xb, xst, base + kTT, t1, tid);
+      load_rows<D, kTT, kT>(Ys + (buf ^ 1) * kTT * D, yb, yst, base + kTT, t1, tid);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -932,13 +940,13 @@ __global__ void __launch_bounds__(kT, 2) apply_fwd_mma_kernel(LinArgs g, const b
   bf16* buf0 = Wb + warp * 2 * kWT * D;
   float* inv = inv_all + warp * kWT;
   int tile = warp;
-  if (tile < rg.ntile) load_rows<D>(buf0, qb, g.q_st, rg.t0 + int64_t(tile) * kWT, rg.t1, kWT, lane, 32);
+  if (tile < rg.ntile) load_rows<D, kWT, 32>(buf0, qb, g.q_st, rg.t0 + int64_t(tile) * kWT, rg.t1, lane);
   cp_async_commit();
   for (int i = 0; tile < rg.ntile; ++i, tile += kW) {
     bf16* X = buf0 + (i & 1) * kWT * D;
     const int64_t base = rg.t0 + int64_t(tile) * kWT;
     if (tile + kW < rg.ntile) {
-      load_rows<D>(buf0 + ((i + 1) & 1) * kWT * D, qb, g.q_st, base + kW * kWT, rg.t1, kWT, lane, 32);
+      load_rows<D, kWT, 32>(buf0 + ((i + 1) & 1) * kWT * D, qb, g.q_st, base + kW * kWT, rg.t1, lane);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -968,7 +976,7 @@ __global__ void __launch_bounds__(kT, 2) apply_fwd_mma_kernel(LinArgs g, const b
       if (g.qr) {
         if (ok) {
           float xr[CPL];
-          rope_xy<CPL, D>(g.r, tok_rows(g.r, t), s * CPL, x, xr, y, g.rope);
+          rope_xy<CPL, D>(g.r, tok_rows(g.r, t, D / 2), s * CPL, x, xr, y, g.rope);
 #pragma unroll
           for (int c = 0; c < CPL / 8; ++c)
             *reinterpret_cast<uint4*>(g.qr + (bh * g.L + t) * D + s * CPL + 8 * c) = pack8(xr + 8 * c);
@@ -976,7 +984,7 @@ __global__ void __launch_bounds__(kT, 2) apply_fwd_mma_kernel(LinArgs g, const b
           for (int c = 0; c < CPL; ++c) racc[c] += xr[c];
         }
       } else if (g.rope && ok) {
-        rope8<CPL, D>(g.r, tok_rows(g.r, t), s * CPL, y);
+        rope8<CPL, D>(g.r, tok_rows(g.r, t, D / 2), s * CPL, y);
       }
 #pragma unroll
       for (int c = 0; c < CPL / 8; ++c) *reinterpret_cast<uint4*>(X + swz<D>(row, s * CPL + 8 * c)) = pack8(y + 8 * c);
@@ -1037,7 +1045,7 @@ __device__ __forceinline__ void bwd_epilogue(const LinArgs& g, float (&acc)[D / 
     const float scl = sc ? sc[row] : 1.f, ad = add_row ? add_row[row] : 1.f;
     const float mx = smx[row], iv = siv[row];
     Rows rw{0, 0, 0};
-    if (g.rope && ok) rw = tok_rows(g.r, t);
+    if (g.rope && ok) rw = tok_rows(g.r, t, D / 2);
     float dot = 0.f;
     float gg[D / 8][2], xx[D / 8][2];
 #pragma unroll
@@ -1045,7 +1053,7 @@ __device__ __forceinline__ void bwd_epilogue(const LinArgs& g, float (&acc)[D / 
       const int col = ni * 8 + 2 * (lane & 3);
       float g0 = acc[ni][2 * half] * scl, g1 = acc[ni][2 * half + 1] * scl;
       if (g.rope && ok) {
-        float2 cs = tok_cs(g.r, rw, col / 2, D / 2);  // inverse rotation
+        float2 cs = tok_cs(g.r, rw, col / 2);  // inverse rotation
         float a0 = g0 * cs.x + g1 * cs.y, a1 = -g0 * cs.y + g1 * cs.x;
         g0 = a0, g1 = a1;
       }
@@ -1117,8 +1125,8 @@ __global__ void __launch_bounds__(kT) apply_bwd_q_mma_kernel(LinArgs g, const bf
   float* s_iv = s_mx + kWT;
   for (int tile = warp; tile < rg.ntile; tile += kW) {
     const int64_t base = rg.t0 + int64_t(tile) * kWT;
-    load_rows<D>(Qs, qb, g.q_st, base, rg.t1, kWT, lane, 32);
-    load_rows<D>(Gs, gb, D, base, rg.t1, kWT, lane, 32);
+    load_rows<D, kWT, 32>(Qs, qb, g.q_st, base, rg.t1, lane);
+    load_rows<D, kWT, 32>(Gs, gb, D, base, rg.t1, lane);
     cp_async_commit();
     cp_async_wait<0>();
     __syncwarp();
@@ -1148,7 +1156,7 @@ __global__ void __launch_bounds__(kT) apply_bwd_q_mma_kernel(LinArgs g, const bf
 #pragma unroll
       for (int c = 0; c < CPL; ++c) dzacc[c] += dd * y[c];
       if (ok) {
-        if (g.rope) rope8<CPL, D>(g.r, tok_rows(g.r, t), s * CPL, y);
+        if (g.rope) rope8<CPL, D>(g.r, tok_rows(g.r, t, D / 2), s * CPL, y);
 #pragma unroll
         for (int c = 0; c < CPL; ++c) y[c] *= id;
 #pragma unroll
@@ -1212,8 +1220,8 @@ __global__ void __launch_bounds__(kT) apply_bwd_k_mma_kernel(LinArgs g, const bf
   float* s_iv = s_mx + kWT;
   for (int tile = warp; tile < rg.ntile; tile += kW) {
     const int64_t base = rg.t0 + int64_t(tile) * kWT;
-    load_rows<D>(Ks, kb, g.k_st, base, rg.t1, kWT, lane, 32);
-    load_rows<D>(Vs, vb, g.v_st, base, rg.t1, kWT, lane, 32);
+    load_rows<D, kWT, 32>(Ks, kb, g.k_st, base, rg.t1, lane);
+    load_rows<D, kWT, 32>(Vs, vb, g.v_st, base, rg.t1, lane);
     cp_async_commit();
     cp_async_wait<0>();
     __syncwarp();
@@ -1230,7 +1238,7 @@ __global__ void __launch_bounds__(kT) apply_bwd_k_mma_kernel(LinArgs g, const bf
 #pragma unroll
         for (int c = 0; c < CPL; ++c) y[c] = 0.f;
       }
-      if (g.rope && ok) rope8<CPL, D>(g.r, tok_rows(g.r, t), s * CPL, y);
+      if (g.rope && ok) rope8<CPL, D>(g.r, tok_rows(g.r, t, D / 2), s * CPL, y);
 #pragma unroll
       for (int c = 0; c < CPL / 8; ++c) *reinterpret_cast<uint4*>(Cs + swz<D>(row, s * CPL + 8 * c)) = pack8(y + 8 * c);
       if (s == 0) s_mx[row] = mx, s_iv[row] = iv;

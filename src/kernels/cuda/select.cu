@@ -605,6 +605,8 @@ RopeInfo prepare_order_and_rope(const Params& p, const Plan& pl, void* ws, cudaS
   r.gf = p.grid.f;
   r.gh = p.grid.h;
   r.gw = p.grid.w;
+  r.div_gw = FastDiv(static_cast<uint32_t>(p.grid.w));
+  r.div_ghw = FastDiv(static_cast<uint32_t>(p.grid.w * p.grid.h));
   float2* table = at<float2>(ws, pl.rope);
   int64_t n = (p.grid.f + p.grid.h + p.grid.w) * (p.D / 2);
   rope_table_kernel<<<static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 1024)), 256, 0, s>>>(
