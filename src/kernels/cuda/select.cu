@@ -68,7 +68,6 @@ __global__ void __launch_bounds__(256) rotate_kernel(const T* __restrict__ src, 
   const int c8 = threadIdx.x % lanes, g = threadIdx.x / lanes;
   const int64_t bh = blockIdx.y, b = bh / H, h = bh % H;
   const int64_t p0 = blockIdx.x * bs, p1 = min(L, p0 + bs);
-
   float acc[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) acc[i] = 0.f;
@@ -629,10 +628,12 @@ static void rotate_t(const Params& p, const Plan& pl, const RopeInfo& r, void* w
   const int threads = 256;
   const int groups = threads / static_cast<int>(p.D / 8);
   size_t smem = sizeof(float) * groups * p.D;
-  if (q_too) rotate_kernel<T><<<dim3(static_cast<unsigned>(pl.n_q), static_cast<unsigned>(pl.BH)), threads, smem, s>>>(
-      static_cast<const T*>(p.q), p.q_stride[0], p.q_stride[1], p.q_stride[2], p.H, at<T>(ws, pl.qr),
-      means ? at<float>(ws, pl.qmean) : nullptr, p.L, static_cast<int>(p.D), p.opt.block_q, r);
-  SALAD_LAUNCH_CHECK();
+  if (q_too) {
+    rotate_kernel<T><<<dim3(static_cast<unsigned>(pl.n_q), static_cast<unsigned>(pl.BH)), threads, smem, s>>>(
+        static_cast<const T*>(p.q), p.q_stride[0], p.q_stride[1], p.q_stride[2], p.H, at<T>(ws, pl.qr),
+        means ? at<float>(ws, pl.qmean) : nullptr, p.L, static_cast<int>(p.D), p.opt.block_q, r);
+    SALAD_LAUNCH_CHECK();
+  }
   rotate_kernel<T><<<dim3(static_cast<unsigned>(pl.n_k), static_cast<unsigned>(pl.BH)), threads, smem, s>>>(
       static_cast<const T*>(p.k), p.k_stride[0], p.k_stride[1], p.k_stride[2], p.H, at<T>(ws, pl.kr),
       means ? at<float>(ws, pl.kmean) : nullptr, p.L, static_cast<int>(p.D), p.opt.block_k, r);
