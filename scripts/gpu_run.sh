@@ -35,22 +35,7 @@ if has prof; then
   ncu --target-processes all --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed \
     --csv build-gpu/salad bench-attn --shape wan1.3b-480p --device cuda --iters 1 --warmup 0 --backward --variants salad \
     >"$OUT/ncu.csv" 2>"$OUT/ncu.err" || tail -5 "$OUT/ncu.err"
-  python3 - "$OUT/ncu.csv" <<'PY' || true
-import csv, sys, collections
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
-hdr = rows[0]; ki = hdr.index("Kernel Name"); mi = hdr.index("Metric Name"); vi = hdr.index("Metric Value")
-ui = hdr.index("Metric Unit")
-scale = {"nsecond": 1.0, "usecond": 1e3, "msecond": 1e6, "second": 1e9}
-agg = collections.OrderedDict()
-for r in rows[1:]:
-    k = r[ki].split("(")[0].split("<")[0][-40:]
-    v = float(r[vi].replace(",", "")) * scale.get(r[ui], 1.0)
-    agg.setdefault(k, collections.defaultdict(list))[r[mi]].append(v)
-print(f"{'kernel':42s} {'n':>3s} {'us':>9s} {'dram%':>6s} {'sm%':>6s}")
-for k, m in agg.items():
-    t = m["gpu__time_duration.sum"]
-    print(f"{k:42s} {len(t):3d} {sum(t)/1e3:9.1f} {max(m['dram__throughput.avg.pct_of_peak_sustained_elapsed']):6.1f} {max(m['sm__throughput.avg.pct_of_peak_sustained_elapsed']):6.1f}")
-PY
+  python3 scripts/ncu_table.py "$OUT/ncu.csv" | grep -v ' at::' || true
 fi
 if has bench; then
   for shape in wan1.3b-480p wan14b-480p wan14b-720p; do
