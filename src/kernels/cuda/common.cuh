@@ -130,6 +130,15 @@ struct RopeInfo {
   FastDiv div_gw, div_ghw;        // token -> (frame, row, column) without hardware division
 };
 
+// Raster token t (< 2^31) -> its (frame, row, column) in the grid, through FastDiv.
+struct TokPos {
+  uint32_t f, h, w;
+};
+__device__ __forceinline__ TokPos tok_pos(const RopeInfo& r, uint32_t t) {
+  const uint32_t f = r.div_ghw.div(t), rem = t - f * r.div_ghw.d, h = r.div_gw.div(rem);
+  return {f, h, rem - h * r.div_gw.d};
+}
+
 // (cos, sin) of channel pair m at raster token t.
 __device__ __forceinline__ float2 rope_cs(const RopeInfo& r, int64_t t, int m, int half_d) {
   int64_t w = t % r.gw, h = (t / r.gw) % r.gh, f = t / (r.gw * r.gh);

@@ -571,12 +571,11 @@ constexpr int kWT = 16;        // tokens per warp tile in the apply kernels
 struct Rows {
   int f, h, w;
 };
-// 32-bit index math (check_supported guarantees L < 2^31), divisions through FastDiv.
-__device__ __forceinline__ Rows tok_rows(const RopeInfo& r, int64_t t64, int half) {
-  const uint32_t t = static_cast<uint32_t>(t64);
-  const uint32_t f = r.div_ghw.div(t), rem = t - f * r.div_ghw.d, h = r.div_gw.div(rem), w = rem - h * r.div_gw.d;
+// 32-bit index math (check_supported guarantees L < 2^31).
+__device__ __forceinline__ Rows tok_rows(const RopeInfo& r, int64_t t, int half) {
+  const TokPos tp = tok_pos(r, static_cast<uint32_t>(t));
   const int gf = static_cast<int>(r.gf), gfh = static_cast<int>(r.gf + r.gh);
-  return {static_cast<int>(f) * half, (gf + static_cast<int>(h)) * half, (gfh + static_cast<int>(w)) * half};
+  return {static_cast<int>(tp.f) * half, (gf + static_cast<int>(tp.h)) * half, (gfh + static_cast<int>(tp.w)) * half};
 }
 __device__ __forceinline__ float2 tok_cs(const RopeInfo& r, const Rows& rw, int m) {
   const int off = m < r.pf ? rw.f : (m < r.pf + r.ph ? rw.h : rw.w);
@@ -642,16 +641,17 @@ __device__ __forceinline__ void phi8(FeatureMap f, const float* x, float* y, flo
   }
 }
 
+// (y0, y1) rotated by (cos, sin) = cs, into (o0, o1).
+__device__ __forceinline__ void rot_pair(float2 cs, float y0, float y1, float& o0, float& o1) {
+  o0 = y0 * cs.x - y1 * cs.y;
+  o1 = y0 * cs.y + y1 * cs.x;
+}
+
 // Rotates the CPL channels starting at channel c0 (even) of token rows rw.
 template <int CPL, int D>
 __device__ __forceinline__ void rope8(const RopeInfo& r, const Rows& rw, int c0, float* y) {
 #pragma unroll
-  for (int p = 0; p < CPL / 2; ++p) {
-    float2 cs = tok_cs(r, rw, c0 / 2 + p);
-    float y0 = y[2 * p], y1 = y[2 * p + 1];
-    y[2 * p] = y0 * cs.x - y1 * cs.y;
-    y[2 * p + 1] = y0 * cs.y + y1 * cs.x;
-  }
+  for (int p = 0; p < CPL / 2; ++p) rot_pair(tok_cs(r, rw, c0 / 2 + p), y[2 * p], y[2 * p + 1], y[2 * p], y[2 * p + 1]);
 }
 
 // Copies rows [base, base + ROWS) of a (row stride st) into a swizzled smem tile; rows >= end are
@@ -684,14 +684,8 @@ __device__ __forceinline__ void rope_xy(const RopeInfo& r, const Rows& rw, int c
 #pragma unroll
   for (int p = 0; p < CPL / 2; ++p) {
     const float2 cs = tok_cs(r, rw, c0 / 2 + p);
-    const float x0 = x[2 * p], x1 = x[2 * p + 1];
-    xr[2 * p] = x0 * cs.x - x1 * cs.y;
-    xr[2 * p + 1] = x0 * cs.y + x1 * cs.x;
-    if (rope_y) {
-      const float y0 = y[2 * p], y1 = y[2 * p + 1];
-      y[2 * p] = y0 * cs.x - y1 * cs.y;
-      y[2 * p + 1] = y0 * cs.y + y1 * cs.x;
-    }
+    rot_pair(cs, x[2 * p], x[2 * p + 1], xr[2 * p], xr[2 * p + 1]);
+    if (rope_y) rot_pair(cs, y[2 * p], y[2 * p + 1], y[2 * p], y[2 * p + 1]);
   }
 }
 

@@ -82,8 +82,8 @@ __global__ void __launch_bounds__(256) rotate_kernel(const T* __restrict__ src, 
   }
   for (int64_t p = p0 + g; p < p1; p += groups) {
     const uint32_t t = static_cast<uint32_t>(perm_at(r.perm, p));
-    const uint32_t f = r.div_ghw.div(t), rem = t - f * r.div_ghw.d, hh = r.div_gw.div(rem), ww = rem - hh * r.div_gw.d;
-    const int64_t rows[3] = {f, r.gf + hh, r.gf + r.gh + ww};
+    const TokPos tp = tok_pos(r, t);
+    const int64_t rows[3] = {tp.f, r.gf + tp.h, r.gf + r.gh + tp.w};
     const uint4 u = *reinterpret_cast<const uint4*>(base + static_cast<int64_t>(t) * s_t);
     const uint32_t in[4] = {u.x, u.y, u.z, u.w};
     uint32_t o[4];
