@@ -7,9 +7,10 @@
 // operands from shared memory: Q stays resident, double-buffered across work
 // items) and O += P V (m64nDk16, P from registers, V through the transposed
 // "MN-major" descriptor) run on wgmma, with the QK^T of tile t issued together
-// with the PV of tile t-1 and the softmax of tile t overlapping that PV (FA3's
-// intra-warpgroup overlap); P is kept in fp32 in the S registers until the PV
-// that reads the previous P is done. K and V stages are released separately (K
+// with the PV of tile t-1 (FA3's intra-warpgroup order; ptxas hoists the PV wait
+// above the softmax, so the overlap that remains is across the two warpgroups, and
+// forcing the in-warpgroup one measured slower, docs/PERF.md); P is kept in fp32 in
+// the S registers until the PV that reads the previous P is done. K and V stages are released separately (K
 // once its QK^T is done). Persistent CTAs (one per SM) walk the work items
 // (b*h, 128-row query tile) head-major; the producer loads the next item's Q and
 // K/V while the consumers finish the current one. Same semantics as
@@ -338,8 +339,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           softmax(valid_at(0), c0, c1);
           pack_p();
         }
-        // Tile t: QK_t and PV_{t-1} in flight together, softmax of S_t overlaps PV_{t-1}; P_t is
-        // packed into pf once PV_{t-1} (which reads pf) is done.
+        // Tile t: QK_t and PV_{t-1} issued together, then the softmax of S_t (ptxas places the PV
+        // wait before it, see the header); P_t is packed into pf once PV_{t-1} (which reads pf) is
+        // done.
         for (int t = 1; t < ntiles; ++t) {
           const int u = gt + t;
           const int s = u % kStages, ps = (u - 1) % kStages;
