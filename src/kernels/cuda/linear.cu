@@ -1013,7 +1013,8 @@ __global__ void __launch_bounds__(kT, 2) apply_fwd_mma_kernel(LinArgs g, const b
 #pragma unroll
       for (int k = 0; k < kWT * D / 8 / 32; ++k) {
         const int idx = lane + 32 * k, row = idx / (D / 8), ch = idx % (D / 8);
-        if (row < lim) *reinterpret_cast<uint4*>(orow + idx * 8) = *reinterpret_cast<const uint4*>(X + swz<D>(row, ch * 8));
+        if (row < lim)
+          *reinterpret_cast<uint4*>(orow + idx * 8) = *reinterpret_cast<const uint4*>(X + swz<D>(row, ch * 8));
       }
     }
     __syncwarp();
@@ -1178,7 +1179,8 @@ __global__ void __launch_bounds__(kT) apply_bwd_q_mma_kernel(LinArgs g, const bf
       }
       if (!READ_OL) {  // rows past the end: G is 0 there (zero-filled dO), so their dot is 0
 #pragma unroll
-        for (int c = 0; c < CPL / 8; ++c) *reinterpret_cast<uint4*>(As + swz<D>(row, s * CPL + 8 * c)) = pack8(y + 8 * c);
+        for (int c = 0; c < CPL / 8; ++c)
+          *reinterpret_cast<uint4*>(As + swz<D>(row, s * CPL + 8 * c)) = pack8(y + 8 * c);
       }
       if (s == 0) s_inv[row] = ok ? id : 0.f, s_dd[row] = dd, s_mx[row] = mx, s_iv[row] = iv;
     }
