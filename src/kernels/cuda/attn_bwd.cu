@@ -110,50 +110,6 @@ __device__ __forceinline__ void store_rotated(const RopeInfo& r, T* out, const f
   *reinterpret_cast<uint32_t*>(out + col) = Elem<T>::pack(x0, x1);
 }
 
-// 16 x 64 = A(16 x D, smem rows arow..) * B^T where B is 64 rows x D in smem.
-template <class T, int D>
-__device__ __forceinline__ void gemm_rows_by_rows(float (&acc)[kTile / 8][4], const T* As, int arow,
-                                                  const T* Bs, int lane) {
-#pragma unroll
-  for (int i = 0; i < kTile / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t af[4];
-    ldmatrix_x4(smem_addr(As + swz<D>(arow + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 16 + (lane >> 4) * 8)),
-                af[0], af[1], af[2], af[3]);
-#pragma unroll
-    for (int n2 = 0; n2 < kTile / 16; ++n2) {
-      uint32_t b0, b1, b2, b3;
-      ldmatrix_x4(smem_addr(Bs + swz<D>(n2 * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8)),
-                  b0, b1, b2, b3);
-      mma16816<T>(acc[2 * n2], af, b0, b1);
-      mma16816<T>(acc[2 * n2 + 1], af, b2, b3);
-    }
-  }
-}
-
-// acc(16 x D) += P(16 x 64, registers) * B(64 rows x D in smem).
-template <class T, int D>
-__device__ __forceinline__ void gemm_p_by_rows(float (&acc)[D / 8][4], const float (&p)[kTile / 8][4],
-                                               const T* Bs, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < kTile / 16; ++kk) {
-    uint32_t pf[4];
-    pf[0] = Elem<T>::pack(p[2 * kk][0], p[2 * kk][1]);
-    pf[1] = Elem<T>::pack(p[2 * kk][2], p[2 * kk][3]);
-    pf[2] = Elem<T>::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-    pf[3] = Elem<T>::pack(p[2 * kk + 1][2], p[2 * kk + 1][3]);
-#pragma unroll
-    for (int d2 = 0; d2 < D / 16; ++d2) {
-      uint32_t b0, b1, b2, b3;
-      ldmatrix_x4_trans(smem_addr(Bs + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, d2 * 16 + (lane >> 4) * 8)),
-                        b0, b1, b2, b3);
-      mma16816<T>(acc[2 * d2], pf, b0, b1);
-      mma16816<T>(acc[2 * d2 + 1], pf, b2, b3);
-    }
-  }
-}
-
 // ------------------------------------------------------------------ dQ
 template <class T, int D>
 __global__ void __launch_bounds__(kWarps * 32) attn_dq_kernel(BwdArgs<T> a) {
@@ -250,8 +206,8 @@ __global__ void __launch_bounds__(kWarps * 32) attn_dq_kernel(BwdArgs<T> a) {
     const T* vs = Vs + stage * kTile * D;
 
     float s[kTile / 8][4], dp[kTile / 8][4];
-    gemm_rows_by_rows<T, D>(s, Qs, qrow, ks, lane);
-    gemm_rows_by_rows<T, D>(dp, dOs, qrow, vs, lane);
+    warp_rows_by_rows<T, D, kTile>(s, Qs, qrow, ks, lane);
+    warp_rows_by_rows<T, D, kTile>(dp, dOs, qrow, vs, lane);
     const float l0 = lse_s[qrow + g], l1 = lse_s[qrow + g + 8];
     const float d0 = delta_s[qrow + g], d1 = delta_s[qrow + g + 8];
 #pragma unroll
@@ -264,7 +220,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_dq_kernel(BwdArgs<T> a) {
         s[nt][e] = pr * (dp[nt][e] - dl);
       }
     }
-    gemm_p_by_rows<T, D>(dq, s, ks, lane);
+    warp_p_by_rows<T, D, kTile>(dq, s, ks, lane);
     stage ^= 1;
     c = nc;
     kt = nkt;
@@ -389,7 +345,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_dkv_kernel(BwdArgs<T> a) {
     const float* ds = delta_s + stage * kTile;
 
     float s[kTile / 8][4];
-    gemm_rows_by_rows<T, D>(s, Ks, krow, qs, lane);  // S^T: keys x queries
+    warp_rows_by_rows<T, D, kTile>(s, Ks, krow, qs, lane);  // S^T: keys x queries
 #pragma unroll
     for (int nt = 0; nt < kTile / 8; ++nt) {
       int col = nt * 8 + 2 * (lane & 3);
@@ -399,10 +355,10 @@ __global__ void __launch_bounds__(kWarps * 32) attn_dkv_kernel(BwdArgs<T> a) {
       s[nt][2] = exp2f(fmaf(s[nt][2], a.scale_log2, -la));
       s[nt][3] = exp2f(fmaf(s[nt][3], a.scale_log2, -lb));
     }
-    gemm_p_by_rows<T, D>(dv, s, os, lane);  // dV += P^T dO
+    warp_p_by_rows<T, D, kTile>(dv, s, os, lane);  // dV += P^T dO
     {
       float dp[kTile / 8][4];
-      gemm_rows_by_rows<T, D>(dp, Vs, krow, os, lane);  // dP^T = V dO^T
+      warp_rows_by_rows<T, D, kTile>(dp, Vs, krow, os, lane);  // dP^T = V dO^T
 #pragma unroll
       for (int nt = 0; nt < kTile / 8; ++nt) {
         int col = nt * 8 + 2 * (lane & 3);
@@ -413,7 +369,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_dkv_kernel(BwdArgs<T> a) {
         s[nt][3] *= dp[nt][3] - db;
       }
     }
-    gemm_p_by_rows<T, D>(dk, s, qs, lane);  // dK += dS^T Q
+    warp_p_by_rows<T, D, kTile>(dk, s, qs, lane);  // dK += dS^T Q
     stage ^= 1;
     c = nc;
     qt = nqt;

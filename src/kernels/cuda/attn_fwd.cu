@@ -127,22 +127,7 @@ __global__ void __launch_bounds__(kWarps * 32, kBM == 64 ? 2 : 1) attn_fwd_kerne
     const T* vs = Vs + stage * kBN * D;
     // ---- S = Q K^T
     float s[kBN / 8][4];
-#pragma unroll
-    for (int i = 0; i < kBN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t af[4];
-      ldmatrix_x4(smem_addr(Qs + swz<D>(qrow + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 16 + (lane >> 4) * 8)),
-                  af[0], af[1], af[2], af[3]);
-#pragma unroll
-      for (int n2 = 0; n2 < kBN / 16; ++n2) {
-        uint32_t b0, b1, b2, b3;
-        ldmatrix_x4(smem_addr(ks + swz<D>(n2 * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8)),
-                    b0, b1, b2, b3);
-        mma16816<T>(s[2 * n2], af, b0, b1);
-        mma16816<T>(s[2 * n2 + 1], af, b2, b3);
-      }
-    }
+    warp_rows_by_rows<T, D, kBN>(s, Qs, qrow, ks, lane);
     // ---- mask + online softmax (rows g and g + 8 of the warp's 16)
     float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
@@ -182,22 +167,7 @@ __global__ void __launch_bounds__(kWarps * 32, kBM == 64 ? 2 : 1) attn_fwd_kerne
       o[i][3] *= corr1;
     }
     // ---- O += P V
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t pf[4];
-      pf[0] = Elem<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      pf[1] = Elem<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      pf[2] = Elem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pf[3] = Elem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int d2 = 0; d2 < D / 16; ++d2) {
-        uint32_t b0, b1, b2, b3;
-        ldmatrix_x4_trans(smem_addr(vs + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, d2 * 16 + (lane >> 4) * 8)),
-                          b0, b1, b2, b3);
-        mma16816<T>(o[2 * d2], pf, b0, b1);
-        mma16816<T>(o[2 * d2 + 1], pf, b2, b3);
-      }
-    }
+    warp_p_by_rows<T, D, kBN>(o, s, vs, lane);
     stage ^= 1;
     c = nc;
     kt = nkt;

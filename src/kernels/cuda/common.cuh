@@ -119,6 +119,52 @@ __device__ __forceinline__ int swz(int row, int col) {
   return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
 }
 
+// Warp tile products of the mma.sync kernels (attn_fwd.cu, attn_bwd.cu), on swizzled tiles.
+// acc(16 x N) = A(16 x D, smem rows arow ..) * B^T, with B N rows x D in shared memory.
+template <class T, int D, int N>
+__device__ __forceinline__ void warp_rows_by_rows(float (&acc)[N / 8][4], const T* As, int arow, const T* Bs,
+                                                  int lane) {
+#pragma unroll
+  for (int i = 0; i < N / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t af[4];
+    ldmatrix_x4(smem_addr(As + swz<D>(arow + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 16 + (lane >> 4) * 8)),
+                af[0], af[1], af[2], af[3]);
+#pragma unroll
+    for (int n2 = 0; n2 < N / 16; ++n2) {
+      uint32_t b0, b1, b2, b3;
+      ldmatrix_x4(smem_addr(Bs + swz<D>(n2 * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8)),
+                  b0, b1, b2, b3);
+      mma16816<T>(acc[2 * n2], af, b0, b1);
+      mma16816<T>(acc[2 * n2 + 1], af, b2, b3);
+    }
+  }
+}
+
+// acc(16 x D) += P(16 x K, fp32 accumulator fragments, packed to T here) * B(K rows x D in shared memory).
+template <class T, int D, int K>
+__device__ __forceinline__ void warp_p_by_rows(float (&acc)[D / 8][4], const float (&p)[K / 8][4], const T* Bs,
+                                               int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t pf[4];
+    pf[0] = Elem<T>::pack(p[2 * kk][0], p[2 * kk][1]);
+    pf[1] = Elem<T>::pack(p[2 * kk][2], p[2 * kk][3]);
+    pf[2] = Elem<T>::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+    pf[3] = Elem<T>::pack(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+#pragma unroll
+    for (int d2 = 0; d2 < D / 16; ++d2) {
+      uint32_t b0, b1, b2, b3;
+      ldmatrix_x4_trans(
+          smem_addr(Bs + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, d2 * 16 + (lane >> 4) * 8)), b0, b1,
+          b2, b3);
+      mma16816<T>(acc[2 * d2], pf, b0, b1);
+      mma16816<T>(acc[2 * d2 + 1], pf, b2, b3);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- RoPE / order
 // Everything the kernels need to rotate a token and map block order <-> caller order.
 struct RopeInfo {
