@@ -2,7 +2,7 @@
 # Run on the GPU machine (device tool, carry [".devdeps", ".cutlass"]): build
 # against the machine's own PyTorch, run every test (CUDA ones included), then
 # the benchmarks. Logs go to $OUT; a short table is printed last.
-#   scripts/gpu_run.sh [test] [sanitize] [prof] [bench] [ab] [dit] [dit14] [world]   (default: test bench sanitize)
+#   scripts/gpu_run.sh [test] [sanitize] [prof] [lines] [bench] [ab] [dit] [dit14] [world]   (default: test bench sanitize)
 # Env TARGETS: ninja targets to build (default: all), e.g. salad_cli; `none` as the
 # only stage just builds.
 set -uo pipefail
@@ -36,6 +36,16 @@ if has prof; then
     --csv build-gpu/salad bench-attn --shape wan1.3b-480p --device cuda --iters 1 --warmup 0 --backward --variants salad \
     >"$OUT/ncu.csv" 2>"$OUT/ncu.err" || tail -5 "$OUT/ncu.err"
   python3 scripts/ncu_table.py "$OUT/ncu.csv" | grep -v ' at::' || true
+fi
+if has lines; then
+  # Per-instruction counters (ncu SourceCounters) of the first launch of each kernel in KERNELS
+  # (name substrings) at Wan1.3B-480p, as SASS tables for scripts/ncu_lines.py: $OUT/<kernel>_sass.csv.
+  for k in ${KERNELS:-apply_fwd_mma state_mma_kernel}; do
+    ncu -k regex:$k -c 1 --section SourceCounters --section WarpStateStats --section SchedulerStats -f -o /tmp/lines_$k \
+      build-gpu/salad bench-attn --shape wan1.3b-480p --device cuda --iters 1 --warmup 0 --backward --variants salad \
+      >/dev/null 2>&1 || echo "lines: ncu failed for $k"
+    ncu -i /tmp/lines_$k.ncu-rep --page source --csv --print-source sass >"$OUT/${k}_sass.csv" 2>/dev/null
+  done
 fi
 if has bench; then
   for shape in wan1.3b-480p wan14b-480p wan14b-720p; do
