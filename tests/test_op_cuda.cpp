@@ -10,6 +10,7 @@
 #include <array>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "naive.h"
@@ -143,6 +144,8 @@ TEST(SM90_Attention, HopperBackwardMatchesMmaBackward) {
   const std::string saved = prev ? prev : "";
   const char* prev_split = std::getenv("SALAD_BWD_DKV_SPLIT");
   const std::string saved_split = prev_split ? prev_split : "";
+  const char* prev_tile = std::getenv("SALAD_BWD_DQ_TILE");
+  const std::string saved_tile = prev_tile ? prev_tile : "";
   torch::manual_seed(3);
   const Grid g{3, 30, 46};  // L = 4140 = 64 * 64 + 44
   struct V {
@@ -161,10 +164,11 @@ TEST(SM90_Attention, HopperBackwardMatchesMmaBackward) {
     auto opt = at::TensorOptions().dtype(c.dt).device(at::kCUDA);
     const at::Tensor q = at::randn({2, 3, g.size(), c.D}, opt), k = at::randn_like(q), v = at::randn_like(q);
     const at::Tensor gs = at::randn(q.sizes(), opt.dtype(at::kFloat)), gl = at::randn_like(gs);
-    auto grads = [&](const char* kernel, const char* split) {
+    auto grads = [&](const char* kernel, const char* split, const char* tile) {
       if (kernel) setenv("SALAD_BWD_KERNEL", kernel, 1);
       else unsetenv("SALAD_BWD_KERNEL");
       setenv("SALAD_BWD_DKV_SPLIT", split, 1);
+      setenv("SALAD_BWD_DQ_TILE", tile, 1);
       at::Tensor qq = q.clone().requires_grad_(), kk = k.clone().requires_grad_(), vv = v.clone().requires_grad_();
       const AttentionOutput out = attention(qq, kk, vv, g, o);
       at::Tensor loss = (out.o_s.to(at::kFloat) * gs).sum();
@@ -176,11 +180,13 @@ TEST(SM90_Attention, HopperBackwardMatchesMmaBackward) {
       loss.backward();
       return std::array<at::Tensor, 3>{qq.grad(), kk.grad(), vv.grad()};
     };
-    const std::array<at::Tensor, 3> mma = grads("mma", "0");
-    for (const char* split : {"0", "1"}) {
-      const std::array<at::Tensor, 3> sm90 = grads(nullptr, split);
+    const std::array<at::Tensor, 3> mma = grads("mma", "0", "64");
+    // Both dK/dV layouts with 64-key dQ tiles, and the 128-key dQ tiles (two gathered halves).
+    const std::array<std::pair<const char*, const char*>, 3> variants{{{"0", "64"}, {"1", "64"}, {"1", "128"}}};
+    for (const auto& [split, tile] : variants) {
+      const std::array<at::Tensor, 3> sm90 = grads(nullptr, split, tile);
       for (int i = 0; i < 3; ++i) {
-        SCOPED_TRACE(std::string("split ") + split + " grad " + "qkv"[i]);
+        SCOPED_TRACE(std::string("split ") + split + " dq tile " + tile + " grad " + "qkv"[i]);
         const at::Tensor a = sm90[i].to(at::kDouble), b = mma[i].to(at::kDouble);
         EXPECT_TRUE(at::isfinite(a).all().item<bool>());
         const at::Tensor d = (a - b).norm(2, {-1}), n = b.norm(2, {-1});
@@ -193,6 +199,8 @@ TEST(SM90_Attention, HopperBackwardMatchesMmaBackward) {
   else unsetenv("SALAD_BWD_KERNEL");
   if (prev_split) setenv("SALAD_BWD_DKV_SPLIT", saved_split.c_str(), 1);
   else unsetenv("SALAD_BWD_DKV_SPLIT");
+  if (prev_tile) setenv("SALAD_BWD_DQ_TILE", saved_tile.c_str(), 1);
+  else unsetenv("SALAD_BWD_DQ_TILE");
 }
 
 TEST(SM90_Attention, DeterministicRepeatsAndNoQuadraticMemory) {

@@ -20,6 +20,11 @@
 //   Q/dO (which wait until the consumers are done with the current ones).
 //   Epilogue: dq = R^T (scale * dQ) (+ the linear branch's fp32 dq), stored
 //   straight from the accumulators, caller order.
+//   TN = 128 (opt-in, SALAD_BWD_DQ_TILE=128): K/V tiles of 128 keys gathered
+//   from two 64-key halves (the forward's scheme), S / dP m64n128, no
+//   intra-warpgroup overlap; see DqSmem. Measured 2.13 ms against the 64-key
+//   kernel's 2.04 ms (H200, Wan1.3B-480p): kept as the base for an overlapped
+//   version (docs/PERF.md, session 6).
 // dkv kernel: work item = (b*h, 128-key span), one CTA per item (hardware
 //   scheduling balances the very uneven inverse lists; persistent optional).
 //   Consumer warpgroup w owns keys key0 + 64w .. + 63, which lie in one key
@@ -56,7 +61,8 @@
 // 128, block_k a multiple of 64 (any block_q), raster token order (V and dO
 // are read in place by TMA), compute capability 9.0, block lists ascending
 // (as select/invert produce them), 16-byte aligned lse (dkv).
-// env SALAD_BWD_KERNEL=mma forces both mma.sync kernels, SALAD_BWD_DQ=mma /
+// env SALAD_BWD_DQ_TILE=64|128 picks the dq key tile;
+// SALAD_BWD_KERNEL=mma forces both mma.sync kernels, SALAD_BWD_DQ=mma /
 // SALAD_BWD_DKV=mma one of them; SALAD_BWD_DQ_PERSISTENT=0 launches one dq CTA
 // per work item, SALAD_BWD_DKV_PERSISTENT=1 makes dkv persistent;
 // SALAD_BWD_SM90_GRID=N caps a persistent grid (testing);
@@ -180,36 +186,51 @@ __device__ __forceinline__ void store_row(const RopeInfo& r, T* __restrict__ out
 
 // ================================================================== dQ
 // Shared memory (1024-byte aligned): Q and dO [D/64][128 rows][128 B], K and V
-// stages [kStages][D/64][64 rows][128 B] (TMA 128-byte swizzle), mbarriers.
-template <int D>
+// stages [kSt][D/64][TN rows][128 B] (TMA 128-byte swizzle), mbarriers.
+// TN = 128: a key tile gathers two 64-key halves, each from its own kept block (a missing
+// second half is loaded past the end of the sequence, which TMA fills with zeros), as in the
+// forward. Per tile and warpgroup S and dP are m64n128 (SS) and dQ += dS K runs over 128 keys,
+// so each operand byte read from shared memory feeds more FLOPs: with 64-key tiles the two
+// m64n64 SS GEMMs read 4 KB of shared memory per 131 kFLOP, which at ~128 B/clk per SM is
+// as long as the tensor cores take for them (no headroom); with 128 keys, 6 KB per 262 kFLOP.
+// No intra-warpgroup overlap there (S, dP and dQ take 192 registers); the two warpgroups
+// overlap each other. That loss outweighed the shared-memory gain (4% slower, H200); computing
+// dS in two 64-key halves, the first half's dQ GEMM running while the second is computed,
+// would overlap without more registers.
+template <int D, int TN>
 struct DqSmem {
+  static constexpr int kSt = (TN == 128 && D == 128) ? 2 : kStages;  // K/V stages (227 KB)
   static constexpr int kQ = kRows * D * 2;
-  static constexpr int kTile = kTn * D * 2;
-  static constexpr int kSub = kTn * 128;  // one 64-row x 128-byte sub-tile
+  static constexpr int kTile = TN * D * 2;
+  static constexpr int kSub = TN * 128;  // one TN-row x 128-byte sub-tile
+  static constexpr int kHalf = 64 * 128;  // one 64-row part of a sub-tile
   static constexpr int kO = kQ;
   static constexpr int kK = 2 * kQ;
-  static constexpr int kV = kK + kStages * kTile;
-  static constexpr int kBar = kV + kStages * kTile;
-  static constexpr int kBytes = kBar + 8 * (3 * kStages + 2);
+  static constexpr int kV = kK + kSt * kTile;
+  static constexpr int kBar = kV + kSt * kTile;
+  static constexpr int kBytes = kBar + 8 * (3 * kSt + 2);
   static constexpr int kAlloc = kBytes + 1024;  // slack for aligning the dynamic base
 };
 
-template <class T, int D>
+template <class T, int D, int TN>
 __global__ void __launch_bounds__(kThreads, 1)
     attn_dq_sm90_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tdo,
                         const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
                         const BwdSm90Args a) {
   static_assert(D == 64 || D == 128, "head width 64 or 128");
-  using S = DqSmem<D>;
+  static_assert(TN == 64 || TN == 128, "key tile of 64 or 128");
+  using S = DqSmem<D, TN>;
   constexpr int NH = D / 64;
+  constexpr int ST = S::kSt;
+  constexpr int HT = TN / 64;  // 64-key halves per tile
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = base, sO = base + S::kO, sK = base + S::kK, sV = base + S::kV, sBar = base + S::kBar;
   auto fullK = [&](int s) { return sBar + 8u * s; };
-  auto fullV = [&](int s) { return sBar + 8u * (kStages + s); };
-  auto empty = [&](int s) { return sBar + 8u * (2 * kStages + s); };
-  const uint32_t barQ = sBar + 8u * (3 * kStages);          // Q and dO of the item landed
-  const uint32_t barQfree = sBar + 8u * (3 * kStages + 1);  // all consumer warps done with them
+  auto fullV = [&](int s) { return sBar + 8u * (ST + s); };
+  auto empty = [&](int s) { return sBar + 8u * (2 * ST + s); };
+  const uint32_t barQ = sBar + 8u * (3 * ST);          // Q and dO of the item landed
+  const uint32_t barQfree = sBar + 8u * (3 * ST + 1);  // all consumer warps done with them
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   // Work item w = (bh, query block, 128-row part), w = blockIdx.x + k * gridDim.x. Producer and
@@ -218,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   struct Item {
     int bh, row0, row_end;
     const int32_t* list;
-    int ntiles;
+    int nhalf, ntiles;  // 64-key halves, TN-key tiles
   };
   const int L = static_cast<int>(a.L), n_q = static_cast<int>(a.n_q), n_k = static_cast<int>(a.n_k);
   const int block_q = static_cast<int>(a.block_q), block_k = static_cast<int>(a.block_k);
@@ -231,19 +252,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     it.row_end = min(min(it.row0 + kRows, (qi + 1) * block_q), L);
     const int nblk = it.row0 >= it.row_end ? 0 : (a.dense ? n_k : a.cnt[it.bh * n_q + qi]);
     it.list = a.dense ? nullptr : a.idx + (static_cast<int64_t>(it.bh) * n_q + qi) * a.max_k;
-    it.ntiles = nblk * a.tiles_per_block;
+    it.nhalf = nblk * a.tiles_per_block;
     // Only the last key block can be short, and an ascending list has it last.
-    if (nblk > 0 && (a.dense ? n_k - 1 : it.list[nblk - 1]) == n_k - 1) it.ntiles -= a.tiles_per_block - a.tiles_last;
+    if (nblk > 0 && (a.dense ? n_k - 1 : it.list[nblk - 1]) == n_k - 1) it.nhalf -= a.tiles_per_block - a.tiles_last;
+    it.ntiles = HT == 1 ? it.nhalf : (it.nhalf + HT - 1) / HT;
     return it;
   };
-  auto key_start = [&](const Item& it, int t) {
-    const int c = t / a.tiles_per_block, kt = t - c * a.tiles_per_block;
+  auto key_start = [&](const Item& it, int u) {  // first key of 64-key half u
+    const int c = u / a.tiles_per_block, kt = u - c * a.tiles_per_block;
     const int j = a.dense ? c : it.list[c];
-    return j * block_k + kt * kTn;
+    return j * block_k + kt * 64;
   };
 
   if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) {
+    for (int s = 0; s < ST; ++s) {
       mbar_init(fullK(s), 1);
       mbar_init(fullV(s), 1);
       mbar_init(empty(s), 8);  // one arrival per consumer warp
@@ -269,21 +291,31 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int bh = it.bh, H = static_cast<int>(a.H);
         const int b = bh / H, h = bh - b * H;
         auto load_kv = [&](int t) {
-          const int u = gt + t, s = u % kStages;
-          mbar_wait(empty(s), ((u / kStages) & 1) ^ 1);
-          const int row = key_start(it, t);
+          const int u = gt + t, s = u % ST;
+          mbar_wait(empty(s), ((u / ST) & 1) ^ 1);
+          int rows[HT];  // first key of each half; a missing half past the end (TMA fills zeros)
+          if constexpr (HT == 1) {
+            rows[0] = key_start(it, t);
+          } else {
+#pragma unroll
+            for (int x = 0; x < HT; ++x) rows[x] = t * HT + x < it.nhalf ? key_start(it, t * HT + x) : L;
+          }
           mbar_expect_tx(fullK(s), S::kTile);
 #pragma unroll
-          for (int hh = 0; hh < NH; ++hh)
-            tma_load_3d(sK + s * S::kTile + hh * S::kSub, &tk, hh * 64, row, bh, fullK(s));
+          for (int x = 0; x < HT; ++x)
+#pragma unroll
+            for (int hh = 0; hh < NH; ++hh)
+              tma_load_3d(sK + s * S::kTile + hh * S::kSub + x * S::kHalf, &tk, hh * 64, rows[x], bh, fullK(s));
           mbar_expect_tx(fullV(s), S::kTile);
 #pragma unroll
-          for (int hh = 0; hh < NH; ++hh)
-            tma_load_4d(sV + s * S::kTile + hh * S::kSub, &tv, hh * 64, row, h, b, fullV(s));
+          for (int x = 0; x < HT; ++x)
+#pragma unroll
+            for (int hh = 0; hh < NH; ++hh)
+              tma_load_4d(sV + s * S::kTile + hh * S::kSub + x * S::kHalf, &tv, hh * 64, rows[x], h, b, fullV(s));
         };
-        // The first kStages tiles only wait for slots of earlier items: issue them before this
+        // The first ST tiles only wait for slots of earlier items: issue them before this
         // item's Q/dO, which wait until the consumers are done with the previous item.
-        const int pre = it.ntiles < kStages ? it.ntiles : kStages;
+        const int pre = it.ntiles < ST ? it.ntiles : ST;
         for (int t = 0; t < pre; ++t) load_kv(t);
         mbar_wait(barQfree, (n & 1) ^ 1);
         const int nbox = it.row0 + 64 < it.row_end ? 2 : 1;  // rows past the item are not needed
@@ -310,8 +342,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float sl2 = a.scale_log2;
 
     float dq[D / 2];
-    float sacc[kTn / 2], dpacc[kTn / 2];
-    uint32_t dsa[kTn / 16][4], dsb[kTn / 16][4];
+    float sacc[TN / 2], dpacc[TN / 2];
+    uint32_t dsa[TN / 16][4], dsb[TN == 64 ? TN / 16 : 1][4];
     float lse0 = 0.f, lse1 = 0.f, dl0 = 0.f, dl1 = 0.f;  // this thread's two rows, lse in log2 units
 
     auto issue_sdp = [&](int s) {
@@ -319,18 +351,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kk = 0; kk < D / 16; ++kk) {
         const uint32_t aoff = (kk / 4) * (kRows * 128) + wg * (64 * 128) + (kk % 4) * 32;
         const uint32_t boff = s * S::kTile + (kk / 4) * S::kSub + (kk % 4) * 32;
-        wgmma_ss64<T>(sacc, desc_sw128(sQ + aoff, 16, 1024), desc_sw128(sK + boff, 16, 1024), kk > 0);
+        wgmma_ss<T, TN>(sacc, desc_sw128(sQ + aoff, 16, 1024), desc_sw128(sK + boff, 16, 1024), kk > 0);
       }
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         const uint32_t aoff = (kk / 4) * (kRows * 128) + wg * (64 * 128) + (kk % 4) * 32;
         const uint32_t boff = s * S::kTile + (kk / 4) * S::kSub + (kk % 4) * 32;
-        wgmma_ss64<T>(dpacc, desc_sw128(sO + aoff, 16, 1024), desc_sw128(sV + boff, 16, 1024), kk > 0);
+        wgmma_ss<T, TN>(dpacc, desc_sw128(sO + aoff, 16, 1024), desc_sw128(sV + boff, 16, 1024), kk > 0);
       }
     };
     auto issue_dq = [&](int s, uint32_t (*ds)[4]) {
 #pragma unroll
-      for (int kk = 0; kk < kTn / 16; ++kk) {
+      for (int kk = 0; kk < TN / 16; ++kk) {
         const uint32_t addr = sK + s * S::kTile + kk * 16 * 128;
         wgmma_rs<T, D, 1>(dq, ds[kk], desc_sw128(addr, S::kSub, 1024), 1);
       }
@@ -338,7 +370,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // dS of the tile in sacc / dpacc (this thread: rows g, g + 8 of the warp) into ds (A fragments).
     auto compute_ds = [&](int valid, uint32_t (*ds)[4]) {
 #pragma unroll
-      for (int nt = 0; nt < kTn / 8; ++nt) {
+      for (int nt = 0; nt < TN / 8; ++nt) {
         const int col = nt * 8 + 2 * tq4;
         const bool v0 = col < valid, v1 = col + 1 < valid;
         const float p0 = v0 ? ex2(fmaf(sacc[4 * nt], sl2, -lse0)) : 0.f;
@@ -360,9 +392,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       const Item it = item(w);
       if (it.row0 >= it.row_end) continue;
       const int ntiles = it.ntiles;
-      // Only the item's last tile can be short (the last key block is last in an ascending list).
-      const int last_valid = ntiles > 0 ? min(kTn, L - key_start(it, ntiles - 1)) : kTn;
-      auto valid_at = [&](int t) { return t == ntiles - 1 ? last_valid : kTn; };
+      // Only the item's last half can be short (the last key block is last in an ascending list);
+      // the valid keys of a tile are a prefix of it (a short half is the last one).
+      const int nhalf = it.nhalf;
+      const int last_valid = nhalf > 0 ? min(64, L - key_start(it, nhalf - 1)) : 64;
+      auto valid_at = [&](int t) {
+        if constexpr (HT == 1) return t == ntiles - 1 ? last_valid : 64;
+        int v = 0;
+#pragma unroll
+        for (int x = 0; x < HT; ++x) {
+          const int u = t * HT + x;
+          v += u >= nhalf ? 0 : (u == nhalf - 1 ? last_valid : 64);
+        }
+        return v;
+      };
       {
         // Rows past the item: P = 0 (their dQ is not stored; rows never mix).
         const int r0 = it.row0 + wrow + g, r1 = r0 + 8, o = it.bh * L;
@@ -379,51 +422,78 @@ __global__ void __launch_bounds__(kThreads, 1)
         // No rows of this item for this warpgroup (short last query block, block_q <= 64):
         // keep the stage phases in step without computing.
         for (int t = 0; t < ntiles; ++t) {
-          const int u = gt + t, s = u % kStages;
-          mbar_wait(fullK(s), (u / kStages) & 1);
-          mbar_wait(fullV(s), (u / kStages) & 1);
+          const int u = gt + t, s = u % ST;
+          mbar_wait(fullK(s), (u / ST) & 1);
+          mbar_wait(fullV(s), (u / ST) & 1);
           __syncwarp();
           release(s);
         }
         gt += ntiles;
       } else if (ntiles > 0) {
+        if constexpr (TN == 128) {
+        // Per tile: S and dP, then dS, then dQ += dS K; the stage is released once dQ is done.
+        for (int t = 0; t < ntiles; ++t) {
+          const int u = gt + t, s = u % ST;
+          mbar_wait(fullK(s), (u / ST) & 1);
+          mbar_wait(fullV(s), (u / ST) & 1);
+          fence_regs<TN / 2>(sacc);
+          fence_regs<TN / 2>(dpacc);
+          wgmma_fence();
+          issue_sdp(s);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs<TN / 2>(sacc);
+          fence_regs<TN / 2>(dpacc);
+          compute_ds(valid_at(t), dsa);
+          fence_regs<D / 2>(dq);
+          fence_regs_u<TN / 4>(&dsa[0][0]);
+          wgmma_fence();
+          issue_dq(s, dsa);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs<D / 2>(dq);
+          fence_regs_u<TN / 4>(&dsa[0][0]);
+          release(s);
+        }
+        gt += ntiles;
+        } else {
         {
-          const int s0 = gt % kStages;
-          mbar_wait(fullK(s0), (gt / kStages) & 1);
-          mbar_wait(fullV(s0), (gt / kStages) & 1);
-          fence_regs<kTn / 2>(sacc);
-          fence_regs<kTn / 2>(dpacc);
+          const int s0 = gt % ST;
+          mbar_wait(fullK(s0), (gt / ST) & 1);
+          mbar_wait(fullV(s0), (gt / ST) & 1);
+          fence_regs<TN / 2>(sacc);
+          fence_regs<TN / 2>(dpacc);
           wgmma_fence();
           issue_sdp(s0);
           wgmma_commit();
           wgmma_wait<0>();
-          fence_regs<kTn / 2>(sacc);
-          fence_regs<kTn / 2>(dpacc);
+          fence_regs<TN / 2>(sacc);
+          fence_regs<TN / 2>(dpacc);
           compute_ds(valid_at(0), dsa);
         }
         // Tile t: S_t / dP_t and dQ += dS_{t-1} K_{t-1} in flight together, dS_t computed while
         // the latter runs. dS alternates between two register sets.
         auto step = [&](int t, uint32_t (*pin)[4], uint32_t (*pout)[4]) {
           const int u = gt + t;
-          const int s = u % kStages, ps = (u - 1) % kStages;
-          mbar_wait(fullK(s), (u / kStages) & 1);
-          mbar_wait(fullV(s), (u / kStages) & 1);
+          const int s = u % ST, ps = (u - 1) % ST;
+          mbar_wait(fullK(s), (u / ST) & 1);
+          mbar_wait(fullV(s), (u / ST) & 1);
           fence_regs<D / 2>(dq);
-          fence_regs<kTn / 2>(sacc);
-          fence_regs<kTn / 2>(dpacc);
-          fence_regs_u<kTn / 4>(&pin[0][0]);
+          fence_regs<TN / 2>(sacc);
+          fence_regs<TN / 2>(dpacc);
+          fence_regs_u<TN / 4>(&pin[0][0]);
           wgmma_fence();
           issue_sdp(s);
           wgmma_commit();
           issue_dq(ps, pin);
           wgmma_commit();
           wgmma_wait<1>();
-          fence_regs<kTn / 2>(sacc);
-          fence_regs<kTn / 2>(dpacc);
+          fence_regs<TN / 2>(sacc);
+          fence_regs<TN / 2>(dpacc);
           compute_ds(valid_at(t), pout);
           wgmma_wait<0>();
           fence_regs<D / 2>(dq);
-          fence_regs_u<kTn / 4>(&pin[0][0]);
+          fence_regs_u<TN / 4>(&pin[0][0]);
           release(ps);
         };
         int t = 1;
@@ -433,21 +503,22 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         const bool odd_tail = t < ntiles;
         if (odd_tail) step(t, dsa, dsb);
-        const int ls = (gt + ntiles - 1) % kStages;
+        const int ls = (gt + ntiles - 1) % ST;
         auto last = [&](uint32_t (*p)[4]) {
           fence_regs<D / 2>(dq);
-          fence_regs_u<kTn / 4>(&p[0][0]);
+          fence_regs_u<TN / 4>(&p[0][0]);
           wgmma_fence();
           issue_dq(ls, p);
           wgmma_commit();
           wgmma_wait<0>();
           fence_regs<D / 2>(dq);
-          fence_regs_u<kTn / 4>(&p[0][0]);
+          fence_regs_u<TN / 4>(&p[0][0]);
         };
         if (odd_tail) last(dsb);
         else last(dsa);
         release(ls);
         gt += ntiles;
+        }
       }
       // Every wgmma reading Q / dO of this item has completed (wait<0> above).
       __syncwarp();
@@ -878,7 +949,7 @@ unsigned grid_for(int64_t work, bool persistent) {
   return static_cast<unsigned>(persistent ? imin64(work, cap) : work);
 }
 
-template <class T, int D>
+template <class T, int D, int TN>
 bool launch_dq(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
   CUtensorMap mq, mdo, mk, mv;
   if (!make_maps<T, D>(p, pl, ws, &mq, &mdo, &mk, &mv)) return false;
@@ -892,10 +963,11 @@ bool launch_dq(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, 
   const int64_t work = pl.BH * pl.n_q * a.sub_q;
   if (work >= (int64_t(1) << 31)) return false;
   a.num_work = static_cast<int>(work);
-  constexpr int smem = DqSmem<D>::kAlloc;
-  SALAD_CUDA_CHECK(cudaFuncSetAttribute(attn_dq_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  constexpr int smem = DqSmem<D, TN>::kAlloc;
+  SALAD_CUDA_CHECK(
+      cudaFuncSetAttribute(attn_dq_sm90_kernel<T, D, TN>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const bool persistent = !env_is("SALAD_BWD_DQ_PERSISTENT", "0");
-  attn_dq_sm90_kernel<T, D><<<grid_for(work, persistent), kThreads, smem, s>>>(mq, mdo, mk, mv, a);
+  attn_dq_sm90_kernel<T, D, TN><<<grid_for(work, persistent), kThreads, smem, s>>>(mq, mdo, mk, mv, a);
   SALAD_LAUNCH_CHECK();
   return true;
 }
@@ -962,11 +1034,20 @@ void warn_once(bool ok, const char* what) {
 
 bool try_launch_attn_dq_sm90(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
   if (env_is("SALAD_BWD_DQ", "mma") || !supported(p, pl, r)) return false;
+  // SALAD_BWD_DQ_TILE=64|128: keys per streamed tile (default 64; see DqSmem).
+  const bool t128 = env_is("SALAD_BWD_DQ_TILE", "128");
   bool ok;
-  if (p.dtype == DType::BF16)
-    ok = p.D == 128 ? launch_dq<__nv_bfloat16, 128>(p, pl, r, ws, s) : launch_dq<__nv_bfloat16, 64>(p, pl, r, ws, s);
-  else
-    ok = p.D == 128 ? launch_dq<__half, 128>(p, pl, r, ws, s) : launch_dq<__half, 64>(p, pl, r, ws, s);
+  if (p.dtype == DType::BF16) {
+    if (p.D == 128)
+      ok = t128 ? launch_dq<__nv_bfloat16, 128, 128>(p, pl, r, ws, s) : launch_dq<__nv_bfloat16, 128, 64>(p, pl, r, ws, s);
+    else
+      ok = t128 ? launch_dq<__nv_bfloat16, 64, 128>(p, pl, r, ws, s) : launch_dq<__nv_bfloat16, 64, 64>(p, pl, r, ws, s);
+  } else {
+    if (p.D == 128)
+      ok = t128 ? launch_dq<__half, 128, 128>(p, pl, r, ws, s) : launch_dq<__half, 128, 64>(p, pl, r, ws, s);
+    else
+      ok = t128 ? launch_dq<__half, 64, 128>(p, pl, r, ws, s) : launch_dq<__half, 64, 64>(p, pl, r, ws, s);
+  }
   warn_once(ok, "dq");
   return ok;
 }
