@@ -150,27 +150,24 @@ at::Tensor SaladSelfAttentionImpl::forward_inference(const at::Tensor& x, const 
   auto heads = [&](const at::Tensor& t) { return t.view({B, L, H, D}).transpose(1, 2); };  // strided view
   AttentionOutput out = attention(heads(qx), heads(kx), heads(vx), grid, opt, cfg_.impl);
   qx.reset(), kx.reset(), vx.reset();  // free before the output projections
+  // (B, H, L, D) -> (B*L, C) rows: one transposing copy, into a buffer the linear branch reuses.
+  const at::Tensor rows = at::empty({B * L, C}, out.o_s.options());
+  at::Tensor rows_heads = heads(rows);
+  rows_heads.copy_(out.o_s);
   if (opt.mode != Mode::Salad) {
-    // (B, H, L, D) -> (B*L, C) rows: one transposing copy.
-    const at::Tensor rows = at::empty({B * L, C}, out.o_s.options());
-    heads(rows).copy_(out.o_s);
     at::Tensor y = o->forward(rows).view({B, L, C});
     store_last(std::move(out), {});
     return y;
   }
-  // y = o(o_s) + linear_o(s * o_l) as one GEMM over [o_s | s * o_l] (B*L, 2C) and [W_o | W_l]
-  // (C, 2C): the two transposing copies write the halves (s applied by the second), the biases
-  // are summed. Two GEMMs of K = C, the second accumulating into y, read and wrote y once more.
+  // y = o(o_s) + linear_o(s * o_l) as one output: the biases summed into the first GEMM's
+  // epilogue, the second GEMM accumulating into it (beta = 1), s applied by the copy of o_l.
   const at::Tensor s = scale(x);
-  const at::Tensor rows = at::empty({B * L, 2 * C}, out.o_s.options());
-  heads(rows.narrow(1, 0, C)).copy_(out.o_s);
-  at::Tensor ol_heads = heads(rows.narrow(1, C, C));
-  at::mul_out(ol_heads, out.o_l, s.dim() == 2 ? s.view({B, H, 1, 1}) : s.view({B, 1, 1, 1}));
-  const at::Tensor w = at::cat({o->weight, linear_o->weight}, 1);
   const at::Tensor& bo = o->bias;
   const at::Tensor& bl = linear_o->bias;
   const at::Tensor bias = bo.defined() && bl.defined() ? bo + bl : bo.defined() ? bo : bl;
-  at::Tensor y = bias.defined() ? at::addmm(bias, rows, w.t()) : at::mm(rows, w.t());
+  at::Tensor y = bias.defined() ? at::addmm(bias, rows, o->weight.t()) : at::mm(rows, o->weight.t());
+  at::mul_out(rows_heads, out.o_l, s.dim() == 2 ? s.view({B, H, 1, 1}) : s.view({B, 1, 1, 1}));
+  y.addmm_(rows, linear_o->weight.t());
   store_last(std::move(out), s);
   return y.view({B, L, C});
 }
