@@ -431,93 +431,93 @@ __global__ void __launch_bounds__(kThreads, 1)
         gt += ntiles;
       } else if (ntiles > 0) {
         if constexpr (TN == 128) {
-        // Per tile: S and dP, then dS, then dQ += dS K; the stage is released once dQ is done.
-        for (int t = 0; t < ntiles; ++t) {
-          const int u = gt + t, s = u % ST;
-          mbar_wait(fullK(s), (u / ST) & 1);
-          mbar_wait(fullV(s), (u / ST) & 1);
-          fence_regs<TN / 2>(sacc);
-          fence_regs<TN / 2>(dpacc);
-          wgmma_fence();
-          issue_sdp(s);
-          wgmma_commit();
-          wgmma_wait<0>();
-          fence_regs<TN / 2>(sacc);
-          fence_regs<TN / 2>(dpacc);
-          compute_ds(valid_at(t), dsa);
-          fence_regs<D / 2>(dq);
-          fence_regs_u<TN / 4>(&dsa[0][0]);
-          wgmma_fence();
-          issue_dq(s, dsa);
-          wgmma_commit();
-          wgmma_wait<0>();
-          fence_regs<D / 2>(dq);
-          fence_regs_u<TN / 4>(&dsa[0][0]);
-          release(s);
-        }
-        gt += ntiles;
+          // Per tile: S and dP, then dS, then dQ += dS K; the stage is released once dQ is done.
+          for (int t = 0; t < ntiles; ++t) {
+            const int u = gt + t, s = u % ST;
+            mbar_wait(fullK(s), (u / ST) & 1);
+            mbar_wait(fullV(s), (u / ST) & 1);
+            fence_regs<TN / 2>(sacc);
+            fence_regs<TN / 2>(dpacc);
+            wgmma_fence();
+            issue_sdp(s);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs<TN / 2>(sacc);
+            fence_regs<TN / 2>(dpacc);
+            compute_ds(valid_at(t), dsa);
+            fence_regs<D / 2>(dq);
+            fence_regs_u<TN / 4>(&dsa[0][0]);
+            wgmma_fence();
+            issue_dq(s, dsa);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs<D / 2>(dq);
+            fence_regs_u<TN / 4>(&dsa[0][0]);
+            release(s);
+          }
+          gt += ntiles;
         } else {
-        {
-          const int s0 = gt % ST;
-          mbar_wait(fullK(s0), (gt / ST) & 1);
-          mbar_wait(fullV(s0), (gt / ST) & 1);
-          fence_regs<TN / 2>(sacc);
-          fence_regs<TN / 2>(dpacc);
-          wgmma_fence();
-          issue_sdp(s0);
-          wgmma_commit();
-          wgmma_wait<0>();
-          fence_regs<TN / 2>(sacc);
-          fence_regs<TN / 2>(dpacc);
-          compute_ds(valid_at(0), dsa);
-        }
-        // Tile t: S_t / dP_t and dQ += dS_{t-1} K_{t-1} in flight together, dS_t computed while
-        // the latter runs. dS alternates between two register sets.
-        auto step = [&](int t, uint32_t (*pin)[4], uint32_t (*pout)[4]) {
-          const int u = gt + t;
-          const int s = u % ST, ps = (u - 1) % ST;
-          mbar_wait(fullK(s), (u / ST) & 1);
-          mbar_wait(fullV(s), (u / ST) & 1);
-          fence_regs<D / 2>(dq);
-          fence_regs<TN / 2>(sacc);
-          fence_regs<TN / 2>(dpacc);
-          fence_regs_u<TN / 4>(&pin[0][0]);
-          wgmma_fence();
-          issue_sdp(s);
-          wgmma_commit();
-          issue_dq(ps, pin);
-          wgmma_commit();
-          wgmma_wait<1>();
-          fence_regs<TN / 2>(sacc);
-          fence_regs<TN / 2>(dpacc);
-          compute_ds(valid_at(t), pout);
-          wgmma_wait<0>();
-          fence_regs<D / 2>(dq);
-          fence_regs_u<TN / 4>(&pin[0][0]);
-          release(ps);
-        };
-        int t = 1;
-        for (; t + 1 < ntiles; t += 2) {
-          step(t, dsa, dsb);
-          step(t + 1, dsb, dsa);
-        }
-        const bool odd_tail = t < ntiles;
-        if (odd_tail) step(t, dsa, dsb);
-        const int ls = (gt + ntiles - 1) % ST;
-        auto last = [&](uint32_t (*p)[4]) {
-          fence_regs<D / 2>(dq);
-          fence_regs_u<TN / 4>(&p[0][0]);
-          wgmma_fence();
-          issue_dq(ls, p);
-          wgmma_commit();
-          wgmma_wait<0>();
-          fence_regs<D / 2>(dq);
-          fence_regs_u<TN / 4>(&p[0][0]);
-        };
-        if (odd_tail) last(dsb);
-        else last(dsa);
-        release(ls);
-        gt += ntiles;
+          {
+            const int s0 = gt % ST;
+            mbar_wait(fullK(s0), (gt / ST) & 1);
+            mbar_wait(fullV(s0), (gt / ST) & 1);
+            fence_regs<TN / 2>(sacc);
+            fence_regs<TN / 2>(dpacc);
+            wgmma_fence();
+            issue_sdp(s0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs<TN / 2>(sacc);
+            fence_regs<TN / 2>(dpacc);
+            compute_ds(valid_at(0), dsa);
+          }
+          // Tile t: S_t / dP_t and dQ += dS_{t-1} K_{t-1} in flight together, dS_t computed while
+          // the latter runs. dS alternates between two register sets.
+          auto step = [&](int t, uint32_t (*pin)[4], uint32_t (*pout)[4]) {
+            const int u = gt + t;
+            const int s = u % ST, ps = (u - 1) % ST;
+            mbar_wait(fullK(s), (u / ST) & 1);
+            mbar_wait(fullV(s), (u / ST) & 1);
+            fence_regs<D / 2>(dq);
+            fence_regs<TN / 2>(sacc);
+            fence_regs<TN / 2>(dpacc);
+            fence_regs_u<TN / 4>(&pin[0][0]);
+            wgmma_fence();
+            issue_sdp(s);
+            wgmma_commit();
+            issue_dq(ps, pin);
+            wgmma_commit();
+            wgmma_wait<1>();
+            fence_regs<TN / 2>(sacc);
+            fence_regs<TN / 2>(dpacc);
+            compute_ds(valid_at(t), pout);
+            wgmma_wait<0>();
+            fence_regs<D / 2>(dq);
+            fence_regs_u<TN / 4>(&pin[0][0]);
+            release(ps);
+          };
+          int t = 1;
+          for (; t + 1 < ntiles; t += 2) {
+            step(t, dsa, dsb);
+            step(t + 1, dsb, dsa);
+          }
+          const bool odd_tail = t < ntiles;
+          if (odd_tail) step(t, dsa, dsb);
+          const int ls = (gt + ntiles - 1) % ST;
+          auto last = [&](uint32_t (*p)[4]) {
+            fence_regs<D / 2>(dq);
+            fence_regs_u<TN / 4>(&p[0][0]);
+            wgmma_fence();
+            issue_dq(ls, p);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs<D / 2>(dq);
+            fence_regs_u<TN / 4>(&p[0][0]);
+          };
+          if (odd_tail) last(dsb);
+          else last(dsa);
+          release(ls);
+          gt += ntiles;
         }
       }
       // Every wgmma reading Q / dO of this item has completed (wait<0> above).
