@@ -432,6 +432,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       } else if (ntiles > 0) {
         if constexpr (TN == 128) {
           // Per tile: S and dP, then dS, then dQ += dS K; the stage is released once dQ is done.
+          // (Repeats the 64-key path's first-tile steps: helpers shared with it compiled to another
+          // register allocation than the one tested on the H200.)
           for (int t = 0; t < ntiles; ++t) {
             const int u = gt + t, s = u % ST;
             mbar_wait(fullK(s), (u / ST) & 1);
