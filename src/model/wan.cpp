@@ -92,16 +92,16 @@ WanCrossAttentionImpl::WanCrossAttentionImpl(int64_t dim, int64_t heads, bool qk
 
 at::Tensor WanCrossAttentionImpl::forward(const at::Tensor& x, const at::Tensor& context) {
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2), Lc = context.size(1), H = heads_, D = C / H;
-  at::Tensor qx = q->forward(x), kx = k->forward(context);
+  at::Tensor qx = linear(q, x), kx = linear(k, context);
   if (norm_q) {  // Wan's RMSNorm (fused::rms_norm), in place on the fresh projections
     qx = fused::rms_norm(qx, norm_q->weight, norm_q->eps, /*reuse_x=*/true);
     kx = fused::rms_norm(kx, norm_k->weight, norm_k->eps, /*reuse_x=*/true);
   }
-  const at::Tensor vx = v->forward(context);
+  const at::Tensor vx = linear(v, context);
   const at::Tensor y =
       at::scaled_dot_product_attention(qx.view({B, L, H, D}).transpose(1, 2), kx.view({B, Lc, H, D}).transpose(1, 2),
                                        vx.view({B, Lc, H, D}).transpose(1, 2));
-  return o->forward(y.transpose(1, 2).reshape({B, L, C}));
+  return linear(o, y.transpose(1, 2).reshape({B, L, C}));
 }
 
 // --- block --------------------------------------------------------------------
@@ -128,9 +128,10 @@ at::Tensor WanBlockImpl::ffn_forward(const at::Tensor& h) {
     // form, but this path is CUDA-only (inference_path).
     const at::Tensor g = at::_addmm_activation(l0->bias, h.reshape({-1, h.size(2)}), l0->weight.t(), 1, 1,
                                                /*use_gelu=*/true);
-    return l2->forward(g).view({h.size(0), h.size(1), -1});
+    return linear(*l2, g).view({h.size(0), h.size(1), -1});
   }
-  return ffn->forward(h);
+  if (!l0 || !l2) return ffn->forward(h);
+  return linear(*l2, at::gelu(linear(*l0, h), "tanh"));  // ffn->forward(h), the biases in the GEMMs
 }
 
 // The official block, written as five fused steps (fused.h; each is the eager
@@ -175,7 +176,7 @@ at::Tensor WanHeadImpl::forward(const at::Tensor& x, const at::Tensor& e) {
   const std::vector<at::Tensor> m = (modulation.to(x.scalar_type()) + e.unsqueeze(1)).chunk(2, 1);
   // (LN(x) * (1 + m1) + m0).to(head dtype), one kernel where fused.h applies.
   const at::Tensor h = fused::modulated_norm(x, m[0], m[1], eps_, head->weight.scalar_type());
-  return head->forward(h).to(x.scalar_type());
+  return linear(head, h).to(x.scalar_type());
 }
 
 // --- model --------------------------------------------------------------------

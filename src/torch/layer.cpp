@@ -122,31 +122,31 @@ at::Tensor SaladSelfAttentionImpl::forward(const at::Tensor& x, const Grid& grid
   Options opt = cfg_.attn;
   if (cfg_.skip_linear && opt.mode == Mode::Salad) opt.mode = Mode::Sparse;
   if (fused::inference_path(x, *this)) return forward_inference(x, grid, opt);
-  at::Tensor qx = q->forward(x), kx = k->forward(x);
+  at::Tensor qx = linear(q, x), kx = linear(k, x);
   if (cfg_.qk_norm) qx = norm_q->forward(qx), kx = norm_k->forward(kx);
-  const at::Tensor vx = v->forward(x);
+  const at::Tensor vx = linear(v, x);
   auto heads = [&](const at::Tensor& t) { return t.view({B, L, H, D}).transpose(1, 2); };  // strided view
   AttentionOutput out = attention(heads(qx), heads(kx), heads(vx), grid, opt, cfg_.impl);
-  at::Tensor y = o->forward(out.o_s.transpose(1, 2).reshape({B, L, C}));
+  at::Tensor y = linear(o, out.o_s.transpose(1, 2).reshape({B, L, C}));
   if (opt.mode != Mode::Salad) {
     store_last(std::move(out), {});
     return y;
   }
   at::Tensor s = scale(x);
   const at::Tensor ol = out.o_l * (s.dim() == 2 ? s.view({B, H, 1, 1}) : s.view({B, 1, 1, 1}));
-  y = y + linear_o->forward(ol.transpose(1, 2).reshape({B, L, C}));
+  y = y + linear(linear_o, ol.transpose(1, 2).reshape({B, L, C}));
   store_last(std::move(out), s);
   return y;
 }
 
 at::Tensor SaladSelfAttentionImpl::forward_inference(const at::Tensor& x, const Grid& grid, const Options& opt) {
   const int64_t B = x.size(0), L = x.size(1), C = cfg_.dim, H = cfg_.heads, D = C / H;
-  at::Tensor qx = q->forward(x), kx = k->forward(x);
+  at::Tensor qx = linear(q, x), kx = linear(k, x);
   if (cfg_.qk_norm) {  // in place: one read and one write of each projection
     qx = fused::rms_norm(qx, norm_q->weight, norm_q->eps, /*reuse_x=*/true);
     kx = fused::rms_norm(kx, norm_k->weight, norm_k->eps, /*reuse_x=*/true);
   }
-  at::Tensor vx = v->forward(x);
+  at::Tensor vx = linear(v, x);
   auto heads = [&](const at::Tensor& t) { return t.view({B, L, H, D}).transpose(1, 2); };  // strided view
   AttentionOutput out = attention(heads(qx), heads(kx), heads(vx), grid, opt, cfg_.impl);
   qx.reset(), kx.reset(), vx.reset();  // free before the output projections
@@ -155,7 +155,7 @@ at::Tensor SaladSelfAttentionImpl::forward_inference(const at::Tensor& x, const 
   at::Tensor rows_heads = heads(rows);
   rows_heads.copy_(out.o_s);
   if (opt.mode != Mode::Salad) {
-    at::Tensor y = o->forward(rows).view({B, L, C});
+    at::Tensor y = linear(o, rows).view({B, L, C});
     store_last(std::move(out), {});
     return y;
   }
