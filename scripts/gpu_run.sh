@@ -70,7 +70,7 @@ fi
 if has dit14; then
   # Issue 4's memory check and 14B step: Wan2.1-14B at 720p, 81 frames, bf16 random weights.
   build-gpu/salad bench-dit --config wan2.1-14b --frames 81 --height 720 --width 1280 --device cuda --iters 1 \
-    --warmup 0 --modes dense,salad --fused on 2>&1 | tail -10
+    --warmup 0 --modes dense,salad --fused both 2>&1 | tail -12
 fi
 if has world; then
   DEADLINE_S=${DEADLINE_S:-440} COPY_TO=$OUT scripts/world_experiment.sh build-gpu/salad /tmp/world cuda 2>&1 | tail -30

@@ -252,6 +252,9 @@ TEST(Validate, EachBadArgumentIsNamedWithExpectedAndActual) {
   { Call c; c.p.opt.window = {-1, 0, 0}; expect_error(c.p, "window:"); }
   { Call c; c.p.o_l = nullptr; expect_error(c.p, "o_l:"); }
   { Call c; c.p.opt.mode = Mode::Dense; c.p.o_l = nullptr; c.p.block_idx = nullptr; EXPECT_NO_THROW(validate(c.p)); }
+  { Call c; c.p.o_stride[0] = 192, c.p.o_stride[1] = 8, c.p.o_stride[2] = 8; EXPECT_NO_THROW(validate(c.p)); }
+  { Call c; c.p.o_stride[0] = 1, c.p.o_stride[1] = 2, c.p.o_stride[2] = 3;
+    expect_error(c.p, "o_stride: expected all zero, (192, 192, 8) or (192, 8, 8), got (1, 2, 3)"); }
   EXPECT_THROW(parse_mode("fast"), ArgumentError);
   EXPECT_THROW(parse_feature("gelu"), ArgumentError);
   EXPECT_THROW(parse_pattern("random"), ArgumentError);
@@ -262,6 +265,16 @@ TEST(Validate, KernelsRefuseTheWrongDtype) {
   c.p.dtype = DType::F64;
   EXPECT_THROW(cpu::fast_forward(c.p), ArgumentError);
   EXPECT_THROW(cpu::reference_forward<float>(c.p), ArgumentError);
+}
+
+// (B, L, H, D) outputs are for the CUDA kernels; the CPU ones write (B, H, L, D) only.
+TEST(Validate, CpuKernelsRefuseTokenMajorOutputs) {
+  Call c;
+  c.p.o_stride[0] = 192, c.p.o_stride[1] = 8, c.p.o_stride[2] = 8;
+  EXPECT_THROW(cpu::fast_forward(c.p), ArgumentError);
+  EXPECT_THROW(cpu::reference_forward<float>(c.p), ArgumentError);
+  c.p.o_stride[1] = 192;  // the contiguous strides spelled out
+  EXPECT_NO_THROW(cpu::reference_forward<float>(c.p));
 }
 
 // The CUDA kernels' token -> (frame, row, column) maps divide by the grid's row width and frame

@@ -145,6 +145,20 @@ TEST(Fast, AcceptsStridedHeadsLikeTheLayerPasses) {
   EXPECT_LT(rel(a.o_l, b.o_l), 1e-5);
 }
 
+// The token-major hint is for the CUDA kernels: on the CPU the outputs stay contiguous and equal.
+TEST(Fast, TokenMajorHintLeavesCpuOutputsContiguous) {
+  torch::manual_seed(4);
+  const Grid g{2, 4, 6};
+  const at::Tensor q = at::randn({2, 3, 48, 64}), k = at::randn_like(q), v = at::randn_like(q);
+  Options o;
+  o.block_q = 16, o.block_k = 8;
+  torch::NoGradGuard ng;
+  const AttentionOutput a = attention(q, k, v, g, o, Impl::Auto, /*token_major=*/true);
+  const AttentionOutput b = attention(q, k, v, g, o);
+  EXPECT_TRUE(a.o_s.is_contiguous() && a.o_l.is_contiguous());
+  EXPECT_TRUE(at::equal(a.o_s, b.o_s) && at::equal(a.o_l, b.o_l));
+}
+
 namespace {
 // Loss = <o_s, w_s> + <o_l, w_l>; analytic gradients through autograd.
 struct GradCase {

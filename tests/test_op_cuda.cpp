@@ -223,6 +223,35 @@ TEST(SM90_Attention, DeterministicRepeatsAndNoQuadraticMemory) {
   EXPECT_LT(peak - before, 64 * q.numel() * 2) << "peak extra bytes " << (peak - before);
 }
 
+// token_major: the same kernels store o_s / o_l into (B, L, H, D) memory, so the values equal the
+// default (B, H, L, D) outputs bit for bit, on every case (Hopper, mma.sync tile order, fp16, the
+// generic and mma linear kernels), and the projection rows are a view. Poisoned outputs: a row the
+// strided stores miss stays NaN.
+TEST(SM90_Attention, TokenMajorOutputsEqualHeadMajorBitForBit) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
+  setenv("SALAD_POISON", "1", 1);
+  torch::manual_seed(5);
+  torch::NoGradGuard ng;
+  for (const CudaCase& c : cases()) {
+    SCOPED_TRACE(label(c));
+    const int64_t L = c.g.size();
+    const at::Tensor x = at::randn({c.B, L, c.H, c.D}, at::TensorOptions().dtype(c.dt).device(at::kCUDA));
+    const at::Tensor q = x.transpose(1, 2), k = (x * 0.5).transpose(1, 2), v = (x - 1).transpose(1, 2);
+    const AttentionOutput a = attention(q, k, v, c.g, c.o);
+    const AttentionOutput t = attention(q, k, v, c.g, c.o, Impl::Auto, /*token_major=*/true);
+    EXPECT_EQ(t.o_s.sizes(), a.o_s.sizes());
+    EXPECT_EQ(t.o_s.strides(), (std::vector<int64_t>{L * c.H * c.D, c.D, c.H * c.D, 1}));
+    EXPECT_EQ(t.o_s.transpose(1, 2).reshape({c.B * L, c.H * c.D}).data_ptr(), t.o_s.data_ptr());
+    EXPECT_TRUE(at::equal(t.o_s, a.o_s));
+    EXPECT_TRUE(at::equal(t.lse, a.lse));
+    if (c.o.mode == Mode::Salad) {
+      EXPECT_EQ(t.o_l.strides(), t.o_s.strides());
+      EXPECT_TRUE(at::equal(t.o_l, a.o_l));
+    }
+  }
+  unsetenv("SALAD_POISON");
+}
+
 TEST(SM90_Attention, Float32InputsRunInBf16AndReturnFloat32) {
   if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
   torch::manual_seed(2);

@@ -14,6 +14,7 @@
 //   block space (block order).
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -63,7 +64,8 @@ struct BlockShape {
 
 // One forward call. Input strides are in elements for (batch, head, token);
 // the channel dimension is contiguous. Outputs are contiguous (B, H, L, D)
-// (lse (B, H, L)). Pointers that a mode does not need may be null.
+// (lse (B, H, L)) unless o_stride says otherwise (CUDA kernels only). Pointers
+// that a mode does not need may be null.
 struct Params {
   DType dtype = DType::F32;
   int64_t B = 0, H = 0, L = 0, D = 0;
@@ -80,12 +82,20 @@ struct Params {
   void* o_s = nullptr;        // (B, H, L, D), dtype; dense output in mode dense
   float* lse = nullptr;       // (B, H, L)
   void* o_l = nullptr;        // (B, H, L, D), dtype; mode salad only
+  // (batch, head, token) strides of o_s and o_l in elements, channels contiguous; all zero:
+  // contiguous (B, H, L, D). The CUDA forward kernels also write (B, L, H, D) memory
+  // ({L*H*D, D, H*D}: the rows of the output projection's input, no transposing copy);
+  // the CPU kernels need the contiguous layout.
+  int64_t o_stride[3] = {0, 0, 0};
   int32_t* block_idx = nullptr;  // (B, H, n_q, max_k), ascending, -1 padded
   int32_t* block_cnt = nullptr;  // (B, H, n_q)
   bool blocks_given = false;     // true: use block_idx/block_cnt as input, skip selection
 
   double softmax_scale() const;
   BlockShape blocks() const;
+  // o_stride with the zero default resolved to contiguous (B, H, L, D).
+  std::array<int64_t, 3> out_strides() const;
+  bool out_contiguous() const;
 };
 
 // One backward call: the forward's params (inputs, outputs and block table,

@@ -90,6 +90,16 @@ double Params::softmax_scale() const {
   return opt.scale > 0 ? opt.scale : 1.0 / std::sqrt(static_cast<double>(D));
 }
 
+std::array<int64_t, 3> Params::out_strides() const {
+  if (o_stride[0] == 0 && o_stride[1] == 0 && o_stride[2] == 0) return {H * L * D, L * D, D};
+  return {o_stride[0], o_stride[1], o_stride[2]};
+}
+
+bool Params::out_contiguous() const {
+  const std::array<int64_t, 3> s = out_strides();
+  return s[0] == H * L * D && s[1] == L * D && s[2] == D;
+}
+
 BlockShape Params::blocks() const {
   BlockShape b;
   if (opt.block_q <= 0 || opt.block_k <= 0 || L <= 0) return b;
@@ -144,6 +154,13 @@ void validate(const Params& p) {
   if (!p.q || !p.k || !p.v) fail("q/k/v: expected non-null input pointers");
   if (!p.o_s || !p.lse) fail("o_s/lse: expected non-null output pointers");
   if (p.opt.mode == Mode::Salad && !p.o_l) fail("o_l: expected an output pointer in mode salad");
+  if (!p.out_contiguous()) {
+    const std::array<int64_t, 3> s = p.out_strides();
+    // The two layouts the kernels write: (B, H, L, D) and (B, L, H, D).
+    if (!(s[0] == p.L * p.H * p.D && s[1] == p.D && s[2] == p.H * p.D))
+      fail("o_stride: expected all zero, (", p.H * p.L * p.D, ", ", p.L * p.D, ", ", p.D, ") or (", p.L * p.H * p.D,
+           ", ", p.D, ", ", p.H * p.D, "), got (", s[0], ", ", s[1], ", ", s[2], ")");
+  }
   if (p.opt.mode != Mode::Dense && (!p.block_idx || !p.block_cnt))
     fail("block_idx/block_cnt: expected block-table pointers in mode ", to_string(p.opt.mode));
 }

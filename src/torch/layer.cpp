@@ -148,26 +148,24 @@ at::Tensor SaladSelfAttentionImpl::forward_inference(const at::Tensor& x, const 
   }
   at::Tensor vx = linear(v, x);
   auto heads = [&](const at::Tensor& t) { return t.view({B, L, H, D}).transpose(1, 2); };  // strided view
-  AttentionOutput out = attention(heads(qx), heads(kx), heads(vx), grid, opt, cfg_.impl);
+  // Outputs in (B, L, H, D) memory where the CUDA kernels run: the projections' input rows as views.
+  AttentionOutput out = attention(heads(qx), heads(kx), heads(vx), grid, opt, cfg_.impl, /*token_major=*/true);
   qx.reset(), kx.reset(), vx.reset();  // free before the output projections
-  // (B, H, L, D) -> (B*L, C) rows: one transposing copy, into a buffer the linear branch reuses.
-  const at::Tensor rows = at::empty({B * L, C}, out.o_s.options());
-  at::Tensor rows_heads = heads(rows);
-  rows_heads.copy_(out.o_s);
+  auto rows = [&](const at::Tensor& t) { return t.transpose(1, 2).reshape({B * L, C}); };  // a copy only if head-major
   if (opt.mode != Mode::Salad) {
-    at::Tensor y = linear(o, rows).view({B, L, C});
+    at::Tensor y = linear(o, rows(out.o_s)).view({B, L, C});
     store_last(std::move(out), {});
     return y;
   }
   // y = o(o_s) + linear_o(s * o_l) as one output: the biases summed into the first GEMM's
-  // epilogue, the second GEMM accumulating into it (beta = 1), s applied by the copy of o_l.
+  // epilogue, the second GEMM accumulating into it (beta = 1).
   const at::Tensor s = scale(x);
   const at::Tensor& bo = o->bias;
   const at::Tensor& bl = linear_o->bias;
   const at::Tensor bias = bo.defined() && bl.defined() ? bo + bl : bo.defined() ? bo : bl;
-  at::Tensor y = bias.defined() ? at::addmm(bias, rows, o->weight.t()) : at::mm(rows, o->weight.t());
-  at::mul_out(rows_heads, out.o_l, s.dim() == 2 ? s.view({B, H, 1, 1}) : s.view({B, 1, 1, 1}));
-  y.addmm_(rows, linear_o->weight.t());
+  const at::Tensor rs = rows(out.o_s);
+  at::Tensor y = bias.defined() ? at::addmm(bias, rs, o->weight.t()) : at::mm(rs, o->weight.t());
+  y.addmm_(rows(out.o_l * (s.dim() == 2 ? s.view({B, H, 1, 1}) : s.view({B, 1, 1, 1}))), linear_o->weight.t());
   store_last(std::move(out), s);
   return y.view({B, L, C});
 }

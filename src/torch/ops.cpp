@@ -184,11 +184,15 @@ struct Outputs {
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tuple() const { return {o_s, o_l, lse, idx, cnt}; }
 };
 
-Outputs allocate(const Params& p, const at::TensorOptions& like) {
+// token_major: o_s and o_l as (B, H, L, D) views of (B, L, H, D) memory (CUDA kernels only).
+Outputs allocate(const Params& p, const at::TensorOptions& like, bool token_major = false) {
   Outputs o;
   const BlockShape bs = p.blocks();
-  o.o_s = at::empty({p.B, p.H, p.L, p.D}, like);
-  o.o_l = p.opt.mode == Mode::Salad ? at::empty({p.B, p.H, p.L, p.D}, like) : at::empty({0}, like);
+  auto out = [&] {
+    return token_major ? at::empty({p.B, p.L, p.H, p.D}, like).transpose(1, 2) : at::empty({p.B, p.H, p.L, p.D}, like);
+  };
+  o.o_s = out();
+  o.o_l = p.opt.mode == Mode::Salad ? out() : at::empty({0}, like);
   o.lse = at::empty({p.B, p.H, p.L}, like.dtype(at::kFloat));
   const bool table = p.opt.mode != Mode::Dense;
   o.idx = at::empty(table ? std::vector<int64_t>{p.B, p.H, bs.n_q, bs.max_k} : std::vector<int64_t>{0},
@@ -207,6 +211,8 @@ Outputs allocate(const Params& p, const at::TensorOptions& like) {
 
 void bind_outputs(Params* p, Outputs& o) {
   p->o_s = o.o_s.data_ptr();
+  if (!o.o_s.is_contiguous())
+    for (int i = 0; i < 3; ++i) p->o_stride[i] = o.o_s.stride(i);
   p->lse = o.lse.data_ptr<float>();
   p->o_l = p->opt.mode == Mode::Salad ? o.o_l.data_ptr() : nullptr;
   p->block_idx = o.idx.numel() ? o.idx.data_ptr<int32_t>() : nullptr;
@@ -347,20 +353,24 @@ at::Tensor like_input(const at::Tensor& t, const at::Tensor& in) {
   return t.defined() && in.scalar_type() == at::kFloat ? t.to(at::kFloat) : t;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cuda_lowp(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, SALAD_OPT_PARAMS) {
-  const OpArgs a = make_args(SALAD_OPT_NAMES);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cuda_run(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const OpArgs& a, bool token_major) {
   make_params(q_in, k_in, v_in, a);
   check_cuda_dtype(q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = channel_contiguous(q_in), k = channel_contiguous(k_in), v = channel_contiguous(v_in);
   Params p = make_params(q, k, v, a);
   set_input(q, &p.q, p.q_stride), set_input(k, &p.k, p.k_stride), set_input(v, &p.v, p.v_stride);
-  Outputs o = allocate(p, q.options());
+  Outputs o = allocate(p, q.options(), token_major);
   bind_outputs(&p, o);
   at::Tensor ws = at::empty({static_cast<int64_t>(cuda::forward_workspace_bytes(p)) + 1}, q.options().dtype(at::kByte));
   cuda::forward(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
   return o.tuple();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cuda_lowp(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, SALAD_OPT_PARAMS) {
+  return attention_cuda_run(q_in, k_in, v_in, make_args(SALAD_OPT_NAMES), false);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_lowp(
@@ -578,8 +588,18 @@ Impl parse_impl(const std::string& s) {
 bool cuda_kernels_compiled() { return cuda::compiled(); }
 
 AttentionOutput attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Grid& grid,
-                          const Options& opt, Impl impl) {
+                          const Options& opt, Impl impl, bool token_major) {
   const OpArgs a = OpArgs::from(grid, opt, impl);
+#ifdef SALAD_WITH_CUDA
+  // Outputs in (B, L, H, D) memory: straight to the CUDA kernels (no autograd needed, so the
+  // dispatcher's autograd kernel has nothing to record).
+  const bool needs_grad =
+      at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  if (token_major && q.is_cuda() && !needs_grad && q.scalar_type() != at::kFloat) {
+    auto [o_s, o_l, lse, idx, cnt] = attention_cuda_run(q, k, v, a, true);
+    return {o_s, o_l, lse, idx, cnt};
+  }
+#endif
   auto [o_s, o_l, lse, idx, cnt] = call_attention(q, k, v, a);
   return {o_s, o_l, lse, idx, cnt};
 }

@@ -292,6 +292,7 @@ void linear_forward_head(const Params& p, const FloatRope& rope, int64_t b, int6
 
 void fast_forward(const Params& p) {
   validate(p);
+  if (!p.out_contiguous()) throw ArgumentError("o_stride: the CPU kernels write contiguous (B, H, L, D) outputs only");
   if (p.dtype != DType::F32)
     throw ArgumentError(std::string("dtype: expected float32 for the fast CPU path, got ") + to_string(p.dtype));
   const int64_t L = p.L, D = p.D, BH = p.B * p.H;

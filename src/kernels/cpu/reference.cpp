@@ -123,6 +123,7 @@ struct LinearState {
 template <class T>
 void reference_forward(const Params& p) {
   validate(p);
+  if (!p.out_contiguous()) throw ArgumentError("o_stride: the CPU kernels write contiguous (B, H, L, D) outputs only");
   const DType want = sizeof(T) == 8 ? DType::F64 : DType::F32;
   if (p.dtype != want)
     throw ArgumentError(std::string("dtype: expected ") + to_string(want) + " for this reference, got " +

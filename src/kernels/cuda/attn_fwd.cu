@@ -27,6 +27,7 @@ struct FwdArgs {
   const T* v;
   int64_t v_sb, v_sh, v_st, H;
   T* o;
+  int64_t o_sb, o_sh, o_st;  // output strides (batch, head, token), Params::out_strides
   float* lse;
   const int32_t* idx;
   const int32_t* cnt;
@@ -187,7 +188,7 @@ __global__ void __launch_bounds__(kWarps * 32, kBM == 64 ? 2 : 1) attn_fwd_kerne
     float l = half ? l1 : l0, m = half ? m1 : m0;
     float inv = l > 0.f ? 1.f / l : 0.f;
     int64_t t = perm_at(a.perm, r);
-    T* out = a.o + (bh * a.L + t) * D;
+    T* out = a.o + b * a.o_sb + h * a.o_sh + t * a.o_st;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
       int col = i * 8 + 2 * (lane & 3);
@@ -209,6 +210,8 @@ void launch(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaSt
   a.v_st = p.v_stride[2];
   a.H = p.H;
   a.o = static_cast<T*>(p.o_s);
+  const std::array<int64_t, 3> os = p.out_strides();
+  a.o_sb = os[0], a.o_sh = os[1], a.o_st = os[2];
   a.lse = p.lse;
   a.idx = p.block_idx;
   a.cnt = p.block_cnt;

@@ -54,6 +54,7 @@ struct Sm90Args {
   const int32_t* idx;
   const int32_t* cnt;
   int64_t L, n_q, n_k, max_k, block_q, block_k, H;
+  int64_t o_sb, o_sh, o_st;  // output strides (batch, head, token), Params::out_strides
   int sub_q, halves_per_block, dense, v_swap;  // halves: 64-key rows of a key block
   int num_work;  // work items: (b*h, query block, 128-row part), head-major
   float scale_log2;
@@ -400,7 +401,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                      : "memory");
       }
       __syncwarp();
-      T* out = static_cast<T*>(a.o) + it.bh * a.L * D;
+      const int64_t ob = it.bh / a.H;
+      T* out = static_cast<T*>(a.o) + ob * a.o_sb + (it.bh - ob * a.H) * a.o_sh;
       constexpr int CH = D / 8;
 #pragma unroll
       for (int k = 0; k < 16 * CH / 32; ++k) {
@@ -413,7 +415,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                      : "r"(src)
                      : "memory");
         const int64_t gr = it.row0 + r;
-        if (gr < it.row_end) *reinterpret_cast<uint4*>(out + gr * D + cc * 8) = v;
+        if (gr < it.row_end) *reinterpret_cast<uint4*>(out + gr * a.o_st + cc * 8) = v;
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(barQfree(qb));  // the producer may load item n + 2's Q here
@@ -458,6 +460,8 @@ bool launch(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
   a.block_q = p.opt.block_q;
   a.block_k = p.opt.block_k;
   a.H = p.H;
+  const std::array<int64_t, 3> os = p.out_strides();
+  a.o_sb = os[0], a.o_sh = os[1], a.o_st = os[2];
   a.sub_q = static_cast<int>((p.opt.block_q + kM - 1) / kM);
   a.halves_per_block = static_cast<int>(p.opt.block_k / 64);
   a.dense = pl.dense ? 1 : 0;

@@ -28,6 +28,7 @@ constexpr int kStateBatch = 32;  // tokens staged per step in the state kernel
 struct LinArgs {
   int64_t H, L;
   int64_t q_sb, q_sh, q_st, k_sb, k_sh, k_st, v_sb, v_sh, v_st;
+  int64_t o_sb, o_sh, o_st;  // o_l strides (batch, head, token), Params::out_strides (forward)
   FeatureMap feature;
   bool rope;
   float eps;
@@ -286,7 +287,7 @@ __global__ void __launch_bounds__(kThreads) apply_fwd_kernel(LinArgs g, const T*
     for (int k = 0; k < kTok; ++k) {
       int64_t t = tbase + k;
       if (t >= g.L) continue;
-      T* out = o + (bh * g.L + t) * D;
+      T* out = o + b * g.o_sb + h * g.o_sh + t * g.o_st;
       float inv = 1.f / den[k];
 #pragma unroll
       for (int i = 0; i < NI; ++i) out[lane + 32 * i] = Elem<T>::from_float(num[k][i] * inv);
@@ -480,6 +481,8 @@ LinArgs make_args(const Params& p, const Plan& pl, const RopeInfo& r) {
   g.H = p.H;
   g.L = p.L;
   g.q_sb = p.q_stride[0], g.q_sh = p.q_stride[1], g.q_st = p.q_stride[2];
+  const std::array<int64_t, 3> os = p.out_strides();
+  g.o_sb = os[0], g.o_sh = os[1], g.o_st = os[2];
   g.k_sb = p.k_stride[0], g.k_sh = p.k_stride[1], g.k_st = p.k_stride[2];
   g.v_sb = p.v_stride[0], g.v_sh = p.v_stride[1], g.v_st = p.v_stride[2];
   g.feature = p.opt.feature;
@@ -934,7 +937,8 @@ __global__ void __launch_bounds__(kT, 2) apply_fwd_mma_kernel(LinArgs g, const b
   cp_async_wait<0>();
   __syncthreads();
   const bf16* qb = q + b * g.q_sb + h * g.q_sh;
-  bf16* ob = o + bh * g.L * D;
+  bf16* ob = o + b * g.o_sb + h * g.o_sh;
+  const int ost = static_cast<int>(g.o_st);  // D or H * D
   bf16* buf0 = Wb + warp * 2 * kWT * D;
   float* inv = inv_all + warp * kWT;
   int tile = warp;
@@ -1008,13 +1012,13 @@ __global__ void __launch_bounds__(kT, 2) apply_fwd_mma_kernel(LinArgs g, const b
     }
     __syncwarp();
     {
-      bf16* orow = ob + base * D;  // 16-byte chunk idx of the tile: row idx / (D / 8), at element idx * 8
+      bf16* orow = ob + base * g.o_st;  // 16-byte chunk idx of the tile: row idx / (D / 8), column (idx % (D / 8)) * 8
       const int lim = static_cast<int>(imin64(rg.t1 - base, kWT));
 #pragma unroll
       for (int k = 0; k < kWT * D / 8 / 32; ++k) {
         const int idx = lane + 32 * k, row = idx / (D / 8), ch = idx % (D / 8);
         if (row < lim)
-          *reinterpret_cast<uint4*>(orow + idx * 8) = *reinterpret_cast<const uint4*>(X + swz<D>(row, ch * 8));
+          *reinterpret_cast<uint4*>(orow + row * ost + ch * 8) = *reinterpret_cast<const uint4*>(X + swz<D>(row, ch * 8));
       }
     }
     __syncwarp();
