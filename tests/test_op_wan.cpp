@@ -726,12 +726,13 @@ TEST(SM90_Fused, TinyWanForwardFusedMatchesEagerOnCudaBf16) {
   torch::manual_seed(22);
   WanConfig c = tiny();
   c.dim = 128, c.ffn_dim = 256, c.num_heads = 2;  // head width 64 (the CUDA kernels take 64 and 128)
-  for (Mode mode : {Mode::Dense, Mode::Salad}) {
+  for (Mode mode : {Mode::Dense, Mode::Salad}) for (int64_t B : {1, 2}) {  // B 1: s(x) folded into W_l
+    SCOPED_TRACE("B " + std::to_string(B));
     WanAttentionPlan plan = WanAttentionPlan::uniform(mode);
     plan.base.attn.keep = 1.0;  // every key block: no top-k ties that a rounding difference could flip
     WanModel m(c, plan);
     randomize(m);
-    const Inputs in = make_inputs(c, 2, 3, 16, 24, 7);  // 3 x 8 x 12 = 288 tokens
+    const Inputs in = make_inputs(c, B, 3, 16, 24, 7);  // 3 x 8 x 12 = 288 tokens
     torch::NoGradGuard ng;
     const at::Tensor ref32 = m->forward(in.x, in.t, in.context);  // float32 on the CPU
     m->set_dtype(at::kBFloat16);

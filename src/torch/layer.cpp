@@ -165,7 +165,14 @@ at::Tensor SaladSelfAttentionImpl::forward_inference(const at::Tensor& x, const 
   const at::Tensor bias = bo.defined() && bl.defined() ? bo + bl : bo.defined() ? bo : bl;
   const at::Tensor rs = rows(out.o_s);
   at::Tensor y = bias.defined() ? at::addmm(bias, rs, o->weight.t()) : at::mm(rs, o->weight.t());
-  y.addmm_(rows(out.o_l * (s.dim() == 2 ? s.view({B, H, 1, 1}) : s.view({B, 1, 1, 1}))), linear_o->weight.t());
+  if (B == 1) {
+    // s folded into W_l's columns (head h's D input columns times s[h]): a C x C product instead of
+    // an L x C one over o_l (124 us per layer at Wan1.3B-480p, H200).
+    const at::Tensor sc = s.dim() == 2 ? s.view({H, 1}).expand({H, D}).reshape({1, C}) : s.view({1, 1});
+    y.addmm_(rows(out.o_l), (linear_o->weight * sc).t());
+  } else {
+    y.addmm_(rows(out.o_l * (s.dim() == 2 ? s.view({B, H, 1, 1}) : s.view({B, 1, 1, 1}))), linear_o->weight.t());
+  }
   store_last(std::move(out), s);
   return y.view({B, L, C});
 }
