@@ -20,10 +20,10 @@ struct Plan {
   int64_t chunk = 0;    // tokens per chunk, a multiple of 64
   bool dense = false, topk_select = false, linear = false, tile_order = false;
   // Forward in mode salad: the linear apply kernel (which reads q anyway) also writes qr and
-  // per-16-token sums of qr for the query block means, and the state kernel (which reads k)
-  // kr and per-64-token sums of kr, so no rotation pass runs (SALAD_FUSE_ROTATE=0 turns it off).
+  // per-16-token sums of qr for the query block means, so the rotation pass reads only k
+  // (SALAD_FUSE_ROTATE=0 turns it off). Fusing k into the state kernel measured slower.
   bool fuse_rotate = false;
-  size_t rope = 0, perm = 0, qr = 0, kr = 0, qmean = 0, kmean = 0, qsum = 0, ksum = 0;
+  size_t rope = 0, perm = 0, qr = 0, kr = 0, qmean = 0, kmean = 0, qsum = 0;
   size_t sv_part = 0, z_part = 0, sv = 0, z = 0;
   // backward only
   size_t delta = 0, inv_off = 0, inv_rows = 0;
@@ -45,8 +45,8 @@ RopeInfo prepare_order_and_rope(const Params& p, const Plan& pl, void* ws, cudaS
 // when !q_too.
 void launch_rotate(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, bool means, cudaStream_t s,
                    bool q_too = true);
-// Query and key block means from the fused rotation's 16- and 64-token sums (plan.fuse_rotate).
-void launch_tile_means(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
+// Query block means from the fused rotation's 16-token sums (plan.fuse_rotate).
+void launch_q_tile_means(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
 // Top-K table (or window table) into p.block_idx / p.block_cnt.
 void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
 // Inverse table for the backward.

@@ -35,12 +35,9 @@ struct LinArgs {
   RopeInfo r;
   int64_t n_chunk, chunk;  // chunk: tokens per CTA (a multiple of 64, see make_plan)
   // Fused rotation (forward, see fuse_rotate in make_plan): the apply kernel also writes
-  // qr = rope3d(q) and per-16-token sums of qr, the state kernel kr = rope3d(k) and
-  // per-64-token sums of kr (null: not fused).
+  // qr = rope3d(q) and per-16-token sums of qr.
   __nv_bfloat16* qr;
   float* qsum;
-  __nv_bfloat16* kr;
-  float* ksum;
 };
 
 // Row of D channels held by one warp: lane owns columns lane + 32 i.
@@ -496,8 +493,6 @@ LinArgs make_args(const Params& p, const Plan& pl, const RopeInfo& r) {
   g.chunk = pl.chunk;
   g.qr = nullptr;
   g.qsum = nullptr;
-  g.kr = nullptr;
-  g.ksum = nullptr;
   return g;
 }
 
@@ -710,12 +705,10 @@ __device__ __forceinline__ void rows4_sum(float* a) {
   }
 }
 
-// The phi / RoPE / z part of the state kernel for one 64-token tile (in place, bf16). Fused
-// rotation (g.kr): also kr = rope3d(k) of the tile's rows, and into ksm [kW][D] each warp's sum
-// of them over its rows (the kernel adds the warps up).
+// The phi / RoPE / z part of the state kernel for one 64-token tile (in place, bf16).
 template <int D>
 __device__ __forceinline__ void state_transform(const LinArgs& g, bf16* X, int64_t base, int64_t t1,
-                                                float (&zacc)[D / 8], int64_t bh, float* ksm) {
+                                                float (&zacc)[D / 8]) {
   constexpr int CPL = D / 8;
   const int s = threadIdx.x & 7;
   const bool full = t1 - base >= kTT;  // all but a chunk's last tile: no row needs masking
@@ -727,26 +720,6 @@ __device__ __forceinline__ void state_transform(const LinArgs& g, bf16* X, int64
     float x[CPL], y[CPL], mx, inv;
 #pragma unroll
     for (int c = 0; c < CPL / 8; ++c) unpack8(X + swz<D>(row, s * CPL + 8 * c), x + 8 * c);
-    if (g.kr) {  // kr first, so that its registers are free before phi's (the GEMM accumulators stay live)
-      float xr[CPL];
-      if (ok) {
-        rope_xy<CPL, D>(g.r, tok_rows(g.r, t, D / 2), s * CPL, x, xr, xr, false);
-#pragma unroll
-        for (int c = 0; c < CPL / 8; ++c)
-          *reinterpret_cast<uint4*>(g.kr + (bh * g.L + t) * D + s * CPL + 8 * c) = pack8(xr + 8 * c);
-      } else {
-#pragma unroll
-        for (int i = 0; i < CPL; ++i) xr[i] = 0.f;
-      }
-      if (g.ksum) {
-        rows4_sum<CPL>(xr);  // this warp's 4 rows of the pass
-        if ((threadIdx.x & 31) < 8) {
-          float* dst = ksm + (threadIdx.x >> 5) * D + s * CPL;
-#pragma unroll
-          for (int i = 0; i < CPL; ++i) dst[i] = pass == 0 ? xr[i] : dst[i] + xr[i];
-        }
-      }
-    }
     phi8<CPL>(g.feature, x, y, mx, inv);
     if (!full && !ok) {  // rows past the end are zero-filled, but phi(0) is not 0 for elu1 / softmax
 #pragma unroll
@@ -778,7 +751,6 @@ __global__ void __launch_bounds__(kT, 2) state_mma_kernel(LinArgs g, const bf16*
   extern __shared__ __align__(16) unsigned char smraw[];
   bf16* Xs = reinterpret_cast<bf16*>(smraw);  // [2][kTT * D]
   bf16* Ys = Xs + 2 * kTT * D;                // [2][kTT * D]
-  float* ksm = reinterpret_cast<float*>(Ys + 2 * kTT * D);  // [kW][D] when the rotation is fused
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 2, wn = warp & 3;
   const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
@@ -819,14 +791,8 @@ __global__ void __launch_bounds__(kT, 2) state_mma_kernel(LinArgs g, const bf16*
     bf16* xt = Xs + buf * kTT * D;
     const bf16* yt = Ys + buf * kTT * D;
     if (TRANSFORM) {
-      state_transform<D>(g, xt, base, t1, zacc, bh, ksm);
+      state_transform<D>(g, xt, base, t1, zacc);
       __syncthreads();
-      if (g.ksum && tid < D) {  // the tile's kr sum, warps in a fixed order (read before the loop-end barrier)
-        float sum = 0.f;
-#pragma unroll
-        for (int w = 0; w < kW; ++w) sum += ksm[w * D + tid];
-        g.ksum[(bh * ((g.L + kTT - 1) / kTT) + base / kTT) * D + tid] = sum;
-      }
     }
 #pragma unroll
     for (int kk = 0; kk < kTT / 16; ++kk) {
@@ -1345,7 +1311,7 @@ void set_smem_mma(K kernel, size_t bytes) {
 template <int D, bool TRANSFORM>
 void state_mma(const LinArgs& g, const Plan& pl, const bf16* x, const int64_t* xs, const bf16* y, const int64_t* ys,
                float* part, float* zpart, bf16* out, bool split, float* zout, cudaStream_t s) {
-  const size_t smem = sizeof(bf16) * 4 * kTT * D + (TRANSFORM && g.ksum ? sizeof(float) * kW * D : 0);
+  const size_t smem = sizeof(bf16) * 4 * kTT * D;
   set_smem_mma(state_mma_kernel<D, TRANSFORM>, smem);
   state_mma_kernel<D, TRANSFORM><<<dim3(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH)), kT, smem, s>>>(
       g, x, xs[0], xs[1], xs[2], y, ys[0], ys[1], ys[2], part, zpart);
@@ -1371,8 +1337,7 @@ void fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStrea
   LinArgs g = make_args(p, pl, r);
   if (pl.fuse_rotate) {
     g.qr = at<bf16>(ws, pl.qr);
-    g.kr = at<bf16>(ws, pl.kr);
-    if (pl.topk_select) g.qsum = at<float>(ws, pl.qsum), g.ksum = at<float>(ws, pl.ksum);
+    if (pl.topk_select) g.qsum = at<float>(ws, pl.qsum);
   }
   fwd_state<D>(p, pl, g, ws, s);
   const size_t smem = sizeof(bf16) * (D * D + kW * 2 * kWT * D) + sizeof(float) * (kW * kWT + D);

@@ -550,7 +550,7 @@ Plan make_plan(const Params& p, bool backward) {
   {
     const char* e = std::getenv("SALAD_FUSE_ROTATE");
     pl.fuse_rotate = !backward && pl.linear && !pl.tile_order && linear_uses_mma(p.dtype) &&
-                     p.opt.block_q % 16 == 0 && p.opt.block_k % 64 == 0 && !(e && std::strcmp(e, "0") == 0);
+                     p.opt.block_q % 16 == 0 && !(e && std::strcmp(e, "0") == 0);
   }
   size_t cur = 0;
   auto take = [&](size_t bytes) {
@@ -566,10 +566,7 @@ Plan make_plan(const Params& p, bool backward) {
   if (pl.topk_select && !backward) {
     pl.qmean = take(sizeof(float) * pl.BH * pl.n_q * p.D);
     pl.kmean = take(sizeof(float) * pl.BH * pl.n_k * p.D);
-    if (pl.fuse_rotate) {
-      pl.qsum = take(sizeof(float) * pl.BH * ((p.L + 15) / 16) * p.D);
-      pl.ksum = take(sizeof(float) * pl.BH * ((p.L + 63) / 64) * p.D);
-    }
+    if (pl.fuse_rotate) pl.qsum = take(sizeof(float) * pl.BH * ((p.L + 15) / 16) * p.D);
   }
   if (pl.linear) {
     pl.sv_part = take(sizeof(float) * pl.BH * pl.n_chunk * p.D * p.D);
@@ -657,12 +654,9 @@ __global__ void tile_means_kernel(const float* __restrict__ part, int64_t tile, 
   mean[(bh * gridDim.x + i) * D + d] = sum / static_cast<float>(t1 - t0);
 }
 
-void launch_tile_means(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
+void launch_q_tile_means(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
   tile_means_kernel<<<dim3(static_cast<unsigned>(pl.n_q), static_cast<unsigned>(pl.BH)), static_cast<unsigned>(p.D), 0,
                       s>>>(at<float>(ws, pl.qsum), 16, p.opt.block_q, p.L, at<float>(ws, pl.qmean));
-  SALAD_LAUNCH_CHECK();
-  tile_means_kernel<<<dim3(static_cast<unsigned>(pl.n_k), static_cast<unsigned>(pl.BH)), static_cast<unsigned>(p.D), 0,
-                      s>>>(at<float>(ws, pl.ksum), 64, p.opt.block_k, p.L, at<float>(ws, pl.kmean));
   SALAD_LAUNCH_CHECK();
 }
 
@@ -803,11 +797,10 @@ void forward(const Params& p, void* workspace, void* stream) {
   void* ws = aligned(workspace);
   Plan pl = make_plan(p, false);
   RopeInfo r = prepare_order_and_rope(p, pl, ws, s);
+  launch_rotate(p, pl, r, ws, pl.topk_select, s, /*q_too=*/!pl.fuse_rotate);
   if (pl.fuse_rotate) {
-    launch_linear_fwd(p, pl, r, ws, s);  // writes qr, kr and their tile sums too
-    if (pl.topk_select) launch_tile_means(p, pl, ws, s);
-  } else {
-    launch_rotate(p, pl, r, ws, pl.topk_select, s);
+    launch_linear_fwd(p, pl, r, ws, s);  // writes qr and its tile sums too
+    if (pl.topk_select) launch_q_tile_means(p, pl, ws, s);
   }
   if (!pl.dense && !p.blocks_given) launch_select(p, pl, ws, s);
   launch_attn_fwd(p, pl, r, ws, s);
