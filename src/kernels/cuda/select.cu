@@ -80,38 +80,23 @@ __global__ void __launch_bounds__(256) rotate_kernel(const T* __restrict__ src, 
     const int m = 4 * c8 + i;
     axis[i] = m < r.pf ? 0 : (m < r.pf + r.ph ? 1 : 2);
   }
-  // kRows token rows per thread in flight: all their loads are issued before the first is used
-  // (one load at a time left the pass latency-bound at about half the copy bandwidth). Same
-  // summation order as one row at a time.
-  constexpr int kRows = 4;
-  for (int64_t p = p0 + g; p < p1; p += kRows * groups) {
-    uint4 u[kRows];
-    uint32_t t[kRows];
+  for (int64_t p = p0 + g; p < p1; p += groups) {
+    const uint32_t t = static_cast<uint32_t>(perm_at(r.perm, p));
+    const TokPos tp = tok_pos(r, t);
+    const int64_t rows[3] = {tp.f, r.gf + tp.h, r.gf + r.gh + tp.w};
+    const uint4 u = *reinterpret_cast<const uint4*>(base + static_cast<int64_t>(t) * s_t);
+    const uint32_t in[4] = {u.x, u.y, u.z, u.w};
+    uint32_t o[4];
 #pragma unroll
-    for (int j = 0; j < kRows; ++j) {
-      const int64_t pj = p + j * groups;
-      t[j] = pj < p1 ? static_cast<uint32_t>(perm_at(r.perm, pj)) : 0u;
-      if (pj < p1) u[j] = *reinterpret_cast<const uint4*>(base + static_cast<int64_t>(t[j]) * s_t);
+    for (int i = 0; i < 4; ++i) {
+      const float2 x = Elem<T>::unpack(in[i]);
+      const float2 cs = __ldg(r.table + rows[axis[i]] * half_d + 4 * c8 + i);
+      const float y0 = x.x * cs.x - x.y * cs.y, y1 = x.x * cs.y + x.y * cs.x;
+      o[i] = Elem<T>::pack(y0, y1);
+      acc[2 * i] += y0;
+      acc[2 * i + 1] += y1;
     }
-#pragma unroll
-    for (int j = 0; j < kRows; ++j) {
-      const int64_t pj = p + j * groups;
-      if (pj >= p1) break;
-      const TokPos tp = tok_pos(r, t[j]);
-      const int64_t rows[3] = {tp.f, r.gf + tp.h, r.gf + r.gh + tp.w};
-      const uint32_t in[4] = {u[j].x, u[j].y, u[j].z, u[j].w};
-      uint32_t o[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 x = Elem<T>::unpack(in[i]);
-        const float2 cs = __ldg(r.table + rows[axis[i]] * half_d + 4 * c8 + i);
-        const float y0 = x.x * cs.x - x.y * cs.y, y1 = x.x * cs.y + x.y * cs.x;
-        o[i] = Elem<T>::pack(y0, y1);
-        acc[2 * i] += y0;
-        acc[2 * i + 1] += y1;
-      }
-      *reinterpret_cast<uint4*>(out + pj * D) = make_uint4(o[0], o[1], o[2], o[3]);
-    }
+    *reinterpret_cast<uint4*>(out + p * D) = make_uint4(o[0], o[1], o[2], o[3]);
   }
   if (!mean) return;
 #pragma unroll
