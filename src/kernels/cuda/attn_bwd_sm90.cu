@@ -21,10 +21,9 @@
 //   Epilogue: dq = R^T (scale * dQ) (+ the linear branch's fp32 dq), stored
 //   straight from the accumulators, caller order.
 //   TN = 128 (opt-in, SALAD_BWD_DQ_TILE=128): K/V tiles of 128 keys gathered
-//   from two 64-key halves (the forward's scheme), S / dP m64n128, no
-//   intra-warpgroup overlap; see DqSmem. Measured 2.13 ms against the 64-key
-//   kernel's 2.04 ms (H200, Wan1.3B-480p): kept as the base for an overlapped
-//   version (docs/PERF.md, session 6).
+//   from two 64-key halves (the forward's scheme), S / dP m64n128, dS in two
+//   64-key halves with the first half's dQ running while the second is computed;
+//   see DqSmem.
 // dkv kernel: work item = (b*h, 128-key span), one CTA per item (hardware
 //   scheduling balances the very uneven inverse lists; persistent optional).
 //   Consumer warpgroup w owns keys key0 + 64w .. + 63, which lie in one key
@@ -193,10 +192,10 @@ __device__ __forceinline__ void store_row(const RopeInfo& r, T* __restrict__ out
 // so each operand byte read from shared memory feeds more FLOPs: with 64-key tiles the two
 // m64n64 SS GEMMs read 4 KB of shared memory per 131 kFLOP, which at ~128 B/clk per SM is
 // as long as the tensor cores take for them (no headroom); with 128 keys, 6 KB per 262 kFLOP.
-// No intra-warpgroup overlap there (S, dP and dQ take 192 registers); the two warpgroups
-// overlap each other. That loss outweighed the shared-memory gain (4% slower, H200); computing
-// dS in two 64-key halves, the first half's dQ GEMM running while the second is computed,
-// would overlap without more registers.
+// S, dP and dQ take 192 registers, so there is no second dS register set for the 64-key
+// kernel's overlap; dS is computed in two 64-key halves instead, the first half's dQ GEMM
+// running while the second is computed. (Without that overlap the 128-key kernel took 2.13 ms
+// against the 64-key kernel's 2.04 ms, H200, session 6.)
 template <int D, int TN>
 struct DqSmem {
   static constexpr int kSt = (TN == 128 && D == 128) ? 2 : kStages;  // K/V stages (227 KB)
@@ -360,17 +359,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_ss<T, TN>(dpacc, desc_sw128(sO + aoff, 16, 1024), desc_sw128(sV + boff, 16, 1024), kk > 0);
       }
     };
-    auto issue_dq = [&](int s, uint32_t (*ds)[4]) {
+    // dQ += dS K over the tile's key k-steps [k0, k1) (16 keys each).
+    auto issue_dq_k = [&](int s, uint32_t (*ds)[4], int k0, int k1) {
 #pragma unroll
-      for (int kk = 0; kk < TN / 16; ++kk) {
+      for (int kk = k0; kk < k1; ++kk) {
         const uint32_t addr = sK + s * S::kTile + kk * 16 * 128;
         wgmma_rs<T, D, 1>(dq, ds[kk], desc_sw128(addr, S::kSub, 1024), 1);
       }
     };
-    // dS of the tile in sacc / dpacc (this thread: rows g, g + 8 of the warp) into ds (A fragments).
-    auto compute_ds = [&](int valid, uint32_t (*ds)[4]) {
+    auto issue_dq = [&](int s, uint32_t (*ds)[4]) { issue_dq_k(s, ds, 0, TN / 16); };
+    // dS of the tile's key columns [8 n0, 8 n1) in sacc / dpacc (this thread: rows g, g + 8 of the
+    // warp) into ds (A fragments).
+    auto compute_ds_n = [&](int valid, uint32_t (*ds)[4], int n0, int n1) {
 #pragma unroll
-      for (int nt = 0; nt < TN / 8; ++nt) {
+      for (int nt = n0; nt < n1; ++nt) {
         const int col = nt * 8 + 2 * tq4;
         const bool v0 = col < valid, v1 = col + 1 < valid;
         const float p0 = v0 ? ex2(fmaf(sacc[4 * nt], sl2, -lse0)) : 0.f;
@@ -383,6 +385,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             Elem<T>::pack(p2 * (dpacc[4 * nt + 2] - dl1), p3 * (dpacc[4 * nt + 3] - dl1));
       }
     };
+    auto compute_ds = [&](int valid, uint32_t (*ds)[4]) { compute_ds_n(valid, ds, 0, TN / 8); };
     auto release = [&](int s) {
       if (lane == 0) mbar_arrive(empty(s));
     };
@@ -431,9 +434,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         gt += ntiles;
       } else if (ntiles > 0) {
         if constexpr (TN == 128) {
-          // Per tile: S and dP, then dS, then dQ += dS K; the stage is released once dQ is done.
+          // Per tile: S and dP; dS of keys 0-63 and their dQ += dS K issued; dS of keys 64-127
+          // computed while that runs (ptxas interleaves the exp2s with the first half's wgmmas), then
+          // their dQ; the stage is released once dQ is done. The halves share one dS register set.
           // (Repeats the 64-key path's first-tile steps: helpers shared with it compiled to another
-          // register allocation than the one tested on the H200.)
+          // register allocation than the one tested on the H200. Restructuring the loop -- S / dP
+          // issued at the end of the previous tile -- made ptxas spill 200-330 B and serialise the
+          // wgmmas for lack of registers.)
           for (int t = 0; t < ntiles; ++t) {
             const int u = gt + t, s = u % ST;
             mbar_wait(fullK(s), (u / ST) & 1);
@@ -446,11 +453,16 @@ __global__ void __launch_bounds__(kThreads, 1)
             wgmma_wait<0>();
             fence_regs<TN / 2>(sacc);
             fence_regs<TN / 2>(dpacc);
-            compute_ds(valid_at(t), dsa);
+            compute_ds_n(valid_at(t), dsa, 0, TN / 16);
             fence_regs<D / 2>(dq);
-            fence_regs_u<TN / 4>(&dsa[0][0]);
+            fence_regs_u<TN / 8>(&dsa[0][0]);
             wgmma_fence();
-            issue_dq(s, dsa);
+            issue_dq_k(s, dsa, 0, TN / 32);
+            wgmma_commit();
+            compute_ds_n(valid_at(t), dsa, TN / 16, TN / 8);
+            fence_regs_u<TN / 8>(&dsa[TN / 32][0]);
+            wgmma_fence();
+            issue_dq_k(s, dsa, TN / 32, TN / 16);
             wgmma_commit();
             wgmma_wait<0>();
             fence_regs<D / 2>(dq);
