@@ -220,3 +220,22 @@ TEST(SM90_Layer, InferencePathMatchesEagerPath) {
       EXPECT_GT(off.norm().item<double>(), 0.0);
     }
 }
+
+// salad::linear is at::linear on a torch::nn::Linear: the module's own forward, value for value
+// (one GEMM with the bias in its epilogue instead of a GEMM and a separate add), with the same
+// autograd.
+TEST(Layer, LinearHelperEqualsTheModuleForward) {
+  torch::manual_seed(7);
+  torch::nn::Linear l(torch::nn::LinearOptions(24, 40).bias(true));
+  const at::Tensor x = torch::randn({2, 5, 24}, torch::requires_grad());
+  const at::Tensor a = linear(l, x), b = l->forward(x);
+  EXPECT_EQ(a.sizes(), b.sizes());
+  EXPECT_LT((a - b).abs().max().item<double>(), 1e-5);
+  a.sum().backward();
+  const at::Tensor gw = l->weight.grad().clone(), gx = x.grad().clone();
+  l->weight.mutable_grad().zero_(), x.mutable_grad().zero_();
+  b.sum().backward();
+  EXPECT_LT((gw - l->weight.grad()).abs().max().item<double>(), 1e-5);
+  EXPECT_LT((gx - x.grad()).abs().max().item<double>(), 1e-5);
+  EXPECT_GT(gw.abs().sum().item<double>(), 0.0);
+}
