@@ -2,7 +2,7 @@
 # Run on the GPU machine (device tool, carry [".devdeps", ".cutlass"]): build
 # against the machine's own PyTorch, run every test (CUDA ones included), then
 # the benchmarks. Logs go to $OUT; a short table is printed last.
-#   scripts/gpu_run.sh [test] [sanitize] [prof] [lines] [bench] [ab] [dit] [dit14] [world]   (default: test bench sanitize)
+#   scripts/gpu_run.sh [test] [sanitize] [prof] [lines] [bench] [ab] [dit] [ditprof] [dit14] [world]   (default: test bench sanitize)
 # Env TARGETS: ninja targets to build (default: all), e.g. salad_cli; `none` as the
 # only stage just builds.
 set -uo pipefail
@@ -66,6 +66,14 @@ fi
 if has dit; then
   build-gpu/salad bench-dit --config wan2.1-1.3b --frames 81 --height 480 --width 832 --device cuda --iters 3 \
     --warmup 1 --modes dense,salad --fused both 2>&1 | tail -16
+fi
+if has ditprof; then
+  # Every kernel of one DiT step in launch order (ncu, one built block; bias adds, copies, GEMMs):
+  # random-weight init first, then the step, the attention op alone, the self-attention alone, the block.
+  ncu --metrics gpu__time_duration.sum --csv build-gpu/salad bench-dit --config wan2.1-1.3b --frames 81 --height 480 \
+    --width 832 --device cuda --iters 1 --warmup 0 --modes ${DIT_MODES:-salad} --fused on --layers 1 \
+    >"$OUT/dit_ncu.csv" 2>"$OUT/dit_ncu.err" || tail -5 "$OUT/dit_ncu.err"
+  python3 scripts/ncu_table.py "$OUT/dit_ncu.csv" | tail -80
 fi
 if has dit14; then
   # Issue 4's memory check and 14B step: Wan2.1-14B at 720p, 81 frames, bf16 random weights.
