@@ -31,8 +31,8 @@ struct AttentionOutput {
 
 // q, k, v: (B, H, L, D), q and k before RoPE, channel dim contiguous, one dtype
 // and device. Differentiable in q, k, v through o_s and o_l.
-// token_major (a layout hint): where the CUDA kernels run and no autograd is
-// needed, o_s and o_l come back as (B, H, L, D) views of (B, L, H, D) memory, so
+// token_major (a layout hint): where the CUDA kernels run on bf16/fp16 inputs and
+// no autograd is needed, o_s and o_l come back as (B, H, L, D) views of (B, L, H, D) memory, so
 // o.transpose(1, 2).reshape({B, L, H * D}) -- the output projection's input --
 // is free instead of a transposing copy. Elsewhere the outputs are contiguous.
 AttentionOutput attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Grid& grid,
