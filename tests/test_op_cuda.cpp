@@ -203,6 +203,47 @@ TEST(SM90_Attention, HopperBackwardMatchesMmaBackward) {
   else unsetenv("SALAD_BWD_DQ_TILE");
 }
 
+// The forward apply on wgmma (default) against the mma.sync one (SALAD_LINEAR_APPLY=mma): every
+// feature map, with and without RoPE on the features, D 64 and 128, token-major q (the DiT's layout)
+// and L = 4140 (a partial last 64-token tile and a partial 512-token span). The kernel also writes
+// qr = rope3d(q) and its 16-token sums, so the block tables and o_s must agree too (up to near-ties
+// of the block means, whose fp32 sums run in another order). Poisoned outputs.
+TEST(SM90_Attention, WgmmaLinearApplyMatchesMmaApply) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
+  const char* prev = std::getenv("SALAD_LINEAR_APPLY");
+  const std::string saved = prev ? prev : "";
+  setenv("SALAD_POISON", "1", 1);
+  torch::manual_seed(7);
+  torch::NoGradGuard ng;
+  const Grid g{3, 30, 46};
+  const int64_t L = g.size();
+  for (int64_t D : {64, 128})
+    for (FeatureMap f : {FeatureMap::Relu, FeatureMap::Elu1, FeatureMap::Softmax})
+      for (bool lrope : {true, false}) {
+        SCOPED_TRACE("D" + std::to_string(D) + " " + to_string(f) + " lrope " + std::to_string(lrope));
+        Options o;
+        o.mode = Mode::Salad, o.feature = f, o.linear_rope = lrope, o.keep = 0.1;
+        auto opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+        const at::Tensor q = at::randn({2, L, 3, D}, opt).transpose(1, 2), k = at::randn({2, 3, L, D}, opt),
+                         v = at::randn_like(k);
+        setenv("SALAD_LINEAR_APPLY", "mma", 1);
+        const AttentionOutput ref = attention(q, k, v, g, o);
+        unsetenv("SALAD_LINEAR_APPLY");
+        const AttentionOutput got = attention(q, k, v, g, o);
+        EXPECT_FALSE(at::isnan(got.o_l).any().item<bool>());
+        EXPECT_LE(max_err(got.o_l, ref.o_l), 1e-2 * ref.o_l.abs().max().item<double>() + 1e-3);
+        const at::Tensor same = got.block_idx.eq(ref.block_idx).all(-1);  // (B, H, n_q)
+        EXPECT_GE(same.to(at::kDouble).mean().item<double>(), 0.99);
+        const at::Tensor rows = same.repeat_interleave(o.block_q, 2).narrow(2, 0, L);  // (B, H, L)
+        const at::Tensor d = (got.o_s.to(at::kFloat) - ref.o_s.to(at::kFloat)).abs().amax(-1);
+        EXPECT_FALSE(at::isnan(got.o_s).any().item<bool>());
+        EXPECT_LE(d.masked_select(rows).max().item<double>(), 1e-2 * ref.o_s.abs().max().item<double>() + 1e-3);
+      }
+  unsetenv("SALAD_POISON");
+  if (prev) setenv("SALAD_LINEAR_APPLY", saved.c_str(), 1);
+  else unsetenv("SALAD_LINEAR_APPLY");
+}
+
 TEST(SM90_Attention, DeterministicRepeatsAndNoQuadraticMemory) {
   if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
   torch::manual_seed(1);

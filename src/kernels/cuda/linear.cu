@@ -15,6 +15,7 @@
 #include <cstring>
 
 #include "internal.cuh"
+#include "sm90_common.cuh"
 
 namespace salad::cuda::detail {
 namespace {
@@ -1308,6 +1309,226 @@ void set_smem_mma(K kernel, size_t bytes) {
   SALAD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
+// ---------------------------------------------------------------- forward apply (wgmma, sm_90a)
+// One warpgroup per CTA over kApplySpan tokens of one (b, h); warp w owns rows 16 w .. 16 w + 15 of
+// every 64-token tile and keeps its own two-stage cp.async pipeline (no CTA barrier in the loop). Its
+// q rows go from a swizzled tile by ldmatrix into registers in the layout of wgmma's A operand, where
+// phi, the normaliser, RoPE, the fused rotation (qr = R q and its 16-token sums) are computed in place;
+// a = R phi(q) (bf16) then multiplies Sv_hi, held in shared memory in the 128-byte-swizzled layout of
+// the attention kernels' V tiles. A lane holds channels 8 j + 2 (lane & 3) + {0, 1} (rope pair
+// 4 j + (lane & 3)), so the rope3d axis of a pair is a compile-time constant for all j but the (at
+// most two) that straddle an axis boundary. Replaces the mma.sync kernel's per-element table-axis
+// selection, 64-bit index math and bf16 round trips through shared memory (~38 warp-instruction
+// lanes per element, PERF.md session 6).
+constexpr int kAW = 4;               // warps: one warpgroup
+constexpr int kApplySpan = 64 * 8;   // tokens per CTA (Sv is loaded once per span)
+
+template <int D>
+struct ApplySmem {
+  static constexpr int kSv = D * D * 2;         // Sv_hi: D / 64 sub-tiles of D rows x 128 bytes
+  static constexpr int kQ = kAW * 2 * 16 * D * 2;  // per warp, two 16-row q tiles (swz<D>)
+  static constexpr int kBytes = kSv + kQ + D * 4 + 1024;  // + z, + slack to align Sv to 1024 bytes
+};
+
+// rope3d pairs per axis (layout.cpp's rope_split): frame pf, row ph, column the rest.
+template <int D>
+struct RopeAxes {
+  static constexpr int pf = (D - 4 * (D / 6)) / 2, ph = D / 6;
+};
+
+template <int D>
+__global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g, const bf16* __restrict__ q,
+                                                                      const bf16* __restrict__ svhl,
+                                                                      const float* __restrict__ zv,
+                                                                      bf16* __restrict__ o) {
+  using namespace sm90;
+  constexpr int KS = D / 16;
+  constexpr int pf = RopeAxes<D>::pf, pfh = RopeAxes<D>::pf + RopeAxes<D>::ph;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  const uint32_t raw = smem_addr(smraw), sSv = (raw + 1023u) & ~1023u;
+  unsigned char* sm = smraw + (sSv - raw);
+  bf16* Qall = reinterpret_cast<bf16*>(sm + ApplySmem<D>::kSv);
+  float* zs = reinterpret_cast<float*>(sm + ApplySmem<D>::kSv + ApplySmem<D>::kQ);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
+  const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
+  const int64_t t0 = blockIdx.x * int64_t(kApplySpan), t1 = imin64(g.L, t0 + kApplySpan);
+  const int ntile = static_cast<int>((t1 - t0 + 63) / 64);
+  {  // Sv_hi -> the V-tile layout: 16-byte chunk c of row r at sub-tile c / 8, (c % 8) ^ (r % 8)
+    const bf16* src = svhl + bh * 2 * D * D;
+    for (int idx = tid; idx < D * D / 8; idx += kAW * 32) {
+      const int row = idx / (D / 8), ch = idx % (D / 8);
+      cp_async16(sSv + (ch >> 3) * (D * 128) + row * 128 + (((ch & 7) ^ (row & 7)) << 4), src + row * D + ch * 8, 16);
+    }
+  }
+  cp_async_commit();
+  for (int d = tid; d < D; d += kAW * 32) zs[d] = zv[bh * D + d];
+  const bf16* qb = q + b * g.q_sb + h * g.q_sh;
+  bf16* ob = o + b * g.o_sb + h * g.o_sh;
+  const int ost = static_cast<int>(g.o_st);  // D or H * D
+  bf16* buf0 = Qall + warp * 2 * 16 * D;
+  load_rows<D, 16, 32>(buf0, qb, g.q_st, t0 + 16 * warp, t1, lane);
+  cp_async_commit();
+  cp_async_wait<1>();                                                    // Sv landed (this thread's part)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");        // visible to wgmma
+  __syncthreads();
+  const float2* tab = g.r.table;
+  const int64_t n16 = (g.L + 15) / 16;
+  for (int i = 0; i < ntile; ++i) {
+    bf16* X = buf0 + (i & 1) * 16 * D;
+    const int64_t base = t0 + int64_t(i) * 64 + 16 * warp;  // this warp's first row
+    if (i + 1 < ntile) {
+      load_rows<D, 16, 32>(buf0 + ((i + 1) & 1) * 16 * D, qb, g.q_st, base + 64, t1, lane);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncwarp();
+    uint32_t a[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk)
+      ldmatrix_x4(smem_addr(X + swz<D>((lane & 7) + ((lane >> 3) & 1) * 8, kk * 16 + (lane >> 4) * 8)), a[kk][0],
+                  a[kk][1], a[kk][2], a[kk][3]);
+    // Rows gq and gq + 8 of the warp tile; element e of a[kk] is row e & 1, channel pair j = 2 kk + (e >> 1).
+    const bool ok0 = base + gq < t1, ok1 = base + gq + 8 < t1;
+    float mx[2] = {0.f, 0.f}, iv[2] = {1.f, 1.f};
+    if (g.feature == FeatureMap::Softmax) {
+      float m[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 x = Elem<bf16>::unpack(a[kk][e]);
+          m[e & 1] = fmaxf(m[e & 1], fmaxf(x.x, x.y));
+        }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        m[r] = fmaxf(m[r], __shfl_xor_sync(0xffffffffu, m[r], 1));
+        m[r] = fmaxf(m[r], __shfl_xor_sync(0xffffffffu, m[r], 2));
+      }
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 x = Elem<bf16>::unpack(a[kk][e]);
+          sum[e & 1] += expf(x.x - m[e & 1]) + expf(x.y - m[e & 1]);
+        }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+        sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+        mx[r] = m[r], iv[r] = 1.f / sum[r];
+      }
+    }
+    // rope3d table offsets (row * D / 2 + tq) of the two rows; rows past the end use row 0.
+    int off[2][3];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool ok = r ? ok1 : ok0;
+      const Rows rw = ok ? tok_rows(g.r, base + gq + 8 * r, D / 2) : Rows{0, 0, 0};
+      off[r][0] = rw.f + tq, off[r][1] = rw.h + tq, off[r][2] = rw.w + tq;
+    }
+    const bool rot = g.qr != nullptr || g.rope;
+    float dz[2] = {0.f, 0.f};
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      float c0 = 0.f, c1 = 0.f;  // row gq's rotated q of the current pair, for the 16-row sums
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e & 1, j = 2 * kk + (e >> 1), c = 8 * j + 2 * tq, m0 = 4 * j;
+        const float2 x = Elem<bf16>::unpack(a[kk][e]);
+        float y0 = phi_y(g.feature, x.x, mx[r], iv[r]), y1 = phi_y(g.feature, x.y, mx[r], iv[r]);
+        const float2 zz = *reinterpret_cast<const float2*>(zs + c);
+        dz[r] = fmaf(y0, zz.x, fmaf(y1, zz.y, dz[r]));
+        if (rot) {
+          int o3;  // the pair's table row: a compile-time axis unless j straddles a boundary
+          if (m0 + 3 < pf) o3 = off[r][0];
+          else if (m0 >= pf && m0 + 3 < pfh) o3 = off[r][1];
+          else if (m0 >= pfh) o3 = off[r][2];
+          else o3 = m0 + tq < pf ? off[r][0] : (m0 + tq < pfh ? off[r][1] : off[r][2]);
+          const float2 cs = __ldg(tab + o3 + m0);
+          if (g.qr) {
+            float r0, r1;
+            rot_pair(cs, x.x, x.y, r0, r1);
+            *reinterpret_cast<uint32_t*>(X + swz<D>(gq + 8 * r, c)) = Elem<bf16>::pack(r0, r1);
+            if (r == 0) {
+              c0 = r0, c1 = r1;
+            } else if (g.qsum) {  // rows past the end are zero; sum over the 8 row groups (lanes 4 apart)
+              float s0 = c0 + r0, s1 = c1 + r1;
+#pragma unroll
+              for (int sh = 4; sh < 32; sh <<= 1) {
+                s0 += __shfl_xor_sync(0xffffffffu, s0, sh);
+                s1 += __shfl_xor_sync(0xffffffffu, s1, sh);
+              }
+              if (gq == 0 && base < t1)
+                *reinterpret_cast<float2*>(g.qsum + (bh * n16 + base / 16) * D + c) = make_float2(s0, s1);
+            }
+          }
+          if (g.rope) rot_pair(cs, y0, y1, y0, y1);
+        }
+        a[kk][e] = Elem<bf16>::pack(y0, y1);
+      }
+    }
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      dz[r] += __shfl_xor_sync(0xffffffffu, dz[r], 1);
+      dz[r] += __shfl_xor_sync(0xffffffffu, dz[r], 2);
+      inv[r] = __fdividef(1.f, dz[r] + g.eps);  // den >= eps > 0
+    }
+    float acc[D / 2];
+#pragma unroll
+    for (int n = 0; n < D / 2; ++n) acc[n] = 0.f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) wgmma_rs<bf16, D, 1>(acc, a[kk], desc_sw128(sSv + kk * 16 * 128, D * 128, 1024), 1);
+    wgmma_commit();
+    __syncwarp();
+    if (g.qr) {  // the staged qr rows, 16-byte stores
+#pragma unroll
+      for (int k = 0; k < 16 * D / 8 / 32; ++k) {
+        const int idx = lane + 32 * k, row = idx / (D / 8), ch = idx % (D / 8);
+        if (base + row < t1)
+          *reinterpret_cast<uint4*>(g.qr + (bh * g.L + base + row) * D + ch * 8) =
+              *reinterpret_cast<const uint4*>(X + swz<D>(row, ch * 8));
+      }
+      __syncwarp();
+    }
+    wgmma_wait<0>();
+    fence_regs<D / 2>(acc);
+#pragma unroll
+    for (int ni = 0; ni < D / 8; ++ni) {
+      const int c = ni * 8 + 2 * tq;
+      *reinterpret_cast<uint32_t*>(X + swz<D>(gq, c)) = Elem<bf16>::pack(acc[4 * ni] * inv[0], acc[4 * ni + 1] * inv[0]);
+      *reinterpret_cast<uint32_t*>(X + swz<D>(gq + 8, c)) =
+          Elem<bf16>::pack(acc[4 * ni + 2] * inv[1], acc[4 * ni + 3] * inv[1]);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < 16 * D / 8 / 32; ++k) {
+      const int idx = lane + 32 * k, row = idx / (D / 8), ch = idx % (D / 8);
+      if (base + row < t1)
+        *reinterpret_cast<uint4*>(ob + (base + row) * ost + ch * 8) = *reinterpret_cast<const uint4*>(X + swz<D>(row, ch * 8));
+    }
+    __syncwarp();
+  }
+}
+
+template <int D>
+void apply_fwd_wgmma(const LinArgs& g, const Plan& pl, const bf16* q, const bf16* svhl, const float* z, bf16* o,
+                     cudaStream_t s) {
+  set_smem_mma(apply_fwd_wgmma_kernel<D>, ApplySmem<D>::kBytes);
+  const dim3 grid(static_cast<unsigned>((g.L + kApplySpan - 1) / kApplySpan), static_cast<unsigned>(pl.BH));
+  apply_fwd_wgmma_kernel<D><<<grid, kAW * 32, ApplySmem<D>::kBytes, s>>>(g, q, svhl, z, o);
+  SALAD_LAUNCH_CHECK();
+}
+
+// SALAD_LINEAR_APPLY=mma selects the mma.sync forward apply kernel (A/B and tests).
+bool apply_wgmma_enabled() {
+  const char* e = std::getenv("SALAD_LINEAR_APPLY");
+  return !(e && std::strcmp(e, "mma") == 0);
+}
+
 template <int D, bool TRANSFORM>
 void state_mma(const LinArgs& g, const Plan& pl, const bf16* x, const int64_t* xs, const bf16* y, const int64_t* ys,
                float* part, float* zpart, bf16* out, bool split, float* zout, cudaStream_t s) {
@@ -1340,6 +1561,11 @@ void fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStrea
     if (pl.topk_select) g.qsum = at<float>(ws, pl.qsum);
   }
   fwd_state<D>(p, pl, g, ws, s);
+  if (apply_wgmma_enabled()) {
+    apply_fwd_wgmma<D>(g, pl, static_cast<const bf16*>(p.q), at<bf16>(ws, pl.sv), at<float>(ws, pl.z),
+                       static_cast<bf16*>(p.o_l), s);
+    return;
+  }
   const size_t smem = sizeof(bf16) * (D * D + kW * 2 * kWT * D) + sizeof(float) * (kW * kWT + D);
   set_smem_mma(apply_fwd_mma_kernel<D>, smem);
   apply_fwd_mma_kernel<D><<<dim3(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH)), kT, smem, s>>>(
