@@ -203,12 +203,14 @@ TEST(SM90_Attention, HopperBackwardMatchesMmaBackward) {
   else unsetenv("SALAD_BWD_DQ_TILE");
 }
 
-// The forward apply on wgmma (default) against the mma.sync one (SALAD_LINEAR_APPLY=mma): every
-// feature map, with and without RoPE on the features, D 64 and 128, token-major q (the DiT's layout)
-// and L = 4140 (a partial last 64-token tile and a partial 512-token span). The kernel also writes
-// qr = rope3d(q) and its 16-token sums, so the block tables and o_s must agree too (up to near-ties
-// of the block means, whose fp32 sums run in another order). Poisoned outputs.
-TEST(SM90_Attention, WgmmaLinearApplyMatchesMmaApply) {
+// The linear branch's forward on wgmma (default: the state kernel with the k rotation fused in, the
+// apply kernel with the q rotation) against the mma.sync kernels and the separate k rotation pass
+// (SALAD_LINEAR_APPLY=mma, SALAD_FUSE_K=0): every feature map, with and without RoPE on the
+// features, D 64 and 128, block_k 64 and 128, token-major q (the DiT's layout) and L = 4140 (partial
+// last 64-token tiles, chunks and spans). The kernels also write qr / kr and their tile sums, so the
+// block tables and o_s must agree too (up to near-ties of the block means, whose fp32 sums run in
+// another order). Poisoned outputs.
+TEST(SM90_Attention, WgmmaLinearForwardMatchesMmaForward) {
   if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
   const char* prev = std::getenv("SALAD_LINEAR_APPLY");
   const std::string saved = prev ? prev : "";
@@ -220,15 +222,19 @@ TEST(SM90_Attention, WgmmaLinearApplyMatchesMmaApply) {
   for (int64_t D : {64, 128})
     for (FeatureMap f : {FeatureMap::Relu, FeatureMap::Elu1, FeatureMap::Softmax})
       for (bool lrope : {true, false}) {
-        SCOPED_TRACE("D" + std::to_string(D) + " " + to_string(f) + " lrope " + std::to_string(lrope));
+        SCOPED_TRACE("D" + std::to_string(D) + " " + to_string(f) + " lrope " + std::to_string(lrope) +
+                     (f == FeatureMap::Elu1 ? " block_k 128" : " block_k 64"));
         Options o;
         o.mode = Mode::Salad, o.feature = f, o.linear_rope = lrope, o.keep = 0.1;
+        o.block_k = f == FeatureMap::Elu1 ? 128 : 64;
         auto opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
         const at::Tensor q = at::randn({2, L, 3, D}, opt).transpose(1, 2), k = at::randn({2, 3, L, D}, opt),
                          v = at::randn_like(k);
         setenv("SALAD_LINEAR_APPLY", "mma", 1);
+        setenv("SALAD_FUSE_K", "0", 1);
         const AttentionOutput ref = attention(q, k, v, g, o);
         unsetenv("SALAD_LINEAR_APPLY");
+        unsetenv("SALAD_FUSE_K");
         const AttentionOutput got = attention(q, k, v, g, o);
         EXPECT_FALSE(at::isnan(got.o_l).any().item<bool>());
         EXPECT_LE(max_err(got.o_l, ref.o_l), 1e-2 * ref.o_l.abs().max().item<double>() + 1e-3);

@@ -23,7 +23,10 @@ struct Plan {
   // per-16-token sums of qr for the query block means, so the rotation pass reads only k
   // (SALAD_FUSE_ROTATE=0 turns it off). Fusing k into the state kernel measured slower.
   bool fuse_rotate = false;
-  size_t rope = 0, perm = 0, qr = 0, kr = 0, qmean = 0, kmean = 0, qsum = 0;
+  // With fuse_rotate, block_k % 64 == 0: the wgmma state kernel also writes kr and per-64-token sums
+  // of kr, so no rotation pass runs at all (SALAD_FUSE_K=0 turns it off).
+  bool fuse_k = false;
+  size_t rope = 0, perm = 0, qr = 0, kr = 0, qmean = 0, kmean = 0, qsum = 0, ksum = 0;
   size_t sv_part = 0, z_part = 0, sv = 0, z = 0;
   // backward only
   size_t delta = 0, inv_off = 0, inv_rows = 0;
@@ -41,12 +44,14 @@ X* at(void* ws, size_t off) {
 // Rope table and block permutation (device-computed, no host uploads).
 RopeInfo prepare_order_and_rope(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
 
-// qr/kr (rotated, block order, contiguous (BH, L, D)) and optional block means; kr only
-// when !q_too.
+// qr/kr (rotated, block order, contiguous (BH, L, D)) and optional block means; q only when q_too,
+// k only when k_too.
 void launch_rotate(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, bool means, cudaStream_t s,
-                   bool q_too = true);
+                   bool q_too = true, bool k_too = true);
 // Query block means from the fused rotation's 16-token sums (plan.fuse_rotate).
 void launch_q_tile_means(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
+// Key block means from the fused state kernel's 64-token sums (plan.fuse_k).
+void launch_k_tile_means(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
 // Top-K table (or window table) into p.block_idx / p.block_cnt.
 void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
 // Inverse table for the backward.

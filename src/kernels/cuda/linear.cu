@@ -1514,6 +1514,208 @@ __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g,
   }
 }
 
+// ---------------------------------------------------------------- forward state (wgmma, sm_90a), k rotation fused
+// CTA = D / 64 warpgroups over one chunk (make_plan's, whole 64-token tiles) of one (b, h). Per tile,
+// each thread transforms 8 channels of 4 key rows, read from global memory one tile ahead into
+// registers: kr = R k (the sparse branch's rotated keys) with its 64-token sums (block means),
+// z += phi(k), and c = R phi(k) (bf16) into shared memory in the V-tile layout; then warpgroup w
+// accumulates Sv[64 w .. 64 w + 63][:] += c^T v on wgmma with both operands MN-major (v tiles by
+// cp.async, three stages; c double-buffered, so the product of tile i runs under the transform of
+// tile i + 1). Replaces rotate_kernel (k) + state_mma_kernel<D, true>: the mma.sync state kernel
+// could not absorb the rotation (sessions 5 and 7), its issue slots being the limit.
+template <int D>
+struct StateSmem {
+  static constexpr int kTile = 64 * D * 2;  // one 64-token tile: D / 64 sub-tiles of 64 rows x 128 B
+  static constexpr int kV = 0, kC = 3 * kTile, kRed = 5 * kTile;
+  static constexpr int kBytes = kRed + 2 * (D / 16) * D * 4 + 1024;  // + [2][warps][D] sums, + alignment
+};
+
+template <int D>
+__global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, const bf16* __restrict__ k,
+                                                                   const bf16* __restrict__ v,
+                                                                   float* __restrict__ part,
+                                                                   float* __restrict__ zpart,
+                                                                   bf16* __restrict__ kr, float* __restrict__ ksum) {
+  using namespace sm90;
+  constexpr int NT = D * 2, NW = NT / 32;  // threads, warps
+  constexpr int CH = D / 8;                // threads per token row (8 channels each)
+  constexpr int RP = NT / CH;              // rows per pass (16)
+  constexpr int NP = 64 / RP;              // passes per tile (4)
+  constexpr int kSub = 64 * 128;           // 64 rows x 128 bytes
+  constexpr int kTile = StateSmem<D>::kTile;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  const uint32_t raw = smem_addr(smraw), s0 = (raw + 1023u) & ~1023u;
+  float* red = reinterpret_cast<float*>(smraw + (s0 - raw) + StateSmem<D>::kRed);  // [2][NW][D]
+  const uint32_t sV = s0 + StateSmem<D>::kV, sC = s0 + StateSmem<D>::kC;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, ch = tid % CH, rg = tid / CH, wg = tid >> 7;
+  const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
+  const int64_t t0 = blockIdx.x * g.chunk, t1 = imin64(g.L, t0 + g.chunk);
+  const int ntile = t1 > t0 ? static_cast<int>((t1 - t0 + 63) / 64) : 0;
+  const bf16* kb = k + b * g.k_sb + h * g.k_sh + ch * 8;
+  const bf16* vb = v + b * g.v_sb + h * g.v_sh + ch * 8;
+  const float2* tab = g.r.table;
+  constexpr int pf = RopeAxes<D>::pf, pfh = RopeAxes<D>::pf + RopeAxes<D>::ph;
+  int axis[4];  // rope3d axis of this thread's 4 pairs
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int m = 4 * ch + i;
+    axis[i] = m < pf ? 0 : (m < pfh ? 1 : 2);
+  }
+  // The row of pass p of tile i is rg + RP p; its 16-byte chunk ch. Rows >= t1: v zero-filled, k zero.
+  auto load_v = [&](int i) {
+    if (i < ntile) {
+      const int64_t base = t0 + int64_t(i) * 64;
+      const uint32_t dst = sV + (i % 3) * kTile + (ch >> 3) * kSub + (((ch & 7) ^ (rg & 7)) << 4);
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
+        const int row = rg + RP * p;  // row & 7 == rg & 7 (RP = 16)
+        const bool ok = base + row < t1;
+        cp_async16(dst + row * 128, ok ? vb + (base + row) * g.v_st : vb, ok ? 16 : 0);
+      }
+    }
+    cp_async_commit();
+  };
+  auto load_k = [&](int i, uint4 (&kx)[NP]) {
+    const int64_t base = t0 + int64_t(i) * 64;
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+      const int64_t t = base + rg + RP * p;
+      kx[p] = i < ntile && t < t1 ? *reinterpret_cast<const uint4*>(kb + t * g.k_st) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  float acc[D / 2];
+#pragma unroll
+  for (int n = 0; n < D / 2; ++n) acc[n] = 0.f;
+  float zacc[8];
+#pragma unroll
+  for (int c = 0; c < 8; ++c) zacc[c] = 0.f;
+  uint4 kc[NP], kn[NP];
+  load_v(0);
+  load_v(1);
+  load_k(0, kc);
+  const int64_t n64 = (g.L + 63) / 64;
+  for (int i = 0; i < ntile; ++i) {
+    const int64_t base = t0 + int64_t(i) * 64;
+    load_k(i + 1, kn);
+    float ks[8];
+#pragma unroll
+    for (int c = 0; c < 8; ++c) ks[c] = 0.f;
+    const uint32_t cdst = sC + (i & 1) * kTile + (ch >> 3) * kSub + (((ch & 7) ^ (rg & 7)) << 4);
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+      const int row = rg + RP * p;
+      const int64_t t = base + row;
+      const bool ok = t < t1;
+      float x[8], y[8];
+      {
+        const uint32_t w[4] = {kc[p].x, kc[p].y, kc[p].z, kc[p].w};
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const float2 f = Elem<bf16>::unpack(w[c]);
+          x[2 * c] = f.x, x[2 * c + 1] = f.y;
+        }
+      }
+      if (g.feature == FeatureMap::Softmax) {
+        float m = x[0];
+#pragma unroll
+        for (int c = 1; c < 8; ++c) m = fmaxf(m, x[c]);
+#pragma unroll
+        for (int sh = 1; sh < CH; sh <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, sh));
+        float sum = 0.f;
+#pragma unroll
+        for (int c = 0; c < 8; ++c) sum += (y[c] = expf(x[c] - m));
+#pragma unroll
+        for (int sh = 1; sh < CH; sh <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, sh);
+        const float iv = 1.f / sum;
+#pragma unroll
+        for (int c = 0; c < 8; ++c) y[c] *= iv;
+      } else {
+#pragma unroll
+        for (int c = 0; c < 8; ++c) y[c] = phi_y(g.feature, x[c], 0.f, 1.f);
+      }
+      if (!ok) {
+#pragma unroll
+        for (int c = 0; c < 8; ++c) y[c] = 0.f;
+      }
+#pragma unroll
+      for (int c = 0; c < 8; ++c) zacc[c] += y[c];
+      const Rows rw = ok ? tok_rows(g.r, t, D / 2) : Rows{0, 0, 0};
+      float xr[8];
+#pragma unroll
+      for (int i2 = 0; i2 < 4; ++i2) {
+        const int off = axis[i2] == 0 ? rw.f : (axis[i2] == 1 ? rw.h : rw.w);
+        const float2 cs = __ldg(tab + off + 4 * ch + i2);
+        rot_pair(cs, x[2 * i2], x[2 * i2 + 1], xr[2 * i2], xr[2 * i2 + 1]);
+        if (g.rope) rot_pair(cs, y[2 * i2], y[2 * i2 + 1], y[2 * i2], y[2 * i2 + 1]);
+      }
+#pragma unroll
+      for (int c = 0; c < 8; ++c) ks[c] += xr[c];
+      if (ok) *reinterpret_cast<uint4*>(kr + (bh * g.L + t) * D + ch * 8) = pack8(xr);
+      *reinterpret_cast<uint4*>(smraw + (cdst - raw) + row * 128) = pack8(y);
+    }
+    if (ksum) {  // this tile's sums of kr: the warp's row groups, then the warps (after the barrier)
+#pragma unroll
+      for (int c = 0; c < 8; ++c)
+#pragma unroll
+        for (int sh = CH; sh < 32; sh <<= 1) ks[c] += __shfl_xor_sync(0xffffffffu, ks[c], sh);
+      if (lane < CH) {
+        float* dst = red + ((i & 1) * NW + warp) * D + ch * 8;
+        *reinterpret_cast<float4*>(dst) = make_float4(ks[0], ks[1], ks[2], ks[3]);
+        *reinterpret_cast<float4*>(dst + 4) = make_float4(ks[4], ks[5], ks[6], ks[7]);
+      }
+    }
+    cp_async_wait<1>();                                              // v tile i (this thread's part)
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // c and v visible to wgmma
+    wgmma_wait<0>();                                                 // tile i - 1's product done
+    __syncthreads();
+    load_v(i + 2);  // into tile i - 1's stage
+    if (ksum) {
+      for (int d = tid; d < D; d += NT) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) s += red[((i & 1) * NW + w) * D + d];
+        ksum[(bh * n64 + base / 64) * D + d] = s;
+      }
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_ss_tt<D>(acc, desc_sw128(sC + (i & 1) * kTile + wg * kSub + kk * 2048, kSub, 1024),
+                     desc_sw128(sV + (i % 3) * kTile + kk * 2048, kSub, 1024), 1);
+    wgmma_commit();
+#pragma unroll
+    for (int p = 0; p < NP; ++p) kc[p] = kn[p];
+  }
+  wgmma_wait<0>();
+  fence_regs<D / 2>(acc);
+  {  // Sv partial: rows (features) 64 wg + 16 (warp % 4) + lane / 4 (+ 8), columns 8 ni + 2 (lane % 4)
+    float* out = part + (bh * g.n_chunk + blockIdx.x) * D * D;
+    const int r0 = 64 * wg + 16 * (warp & 3) + (lane >> 2);
+#pragma unroll
+    for (int ni = 0; ni < D / 8; ++ni) {
+      const int col = ni * 8 + 2 * (lane & 3);
+      *reinterpret_cast<float2*>(out + r0 * D + col) = make_float2(acc[4 * ni], acc[4 * ni + 1]);
+      *reinterpret_cast<float2*>(out + (r0 + 8) * D + col) = make_float2(acc[4 * ni + 2], acc[4 * ni + 3]);
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < 8; ++c)
+#pragma unroll
+    for (int sh = CH; sh < 32; sh <<= 1) zacc[c] += __shfl_xor_sync(0xffffffffu, zacc[c], sh);
+  __syncthreads();  // every thread is past its last reads of red
+  if (lane < CH) {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) red[warp * D + ch * 8 + c] = zacc[c];
+  }
+  __syncthreads();
+  for (int d = tid; d < D; d += NT) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) s += red[w * D + d];
+    zpart[(bh * g.n_chunk + blockIdx.x) * D + d] = s;
+  }
+}
+
 template <int D>
 void apply_fwd_wgmma(const LinArgs& g, const Plan& pl, const bf16* q, const bf16* svhl, const float* z, bf16* o,
                      cudaStream_t s) {
@@ -1548,6 +1750,21 @@ void state_mma(const LinArgs& g, const Plan& pl, const bf16* x, const int64_t* x
 
 template <int D>
 void fwd_state(const Params& p, const Plan& pl, const LinArgs& g, void* ws, cudaStream_t s) {
+  if (pl.fuse_k) {
+    set_smem_mma(state_fwd_wgmma_kernel<D>, StateSmem<D>::kBytes);
+    state_fwd_wgmma_kernel<D><<<dim3(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH)), 2 * D,
+                                StateSmem<D>::kBytes, s>>>(
+        g, static_cast<const bf16*>(p.k), static_cast<const bf16*>(p.v), at<float>(ws, pl.sv_part),
+        at<float>(ws, pl.z_part), at<bf16>(ws, pl.kr), pl.topk_select ? at<float>(ws, pl.ksum) : nullptr);
+    SALAD_LAUNCH_CHECK();
+    reduce_sv_kernel<D><<<dim3((D * D + 255) / 256, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(
+        at<float>(ws, pl.sv_part), at<bf16>(ws, pl.sv), pl.n_chunk, true);
+    SALAD_LAUNCH_CHECK();
+    reduce_chunks_kernel<<<dim3(1, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(at<float>(ws, pl.z_part),
+                                                                               at<float>(ws, pl.z), pl.n_chunk, D);
+    SALAD_LAUNCH_CHECK();
+    return;
+  }
   state_mma<D, true>(g, pl, static_cast<const bf16*>(p.k), p.k_stride, static_cast<const bf16*>(p.v), p.v_stride,
                      at<float>(ws, pl.sv_part), at<float>(ws, pl.z_part), at<bf16>(ws, pl.sv), true, at<float>(ws, pl.z),
                      s);

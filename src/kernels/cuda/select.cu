@@ -551,6 +551,9 @@ Plan make_plan(const Params& p, bool backward) {
     const char* e = std::getenv("SALAD_FUSE_ROTATE");
     pl.fuse_rotate = !backward && pl.linear && !pl.tile_order && linear_uses_mma(p.dtype) &&
                      p.opt.block_q % 16 == 0 && !(e && std::strcmp(e, "0") == 0);
+    const char* ek = std::getenv("SALAD_FUSE_K");
+    pl.fuse_k = pl.fuse_rotate && p.opt.block_k % 64 == 0 && (p.D == 64 || p.D == 128) &&
+                !(ek && std::strcmp(ek, "0") == 0);
   }
   size_t cur = 0;
   auto take = [&](size_t bytes) {
@@ -567,6 +570,7 @@ Plan make_plan(const Params& p, bool backward) {
     pl.qmean = take(sizeof(float) * pl.BH * pl.n_q * p.D);
     pl.kmean = take(sizeof(float) * pl.BH * pl.n_k * p.D);
     if (pl.fuse_rotate) pl.qsum = take(sizeof(float) * pl.BH * ((p.L + 15) / 16) * p.D);
+    if (pl.fuse_k) pl.ksum = take(sizeof(float) * pl.BH * ((p.L + 63) / 64) * p.D);
   }
   if (pl.linear) {
     pl.sv_part = take(sizeof(float) * pl.BH * pl.n_chunk * p.D * p.D);
@@ -624,7 +628,7 @@ RopeInfo prepare_order_and_rope(const Params& p, const Plan& pl, void* ws, cudaS
 
 template <class T>
 static void rotate_t(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, bool means, bool q_too,
-                     cudaStream_t s) {
+                     bool k_too, cudaStream_t s) {
   const int threads = 256;
   const int groups = threads / static_cast<int>(p.D / 8);
   size_t smem = sizeof(float) * groups * p.D;
@@ -634,6 +638,7 @@ static void rotate_t(const Params& p, const Plan& pl, const RopeInfo& r, void* w
         means ? at<float>(ws, pl.qmean) : nullptr, p.L, static_cast<int>(p.D), p.opt.block_q, r);
     SALAD_LAUNCH_CHECK();
   }
+  if (!k_too) return;
   rotate_kernel<T><<<dim3(static_cast<unsigned>(pl.n_k), static_cast<unsigned>(pl.BH)), threads, smem, s>>>(
       static_cast<const T*>(p.k), p.k_stride[0], p.k_stride[1], p.k_stride[2], p.H, at<T>(ws, pl.kr),
       means ? at<float>(ws, pl.kmean) : nullptr, p.L, static_cast<int>(p.D), p.opt.block_k, r);
@@ -660,12 +665,18 @@ void launch_q_tile_means(const Params& p, const Plan& pl, void* ws, cudaStream_t
   SALAD_LAUNCH_CHECK();
 }
 
+void launch_k_tile_means(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
+  tile_means_kernel<<<dim3(static_cast<unsigned>(pl.n_k), static_cast<unsigned>(pl.BH)), static_cast<unsigned>(p.D), 0,
+                      s>>>(at<float>(ws, pl.ksum), 64, p.opt.block_k, p.L, at<float>(ws, pl.kmean));
+  SALAD_LAUNCH_CHECK();
+}
+
 void launch_rotate(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, bool means, cudaStream_t s,
-                   bool q_too) {
+                   bool q_too, bool k_too) {
   if (p.dtype == DType::BF16)
-    rotate_t<__nv_bfloat16>(p, pl, r, ws, means, q_too, s);
+    rotate_t<__nv_bfloat16>(p, pl, r, ws, means, q_too, k_too, s);
   else
-    rotate_t<__half>(p, pl, r, ws, means, q_too, s);
+    rotate_t<__half>(p, pl, r, ws, means, q_too, k_too, s);
 }
 
 void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
@@ -797,10 +808,11 @@ void forward(const Params& p, void* workspace, void* stream) {
   void* ws = aligned(workspace);
   Plan pl = make_plan(p, false);
   RopeInfo r = prepare_order_and_rope(p, pl, ws, s);
-  launch_rotate(p, pl, r, ws, pl.topk_select, s, /*q_too=*/!pl.fuse_rotate);
+  launch_rotate(p, pl, r, ws, pl.topk_select, s, /*q_too=*/!pl.fuse_rotate, /*k_too=*/!pl.fuse_k);
   if (pl.fuse_rotate) {
-    launch_linear_fwd(p, pl, r, ws, s);  // writes qr and its tile sums too
+    launch_linear_fwd(p, pl, r, ws, s);  // writes qr (and, fuse_k, kr) and their tile sums too
     if (pl.topk_select) launch_q_tile_means(p, pl, ws, s);
+    if (pl.topk_select && pl.fuse_k) launch_k_tile_means(p, pl, ws, s);
   }
   if (!pl.dense && !p.blocks_given) launch_select(p, pl, ws, s);
   launch_attn_fwd(p, pl, r, ws, s);
