@@ -245,6 +245,35 @@ TEST(SM90_Attention, WgmmaLinearForwardMatchesMmaForward) {
         EXPECT_FALSE(at::isnan(got.o_s).any().item<bool>());
         EXPECT_LE(d.masked_select(rows).max().item<double>(), 1e-2 * ref.o_s.abs().max().item<double>() + 1e-3);
       }
+  // Backward: the state recomputation writes kr too (SALAD_FUSE_K), and the rotation pass must still
+  // rotate k when the linear branch gets no gradient (loss on o_s only: that branch does not run).
+  {
+    torch::AutoGradMode ag(true);
+    Options o;
+    o.mode = Mode::Salad, o.keep = 0.1;
+    auto opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+    const at::Tensor q = at::randn({2, 3, L, 128}, opt), k = at::randn_like(q), v = at::randn_like(q);
+    const at::Tensor gs = at::randn(q.sizes(), opt.dtype(at::kFloat)), gl = at::randn_like(gs);
+    for (bool with_l : {true, false}) {
+      SCOPED_TRACE(with_l ? "backward, loss on o_s and o_l" : "backward, loss on o_s only");
+      auto grads = [&](const char* fuse) {
+        setenv("SALAD_FUSE_K", fuse, 1);
+        at::Tensor qq = q.clone().requires_grad_(), kk = k.clone().requires_grad_(), vv = v.clone().requires_grad_();
+        const AttentionOutput out = attention(qq, kk, vv, g, o);
+        at::Tensor loss = (out.o_s.to(at::kFloat) * gs).sum();
+        if (with_l) loss = loss + (out.o_l.to(at::kFloat) * gl).sum();
+        loss.backward();
+        unsetenv("SALAD_FUSE_K");
+        return std::array<at::Tensor, 3>{qq.grad(), kk.grad(), vv.grad()};
+      };
+      const auto ref = grads("0"), got = grads("1");
+      for (int i = 0; i < 3; ++i) {
+        SCOPED_TRACE(std::string("grad ") + "qkv"[i]);
+        EXPECT_FALSE(at::isnan(got[i]).any().item<bool>());
+        EXPECT_LE(max_err(got[i], ref[i]), 1e-2 * ref[i].abs().max().item<double>() + 1e-3);
+      }
+    }
+  }
   unsetenv("SALAD_POISON");
   if (prev) setenv("SALAD_LINEAR_APPLY", saved.c_str(), 1);
   else unsetenv("SALAD_LINEAR_APPLY");

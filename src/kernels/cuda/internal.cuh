@@ -23,8 +23,9 @@ struct Plan {
   // per-16-token sums of qr for the query block means, so the rotation pass reads only k
   // (SALAD_FUSE_ROTATE=0 turns it off). Fusing k into the state kernel measured slower.
   bool fuse_rotate = false;
-  // With fuse_rotate, block_k % 64 == 0: the wgmma state kernel also writes kr and per-64-token sums
-  // of kr, so no rotation pass runs at all (SALAD_FUSE_K=0 turns it off).
+  // The wgmma state kernel also writes kr (and, forward with Top-K, per-64-token sums of kr), so the
+  // rotation pass skips k: forward with fuse_rotate and block_k % 64 == 0 (no rotation pass at all),
+  // and the backward's state recomputation (SALAD_FUSE_K=0 turns it off).
   bool fuse_k = false;
   size_t rope = 0, perm = 0, qr = 0, kr = 0, qmean = 0, kmean = 0, qsum = 0, ksum = 0;
   size_t sv_part = 0, z_part = 0, sv = 0, z = 0;

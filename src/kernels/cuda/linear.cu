@@ -1755,7 +1755,7 @@ void fwd_state(const Params& p, const Plan& pl, const LinArgs& g, void* ws, cuda
     state_fwd_wgmma_kernel<D><<<dim3(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH)), 2 * D,
                                 StateSmem<D>::kBytes, s>>>(
         g, static_cast<const bf16*>(p.k), static_cast<const bf16*>(p.v), at<float>(ws, pl.sv_part),
-        at<float>(ws, pl.z_part), at<bf16>(ws, pl.kr), pl.topk_select ? at<float>(ws, pl.ksum) : nullptr);
+        at<float>(ws, pl.z_part), at<bf16>(ws, pl.kr), pl.ksum ? at<float>(ws, pl.ksum) : nullptr);  // ksum: forward Top-K only
     SALAD_LAUNCH_CHECK();
     reduce_sv_kernel<D><<<dim3((D * D + 255) / 256, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(
         at<float>(ws, pl.sv_part), at<bf16>(ws, pl.sv), pl.n_chunk, true);

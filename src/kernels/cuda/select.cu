@@ -552,8 +552,10 @@ Plan make_plan(const Params& p, bool backward) {
     pl.fuse_rotate = !backward && pl.linear && !pl.tile_order && linear_uses_mma(p.dtype) &&
                      p.opt.block_q % 16 == 0 && !(e && std::strcmp(e, "0") == 0);
     const char* ek = std::getenv("SALAD_FUSE_K");
-    pl.fuse_k = pl.fuse_rotate && p.opt.block_k % 64 == 0 && (p.D == 64 || p.D == 128) &&
-                !(ek && std::strcmp(ek, "0") == 0);
+    // Backward: the state pass (Sv recomputed) writes kr as well; forward: after fuse_rotate's apply
+    // kernel, with block_k % 64 == 0 for the key block means from 64-token sums.
+    pl.fuse_k = pl.linear && !pl.tile_order && linear_uses_mma(p.dtype) && (p.D == 64 || p.D == 128) &&
+                (backward || (pl.fuse_rotate && p.opt.block_k % 64 == 0)) && !(ek && std::strcmp(ek, "0") == 0);
   }
   size_t cur = 0;
   auto take = [&](size_t bytes) {
@@ -833,7 +835,9 @@ void backward(const BwdParams& p, void* workspace, void* stream) {
   // (No fused rotation here: writing qr from the query-side linear kernel measured 470 -> 740 us
   // for that kernel against 94 us for the rotation pass, H100, Wan1.3B-480p.)
   RopeInfo r = prepare_order_and_rope(p, pl, ws, s);
-  launch_rotate(p, pl, r, ws, false, s);
+  // (fuse_k: the linear branch's state pass writes kr, unless its incoming gradient is zero and it
+  // does not run.)
+  launch_rotate(p, pl, r, ws, false, s, /*q_too=*/true, /*k_too=*/!(pl.fuse_k && p.do_l));
   if (!pl.dense) launch_invert(p, pl, ws, s);
   if (pl.linear) launch_linear_bwd(p, pl, r, ws, s);
   launch_attn_bwd(p, pl, r, ws, s);
