@@ -13,6 +13,7 @@
 //   dphi(k_j) = R_j^T dc_j + dz; then through phi.
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "internal.cuh"
 #include "sm90_common.cuh"
@@ -1336,7 +1337,7 @@ struct RopeAxes {
   static constexpr int pf = (D - 4 * (D / 6)) / 2, ph = D / 6;
 };
 
-template <int D>
+template <int D, FeatureMap F, bool ROPE>
 __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g, const bf16* __restrict__ q,
                                                                       const bf16* __restrict__ svhl,
                                                                       const float* __restrict__ zv,
@@ -1392,7 +1393,7 @@ __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g,
     // Rows gq and gq + 8 of the warp tile; element e of a[kk] is row e & 1, channel pair j = 2 kk + (e >> 1).
     const bool ok0 = base + gq < t1, ok1 = base + gq + 8 < t1;
     float mx[2] = {0.f, 0.f}, iv[2] = {1.f, 1.f};
-    if (g.feature == FeatureMap::Softmax) {
+    if (F == FeatureMap::Softmax) {
       float m[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};
 #pragma unroll
       for (int kk = 0; kk < KS; ++kk)
@@ -1428,7 +1429,6 @@ __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g,
       const Rows rw = ok ? tok_rows(g.r, base + gq + 8 * r, D / 2) : Rows{0, 0, 0};
       off[r][0] = rw.f + tq, off[r][1] = rw.h + tq, off[r][2] = rw.w + tq;
     }
-    const bool rot = g.qr != nullptr || g.rope;
     float dz[2] = {0.f, 0.f};
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
@@ -1437,35 +1437,31 @@ __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g,
       for (int e = 0; e < 4; ++e) {
         const int r = e & 1, j = 2 * kk + (e >> 1), c = 8 * j + 2 * tq, m0 = 4 * j;
         const float2 x = Elem<bf16>::unpack(a[kk][e]);
-        float y0 = phi_y(g.feature, x.x, mx[r], iv[r]), y1 = phi_y(g.feature, x.y, mx[r], iv[r]);
+        float y0 = phi_y(F, x.x, mx[r], iv[r]), y1 = phi_y(F, x.y, mx[r], iv[r]);
         const float2 zz = *reinterpret_cast<const float2*>(zs + c);
         dz[r] = fmaf(y0, zz.x, fmaf(y1, zz.y, dz[r]));
-        if (rot) {
-          int o3;  // the pair's table row: a compile-time axis unless j straddles a boundary
-          if (m0 + 3 < pf) o3 = off[r][0];
-          else if (m0 >= pf && m0 + 3 < pfh) o3 = off[r][1];
-          else if (m0 >= pfh) o3 = off[r][2];
-          else o3 = m0 + tq < pf ? off[r][0] : (m0 + tq < pfh ? off[r][1] : off[r][2]);
-          const float2 cs = __ldg(tab + o3 + m0);
-          if (g.qr) {
-            float r0, r1;
-            rot_pair(cs, x.x, x.y, r0, r1);
-            *reinterpret_cast<uint32_t*>(X + swz<D>(gq + 8 * r, c)) = Elem<bf16>::pack(r0, r1);
-            if (r == 0) {
-              c0 = r0, c1 = r1;
-            } else if (g.qsum) {  // rows past the end are zero; sum over the 8 row groups (lanes 4 apart)
-              float s0 = c0 + r0, s1 = c1 + r1;
+        int o3;  // the pair's table row: a compile-time axis unless j straddles a boundary
+        if (m0 + 3 < pf) o3 = off[r][0];
+        else if (m0 >= pf && m0 + 3 < pfh) o3 = off[r][1];
+        else if (m0 >= pfh) o3 = off[r][2];
+        else o3 = m0 + tq < pf ? off[r][0] : (m0 + tq < pfh ? off[r][1] : off[r][2]);
+        const float2 cs = __ldg(tab + o3 + m0);
+        float r0, r1;
+        rot_pair(cs, x.x, x.y, r0, r1);
+        *reinterpret_cast<uint32_t*>(X + swz<D>(gq + 8 * r, c)) = Elem<bf16>::pack(r0, r1);
+        if (r == 0) {
+          c0 = r0, c1 = r1;
+        } else if (g.qsum) {  // rows past the end are zero; sum over the 8 row groups (lanes 4 apart)
+          float s0 = c0 + r0, s1 = c1 + r1;
 #pragma unroll
-              for (int sh = 4; sh < 32; sh <<= 1) {
-                s0 += __shfl_xor_sync(0xffffffffu, s0, sh);
-                s1 += __shfl_xor_sync(0xffffffffu, s1, sh);
-              }
-              if (gq == 0 && base < t1)
-                *reinterpret_cast<float2*>(g.qsum + (bh * n16 + base / 16) * D + c) = make_float2(s0, s1);
-            }
+          for (int sh = 4; sh < 32; sh <<= 1) {
+            s0 += __shfl_xor_sync(0xffffffffu, s0, sh);
+            s1 += __shfl_xor_sync(0xffffffffu, s1, sh);
           }
-          if (g.rope) rot_pair(cs, y0, y1, y0, y1);
+          if (gq == 0 && base < t1)
+            *reinterpret_cast<float2*>(g.qsum + (bh * n16 + base / 16) * D + c) = make_float2(s0, s1);
         }
+        if (ROPE) rot_pair(cs, y0, y1, y0, y1);
         a[kk][e] = Elem<bf16>::pack(y0, y1);
       }
     }
@@ -1484,16 +1480,14 @@ __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g,
     for (int kk = 0; kk < KS; ++kk) wgmma_rs<bf16, D, 1>(acc, a[kk], desc_sw128(sSv + kk * 16 * 128, D * 128, 1024), 1);
     wgmma_commit();
     __syncwarp();
-    if (g.qr) {  // the staged qr rows, 16-byte stores
 #pragma unroll
-      for (int k = 0; k < 16 * D / 8 / 32; ++k) {
-        const int idx = lane + 32 * k, row = idx / (D / 8), ch = idx % (D / 8);
-        if (base + row < t1)
-          *reinterpret_cast<uint4*>(g.qr + (bh * g.L + base + row) * D + ch * 8) =
-              *reinterpret_cast<const uint4*>(X + swz<D>(row, ch * 8));
-      }
-      __syncwarp();
+    for (int k = 0; k < 16 * D / 8 / 32; ++k) {  // the staged qr rows, 16-byte stores
+      const int idx = lane + 32 * k, row = idx / (D / 8), ch = idx % (D / 8);
+      if (base + row < t1)
+        *reinterpret_cast<uint4*>(g.qr + (bh * g.L + base + row) * D + ch * 8) =
+            *reinterpret_cast<const uint4*>(X + swz<D>(row, ch * 8));
     }
+    __syncwarp();
     wgmma_wait<0>();
     fence_regs<D / 2>(acc);
 #pragma unroll
@@ -1530,7 +1524,7 @@ struct StateSmem {
   static constexpr int kBytes = kRed + 2 * (D / 16) * D * 4 + 1024;  // + [2][warps][D] sums, + alignment
 };
 
-template <int D>
+template <int D, FeatureMap F, bool ROPE>
 __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, const bf16* __restrict__ k,
                                                                    const bf16* __restrict__ v,
                                                                    float* __restrict__ part,
@@ -1615,7 +1609,7 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
           x[2 * c] = f.x, x[2 * c + 1] = f.y;
         }
       }
-      if (g.feature == FeatureMap::Softmax) {
+      if (F == FeatureMap::Softmax) {
         float m = x[0];
 #pragma unroll
         for (int c = 1; c < 8; ++c) m = fmaxf(m, x[c]);
@@ -1631,7 +1625,7 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
         for (int c = 0; c < 8; ++c) y[c] *= iv;
       } else {
 #pragma unroll
-        for (int c = 0; c < 8; ++c) y[c] = phi_y(g.feature, x[c], 0.f, 1.f);
+        for (int c = 0; c < 8; ++c) y[c] = phi_y(F, x[c], 0.f, 1.f);
       }
       if (!ok) {
 #pragma unroll
@@ -1646,7 +1640,7 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
         const int off = axis[i2] == 0 ? rw.f : (axis[i2] == 1 ? rw.h : rw.w);
         const float2 cs = __ldg(tab + off + 4 * ch + i2);
         rot_pair(cs, x[2 * i2], x[2 * i2 + 1], xr[2 * i2], xr[2 * i2 + 1]);
-        if (g.rope) rot_pair(cs, y[2 * i2], y[2 * i2 + 1], y[2 * i2], y[2 * i2 + 1]);
+        if (ROPE) rot_pair(cs, y[2 * i2], y[2 * i2 + 1], y[2 * i2], y[2 * i2 + 1]);
       }
 #pragma unroll
       for (int c = 0; c < 8; ++c) ks[c] += xr[c];
@@ -1716,13 +1710,31 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
   }
 }
 
+// Calls f(std::integral_constant<FeatureMap, F>, std::bool_constant<ROPE>) for the runtime pair: the
+// wgmma kernels are compiled per feature map and RoPE flag (uniform branches per element kept ptxas
+// from scheduling the loads and arithmetic of neighbouring elements together).
+template <class Fn>
+void with_feature_rope(FeatureMap f, bool rope, Fn&& fn) {
+  auto go = [&](auto fc) {
+    if (rope) fn(fc, std::true_type{});
+    else fn(fc, std::false_type{});
+  };
+  if (f == FeatureMap::Relu) go(std::integral_constant<FeatureMap, FeatureMap::Relu>{});
+  else if (f == FeatureMap::Elu1) go(std::integral_constant<FeatureMap, FeatureMap::Elu1>{});
+  else go(std::integral_constant<FeatureMap, FeatureMap::Softmax>{});
+}
+
+// g.qr must be set (fuse_rotate): the kernel always writes qr.
 template <int D>
 void apply_fwd_wgmma(const LinArgs& g, const Plan& pl, const bf16* q, const bf16* svhl, const float* z, bf16* o,
                      cudaStream_t s) {
-  set_smem_mma(apply_fwd_wgmma_kernel<D>, ApplySmem<D>::kBytes);
   const dim3 grid(static_cast<unsigned>((g.L + kApplySpan - 1) / kApplySpan), static_cast<unsigned>(pl.BH));
-  apply_fwd_wgmma_kernel<D><<<grid, kAW * 32, ApplySmem<D>::kBytes, s>>>(g, q, svhl, z, o);
-  SALAD_LAUNCH_CHECK();
+  with_feature_rope(g.feature, g.rope, [&](auto fc, auto rc) {
+    auto kernel = apply_fwd_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value>;
+    set_smem_mma(kernel, ApplySmem<D>::kBytes);
+    kernel<<<grid, kAW * 32, ApplySmem<D>::kBytes, s>>>(g, q, svhl, z, o);
+    SALAD_LAUNCH_CHECK();
+  });
 }
 
 // SALAD_LINEAR_APPLY=mma selects the mma.sync forward apply kernel (A/B and tests).
@@ -1751,12 +1763,15 @@ void state_mma(const LinArgs& g, const Plan& pl, const bf16* x, const int64_t* x
 template <int D>
 void fwd_state(const Params& p, const Plan& pl, const LinArgs& g, void* ws, cudaStream_t s) {
   if (pl.fuse_k) {
-    set_smem_mma(state_fwd_wgmma_kernel<D>, StateSmem<D>::kBytes);
-    state_fwd_wgmma_kernel<D><<<dim3(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH)), 2 * D,
-                                StateSmem<D>::kBytes, s>>>(
-        g, static_cast<const bf16*>(p.k), static_cast<const bf16*>(p.v), at<float>(ws, pl.sv_part),
-        at<float>(ws, pl.z_part), at<bf16>(ws, pl.kr), pl.ksum ? at<float>(ws, pl.ksum) : nullptr);  // ksum: forward Top-K only
-    SALAD_LAUNCH_CHECK();
+    with_feature_rope(g.feature, g.rope, [&](auto fc, auto rc) {
+      auto kernel = state_fwd_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value>;
+      set_smem_mma(kernel, StateSmem<D>::kBytes);
+      kernel<<<dim3(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH)), 2 * D, StateSmem<D>::kBytes, s>>>(
+          g, static_cast<const bf16*>(p.k), static_cast<const bf16*>(p.v), at<float>(ws, pl.sv_part),
+          at<float>(ws, pl.z_part), at<bf16>(ws, pl.kr),
+          pl.ksum ? at<float>(ws, pl.ksum) : nullptr);  // ksum: forward Top-K only
+      SALAD_LAUNCH_CHECK();
+    });
     reduce_sv_kernel<D><<<dim3((D * D + 255) / 256, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(
         at<float>(ws, pl.sv_part), at<bf16>(ws, pl.sv), pl.n_chunk, true);
     SALAD_LAUNCH_CHECK();
@@ -1778,7 +1793,7 @@ void fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStrea
     if (pl.topk_select) g.qsum = at<float>(ws, pl.qsum);
   }
   fwd_state<D>(p, pl, g, ws, s);
-  if (apply_wgmma_enabled()) {
+  if (g.qr && apply_wgmma_enabled()) {
     apply_fwd_wgmma<D>(g, pl, static_cast<const bf16*>(p.q), at<bf16>(ws, pl.sv), at<float>(ws, pl.z),
                        static_cast<bf16*>(p.o_l), s);
     return;
