@@ -222,6 +222,10 @@ TEST(SM90_Attention, WgmmaLinearForwardMatchesMmaForward) {
   for (int64_t D : {64, 128})
     for (FeatureMap f : {FeatureMap::Relu, FeatureMap::Elu1, FeatureMap::Softmax})
       for (bool lrope : {true, false}) {
+        // under compute-sanitizer: the Wan configuration (D 128, relu, RoPE) and D 64 softmax
+        if (std::getenv("SALAD_TEST_QUICK") && !(D == 128 && f == FeatureMap::Relu && lrope) &&
+            !(D == 64 && f == FeatureMap::Softmax && !lrope))
+          continue;
         SCOPED_TRACE("D" + std::to_string(D) + " " + to_string(f) + " lrope " + std::to_string(lrope) +
                      (f == FeatureMap::Elu1 ? " block_k 128" : " block_k 64"));
         Options o;
