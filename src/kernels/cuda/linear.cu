@@ -1421,48 +1421,56 @@ __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g,
         mx[r] = m[r], iv[r] = 1.f / sum[r];
       }
     }
-    // rope3d table offsets (row * D / 2 + tq) of the two rows; rows past the end use row 0.
-    int off[2][3];
+    // rope3d table entries of the two rows per axis, at pair tq (rows past the end use table row 0);
+    // the staged qr of row gq + 8 r, channel pair j lands at xrow[r] + ((j ^ gq) << 3) (swz<D>).
+    const float2* tp[2][3];
+    bf16* xrow[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const bool ok = r ? ok1 : ok0;
       const Rows rw = ok ? tok_rows(g.r, base + gq + 8 * r, D / 2) : Rows{0, 0, 0};
-      off[r][0] = rw.f + tq, off[r][1] = rw.h + tq, off[r][2] = rw.w + tq;
+      tp[r][0] = tab + rw.f + tq, tp[r][1] = tab + rw.h + tq, tp[r][2] = tab + rw.w + tq;
+      xrow[r] = X + (gq + 8 * r) * D + 2 * tq;
     }
+    const float* zq = zs + 2 * tq;
+    float* qsrow = g.qsum && gq == 0 && base < t1 ? g.qsum + (bh * n16 + base / 16) * D + 2 * tq : nullptr;
     float dz[2] = {0.f, 0.f};
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
-      float c0 = 0.f, c1 = 0.f;  // row gq's rotated q of the current pair, for the 16-row sums
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e & 1, j = 2 * kk + (e >> 1), c = 8 * j + 2 * tq, m0 = 4 * j;
-        const float2 x = Elem<bf16>::unpack(a[kk][e]);
-        float y0 = phi_y(F, x.x, mx[r], iv[r]), y1 = phi_y(F, x.y, mx[r], iv[r]);
-        const float2 zz = *reinterpret_cast<const float2*>(zs + c);
-        dz[r] = fmaf(y0, zz.x, fmaf(y1, zz.y, dz[r]));
-        int o3;  // the pair's table row: a compile-time axis unless j straddles a boundary
-        if (m0 + 3 < pf) o3 = off[r][0];
-        else if (m0 >= pf && m0 + 3 < pfh) o3 = off[r][1];
-        else if (m0 >= pfh) o3 = off[r][2];
-        else o3 = m0 + tq < pf ? off[r][0] : (m0 + tq < pfh ? off[r][1] : off[r][2]);
-        const float2 cs = __ldg(tab + o3 + m0);
-        float r0, r1;
-        rot_pair(cs, x.x, x.y, r0, r1);
-        *reinterpret_cast<uint32_t*>(X + swz<D>(gq + 8 * r, c)) = Elem<bf16>::pack(r0, r1);
-        if (r == 0) {
-          c0 = r0, c1 = r1;
-        } else if (g.qsum) {  // rows past the end are zero; sum over the 8 row groups (lanes 4 apart)
-          float s0 = c0 + r0, s1 = c1 + r1;
+      for (int hj = 0; hj < 2; ++hj) {
+        const int j = 2 * kk + hj, m0 = 4 * j;
+        const float2 zz = *reinterpret_cast<const float2*>(zq + 8 * j);
+        float c0 = 0.f, c1 = 0.f;  // row gq's rotated q of this pair, for the 16-row sums
 #pragma unroll
-          for (int sh = 4; sh < 32; sh <<= 1) {
-            s0 += __shfl_xor_sync(0xffffffffu, s0, sh);
-            s1 += __shfl_xor_sync(0xffffffffu, s1, sh);
+        for (int r = 0; r < 2; ++r) {
+          const int e = 2 * hj + r;
+          const float2 x = Elem<bf16>::unpack(a[kk][e]);
+          float y0 = phi_y(F, x.x, mx[r], iv[r]), y1 = phi_y(F, x.y, mx[r], iv[r]);
+          dz[r] = fmaf(y0, zz.x, fmaf(y1, zz.y, dz[r]));
+          const float2* t3;  // the pair's axis: a compile-time choice unless j straddles a boundary
+          if (m0 + 3 < pf) t3 = tp[r][0];
+          else if (m0 >= pf && m0 + 3 < pfh) t3 = tp[r][1];
+          else if (m0 >= pfh) t3 = tp[r][2];
+          else t3 = m0 + tq < pf ? tp[r][0] : (m0 + tq < pfh ? tp[r][1] : tp[r][2]);
+          const float2 cs = __ldg(t3 + m0);
+          float r0, r1;
+          rot_pair(cs, x.x, x.y, r0, r1);
+          *reinterpret_cast<uint32_t*>(xrow[r] + ((j ^ gq) << 3)) = Elem<bf16>::pack(r0, r1);
+          if (r == 0) {
+            c0 = r0, c1 = r1;
+          } else if (g.qsum) {  // rows past the end are zero; sum over the 8 row groups (lanes 4 apart)
+            float s0 = c0 + r0, s1 = c1 + r1;
+#pragma unroll
+            for (int sh = 4; sh < 32; sh <<= 1) {
+              s0 += __shfl_xor_sync(0xffffffffu, s0, sh);
+              s1 += __shfl_xor_sync(0xffffffffu, s1, sh);
+            }
+            if (qsrow) *reinterpret_cast<float2*>(qsrow + 8 * j) = make_float2(s0, s1);
           }
-          if (gq == 0 && base < t1)
-            *reinterpret_cast<float2*>(g.qsum + (bh * n16 + base / 16) * D + c) = make_float2(s0, s1);
+          if (ROPE) rot_pair(cs, y0, y1, y0, y1);
+          a[kk][e] = Elem<bf16>::pack(y0, y1);
         }
-        if (ROPE) rot_pair(cs, y0, y1, y0, y1);
-        a[kk][e] = Elem<bf16>::pack(y0, y1);
       }
     }
     float inv[2];
@@ -1480,29 +1488,34 @@ __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g,
     for (int kk = 0; kk < KS; ++kk) wgmma_rs<bf16, D, 1>(acc, a[kk], desc_sw128(sSv + kk * 16 * 128, D * 128, 1024), 1);
     wgmma_commit();
     __syncwarp();
+    // Copy-out of the warp's 16 staged rows, 16-byte stores: lane -> chunk cch of rows cr0 + RS k.
+    constexpr int CHK = D / 8, RS = 32 / CHK;
+    const int cr0 = lane / CHK, cch = lane % CHK;
+    const int lim = static_cast<int>(imin64(t1 - base, 16));  // rows present (may be <= 0)
+    {
+      bf16* dst = g.qr + (bh * g.L + base + cr0) * D + cch * 8;
 #pragma unroll
-    for (int k = 0; k < 16 * D / 8 / 32; ++k) {  // the staged qr rows, 16-byte stores
-      const int idx = lane + 32 * k, row = idx / (D / 8), ch = idx % (D / 8);
-      if (base + row < t1)
-        *reinterpret_cast<uint4*>(g.qr + (bh * g.L + base + row) * D + ch * 8) =
-            *reinterpret_cast<const uint4*>(X + swz<D>(row, ch * 8));
+      for (int k = 0; k < 16 / RS; ++k)
+        if (cr0 + RS * k < lim)
+          *reinterpret_cast<uint4*>(dst + RS * k * D) = *reinterpret_cast<const uint4*>(X + swz<D>(cr0 + RS * k, cch * 8));
     }
     __syncwarp();
     wgmma_wait<0>();
     fence_regs<D / 2>(acc);
 #pragma unroll
     for (int ni = 0; ni < D / 8; ++ni) {
-      const int c = ni * 8 + 2 * tq;
-      *reinterpret_cast<uint32_t*>(X + swz<D>(gq, c)) = Elem<bf16>::pack(acc[4 * ni] * inv[0], acc[4 * ni + 1] * inv[0]);
-      *reinterpret_cast<uint32_t*>(X + swz<D>(gq + 8, c)) =
+      *reinterpret_cast<uint32_t*>(xrow[0] + ((ni ^ gq) << 3)) =
+          Elem<bf16>::pack(acc[4 * ni] * inv[0], acc[4 * ni + 1] * inv[0]);
+      *reinterpret_cast<uint32_t*>(xrow[1] + ((ni ^ gq) << 3)) =
           Elem<bf16>::pack(acc[4 * ni + 2] * inv[1], acc[4 * ni + 3] * inv[1]);
     }
     __syncwarp();
+    {
+      bf16* dst = ob + (base + cr0) * ost + cch * 8;
 #pragma unroll
-    for (int k = 0; k < 16 * D / 8 / 32; ++k) {
-      const int idx = lane + 32 * k, row = idx / (D / 8), ch = idx % (D / 8);
-      if (base + row < t1)
-        *reinterpret_cast<uint4*>(ob + (base + row) * ost + ch * 8) = *reinterpret_cast<const uint4*>(X + swz<D>(row, ch * 8));
+      for (int k = 0; k < 16 / RS; ++k, dst += RS * ost)
+        if (cr0 + RS * k < lim)
+          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(X + swz<D>(cr0 + RS * k, cch * 8));
     }
     __syncwarp();
   }
@@ -1560,22 +1573,24 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
     if (i < ntile) {
       const int64_t base = t0 + int64_t(i) * 64;
       const uint32_t dst = sV + (i % 3) * kTile + (ch >> 3) * kSub + (((ch & 7) ^ (rg & 7)) << 4);
+      const int lim = static_cast<int>(imin64(t1 - base, 64));  // rows present
+      const bf16* src = vb + (base + rg) * g.v_st;
 #pragma unroll
-      for (int p = 0; p < NP; ++p) {
+      for (int p = 0; p < NP; ++p, src += RP * g.v_st) {
         const int row = rg + RP * p;  // row & 7 == rg & 7 (RP = 16)
-        const bool ok = base + row < t1;
-        cp_async16(dst + row * 128, ok ? vb + (base + row) * g.v_st : vb, ok ? 16 : 0);
+        const bool ok = row < lim;
+        cp_async16(dst + row * 128, ok ? src : vb, ok ? 16 : 0);
       }
     }
     cp_async_commit();
   };
   auto load_k = [&](int i, uint4 (&kx)[NP]) {
     const int64_t base = t0 + int64_t(i) * 64;
+    const int lim = i < ntile ? static_cast<int>(imin64(t1 - base, 64)) : 0;  // rows present
+    const bf16* src = kb + (base + rg) * g.k_st;
 #pragma unroll
-    for (int p = 0; p < NP; ++p) {
-      const int64_t t = base + rg + RP * p;
-      kx[p] = i < ntile && t < t1 ? *reinterpret_cast<const uint4*>(kb + t * g.k_st) : make_uint4(0u, 0u, 0u, 0u);
-    }
+    for (int p = 0; p < NP; ++p, src += RP * g.k_st)
+      kx[p] = rg + RP * p < lim ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
   };
   float acc[D / 2];
 #pragma unroll
@@ -1595,6 +1610,7 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
 #pragma unroll
     for (int c = 0; c < 8; ++c) ks[c] = 0.f;
     const uint32_t cdst = sC + (i & 1) * kTile + (ch >> 3) * kSub + (((ch & 7) ^ (rg & 7)) << 4);
+    bf16* krow = kr + (bh * g.L + base + rg) * D + ch * 8;  // row rg of the tile
 #pragma unroll
     for (int p = 0; p < NP; ++p) {
       const int row = rg + RP * p;
@@ -1644,7 +1660,7 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
       }
 #pragma unroll
       for (int c = 0; c < 8; ++c) ks[c] += xr[c];
-      if (ok) *reinterpret_cast<uint4*>(kr + (bh * g.L + t) * D + ch * 8) = pack8(xr);
+      if (ok) *reinterpret_cast<uint4*>(krow + RP * p * D) = pack8(xr);
       *reinterpret_cast<uint4*>(smraw + (cdst - raw) + row * 128) = pack8(y);
     }
     if (ksum) {  // this tile's sums of kr: the warp's row groups, then the warps (after the barrier)
