@@ -1390,6 +1390,8 @@ __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g,
     for (int kk = 0; kk < KS; ++kk)
       ldmatrix_x4(smem_addr(X + swz<D>((lane & 7) + ((lane >> 3) & 1) * 8, kk * 16 + (lane >> 4) * 8)), a[kk][0],
                   a[kk][1], a[kk][2], a[kk][3]);
+    __syncwarp();  // the staging below rewrites X (each element by the lane that received it, but
+                   // ldmatrix reads through the addresses of other lanes)
     // Rows gq and gq + 8 of the warp tile; element e of a[kk] is row e & 1, channel pair j = 2 kk + (e >> 1).
     const bool ok0 = base + gq < t1, ok1 = base + gq + 8 < t1;
     float mx[2] = {0.f, 0.f}, iv[2] = {1.f, 1.f};
