@@ -10,6 +10,7 @@
 #include <array>
 #include <cstdlib>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -249,25 +250,31 @@ TEST(SM90_Attention, WgmmaLinearForwardMatchesMmaForward) {
         EXPECT_FALSE(at::isnan(got.o_s).any().item<bool>());
         EXPECT_LE(d.masked_select(rows).max().item<double>(), 1e-2 * ref.o_s.abs().max().item<double>() + 1e-3);
       }
-  // Backward: the state recomputation writes kr too (SALAD_FUSE_K), and the rotation pass must still
-  // rotate k when the linear branch gets no gradient (loss on o_s only: that branch does not run).
-  {
+  // Backward: the state recomputation writes kr too (SALAD_FUSE_K) and the key-side kernel runs on
+  // wgmma (SALAD_LINEAR_BWD_K=mma: the mma.sync one); the rotation pass must still rotate k when the
+  // linear branch gets no gradient (loss on o_s only: that branch does not run).
+  for (const auto& [D, f, lrope] : {std::tuple<int64_t, FeatureMap, bool>{128, FeatureMap::Relu, true},
+                                    std::tuple<int64_t, FeatureMap, bool>{64, FeatureMap::Softmax, false},
+                                    std::tuple<int64_t, FeatureMap, bool>{128, FeatureMap::Elu1, true}}) {
     torch::AutoGradMode ag(true);
     Options o;
-    o.mode = Mode::Salad, o.keep = 0.1;
+    o.mode = Mode::Salad, o.keep = 0.1, o.feature = f, o.linear_rope = lrope;
     auto opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
-    const at::Tensor q = at::randn({2, 3, L, 128}, opt), k = at::randn_like(q), v = at::randn_like(q);
+    const at::Tensor q = at::randn({2, 3, L, D}, opt), k = at::randn_like(q), v = at::randn_like(q);
     const at::Tensor gs = at::randn(q.sizes(), opt.dtype(at::kFloat)), gl = at::randn_like(gs);
     for (bool with_l : {true, false}) {
-      SCOPED_TRACE(with_l ? "backward, loss on o_s and o_l" : "backward, loss on o_s only");
+      SCOPED_TRACE(std::string(with_l ? "backward, loss on o_s and o_l" : "backward, loss on o_s only") + " D" +
+                   std::to_string(D) + " " + to_string(f));
       auto grads = [&](const char* fuse) {
         setenv("SALAD_FUSE_K", fuse, 1);
+        if (fuse[0] == '0') setenv("SALAD_LINEAR_BWD_K", "mma", 1);
         at::Tensor qq = q.clone().requires_grad_(), kk = k.clone().requires_grad_(), vv = v.clone().requires_grad_();
         const AttentionOutput out = attention(qq, kk, vv, g, o);
         at::Tensor loss = (out.o_s.to(at::kFloat) * gs).sum();
         if (with_l) loss = loss + (out.o_l.to(at::kFloat) * gl).sum();
         loss.backward();
         unsetenv("SALAD_FUSE_K");
+        unsetenv("SALAD_LINEAR_BWD_K");
         return std::array<at::Tensor, 3>{qq.grad(), kk.grad(), vv.grad()};
       };
       const auto ref = grads("0"), got = grads("1");

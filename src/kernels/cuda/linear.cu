@@ -1761,6 +1761,211 @@ bool apply_wgmma_enabled() {
   return !(e && std::strcmp(e, "mma") == 0);
 }
 
+// ---------------------------------------------------------------- backward, key side (wgmma, sm_90a)
+// As the forward apply kernel: one warpgroup per CTA over kApplySpan tokens, each warp 16 rows of every
+// 64-token tile, its k and v rows by cp.async (two stages) and ldmatrix into wgmma A fragments. dSv
+// sits in shared memory once, in the V-tile layout, which is both operands' layout: dc = v dSv^T
+// (B K-major) and dv = c dSv (B MN-major), c = R phi(k) built in registers. dk = phi'(R^T dc + dz)
+// in the accumulator layout (which equals the A layout, so the raw k is at hand). fp32 outputs.
+template <int D>
+struct BwdKSmem {
+  static constexpr int kM = D * D * 2;
+  static constexpr int kW = kAW * 2 * 2 * 16 * D * 2;  // per warp, two stages of k and v rows
+  static constexpr int kBytes = kM + kW + D * 4 + 1024;
+};
+
+template <int D, FeatureMap F, bool ROPE>
+__global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_k_wgmma_kernel(LinArgs g, const bf16* __restrict__ kin,
+                                                                        const bf16* __restrict__ vin,
+                                                                        const bf16* __restrict__ dsv,
+                                                                        const float* __restrict__ dzv,
+                                                                        float* __restrict__ dk, float* __restrict__ dv) {
+  using namespace sm90;
+  constexpr int KS = D / 16, kSub = D * 128;
+  constexpr int pf = RopeAxes<D>::pf, pfh = RopeAxes<D>::pf + RopeAxes<D>::ph;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  const uint32_t raw = smem_addr(smraw), sM = (raw + 1023u) & ~1023u;
+  unsigned char* sm = smraw + (sM - raw);
+  bf16* Wall = reinterpret_cast<bf16*>(sm + BwdKSmem<D>::kM);
+  float* zs = reinterpret_cast<float*>(sm + BwdKSmem<D>::kM + BwdKSmem<D>::kW);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
+  const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
+  const int64_t t0 = blockIdx.x * int64_t(kApplySpan), t1 = imin64(g.L, t0 + kApplySpan);
+  const int ntile = static_cast<int>((t1 - t0 + 63) / 64);
+  {
+    const bf16* src = dsv + bh * D * D;
+    for (int idx = tid; idx < D * D / 8; idx += kAW * 32) {
+      const int row = idx / (D / 8), ch = idx % (D / 8);
+      cp_async16(sM + (ch >> 3) * kSub + row * 128 + (((ch & 7) ^ (row & 7)) << 4), src + row * D + ch * 8, 16);
+    }
+  }
+  cp_async_commit();
+  for (int d = tid; d < D; d += kAW * 32) zs[d] = dzv[bh * D + d];
+  const bf16* kb = kin + b * g.k_sb + h * g.k_sh;
+  const bf16* vb = vin + b * g.v_sb + h * g.v_sh;
+  bf16* buf0 = Wall + warp * 2 * 2 * 16 * D;  // [stage][k, v][16 x D]
+  load_rows<D, 16, 32>(buf0, kb, g.k_st, t0 + 16 * warp, t1, lane);
+  load_rows<D, 16, 32>(buf0 + 16 * D, vb, g.v_st, t0 + 16 * warp, t1, lane);
+  cp_async_commit();
+  cp_async_wait<1>();
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  const float2* tab = g.r.table;
+  const float* zq = zs + 2 * tq;
+  float* dkb = dk + bh * g.L * D + 2 * tq;
+  float* dvb = dv + bh * g.L * D + 2 * tq;
+  for (int i = 0; i < ntile; ++i) {
+    bf16* Kt = buf0 + (i & 1) * 2 * 16 * D;
+    bf16* Vt = Kt + 16 * D;
+    const int64_t base = t0 + int64_t(i) * 64 + 16 * warp;
+    if (i + 1 < ntile) {
+      bf16* nk = buf0 + ((i + 1) & 1) * 2 * 16 * D;
+      load_rows<D, 16, 32>(nk, kb, g.k_st, base + 64, t1, lane);
+      load_rows<D, 16, 32>(nk + 16 * D, vb, g.v_st, base + 64, t1, lane);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncwarp();
+    uint32_t kf[KS][4], af[KS][4];  // raw k; v, then c
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = kk * 16 + (lane >> 4) * 8;
+      ldmatrix_x4(smem_addr(Kt + swz<D>(r, c)), kf[kk][0], kf[kk][1], kf[kk][2], kf[kk][3]);
+      ldmatrix_x4(smem_addr(Vt + swz<D>(r, c)), af[kk][0], af[kk][1], af[kk][2], af[kk][3]);
+    }
+    float dc[D / 2];
+#pragma unroll
+    for (int n = 0; n < D / 2; ++n) dc[n] = 0.f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk)
+      wgmma_rs<bf16, D, 0>(dc, af[kk], desc_sw128(sM + (kk / 4) * kSub + (kk % 4) * 32, 16, 1024), 1);
+    wgmma_commit();
+    const bool ok0 = base + gq < t1, ok1 = base + gq + 8 < t1;
+    // c = R phi(k) into af (the wgmma above must be done reading v first)
+    float mx[2] = {0.f, 0.f}, iv[2] = {1.f, 1.f};
+    if (F == FeatureMap::Softmax) {
+      float m[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 x = Elem<bf16>::unpack(kf[kk][e]);
+          m[e & 1] = fmaxf(m[e & 1], fmaxf(x.x, x.y));
+        }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        m[r] = fmaxf(m[r], __shfl_xor_sync(0xffffffffu, m[r], 1));
+        m[r] = fmaxf(m[r], __shfl_xor_sync(0xffffffffu, m[r], 2));
+      }
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 x = Elem<bf16>::unpack(kf[kk][e]);
+          sum[e & 1] += expf(x.x - m[e & 1]) + expf(x.y - m[e & 1]);
+        }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+        sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+        mx[r] = m[r], iv[r] = 1.f / sum[r];
+      }
+    }
+    const float2* tp[2][3];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool ok = r ? ok1 : ok0;
+      const Rows rw = ROPE && ok ? tok_rows(g.r, base + gq + 8 * r, D / 2) : Rows{0, 0, 0};
+      tp[r][0] = tab + rw.f + tq, tp[r][1] = tab + rw.h + tq, tp[r][2] = tab + rw.w + tq;
+    }
+    // (The epilogue reloads with plain loads, which the dv stores keep from being merged with the
+    // first ones: holding all the (cos, sin) of both uses cost ~130 registers and spills.)
+    auto pair_cs = [&](int r, int j, bool reload = false) {
+      const int m0 = 4 * j;
+      const float2* t3;
+      if (m0 + 3 < pf) t3 = tp[r][0];
+      else if (m0 >= pf && m0 + 3 < pfh) t3 = tp[r][1];
+      else if (m0 >= pfh) t3 = tp[r][2];
+      else t3 = m0 + tq < pf ? tp[r][0] : (m0 + tq < pfh ? tp[r][1] : tp[r][2]);
+      return reload ? t3[m0] : __ldg(t3 + m0);
+    };
+    wgmma_wait<0>();
+    fence_regs<D / 2>(dc);
+    fence_regs_u<KS * 4>(&af[0][0]);
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e & 1, j = 2 * kk + (e >> 1);
+        const float2 x = Elem<bf16>::unpack(kf[kk][e]);
+        float y0 = phi_y(F, x.x, mx[r], iv[r]), y1 = phi_y(F, x.y, mx[r], iv[r]);
+        if (ROPE) rot_pair(pair_cs(r, j), y0, y1, y0, y1);
+        af[kk][e] = Elem<bf16>::pack(y0, y1);
+      }
+    float dva[D / 2];
+#pragma unroll
+    for (int n = 0; n < D / 2; ++n) dva[n] = 0.f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) wgmma_rs<bf16, D, 1>(dva, af[kk], desc_sw128(sM + kk * 16 * 128, kSub, 1024), 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs<D / 2>(dva);
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (r ? ok1 : ok0) {
+        float* out = dvb + (base + gq + 8 * r) * D;
+#pragma unroll
+        for (int ni = 0; ni < D / 8; ++ni)
+          *reinterpret_cast<float2*>(out + 8 * ni) = make_float2(dva[4 * ni + 2 * r], dva[4 * ni + 2 * r + 1]);
+      }
+    // dk = phi'(R^T dc + dz), accumulator element (ni, e): row gq + 8 (e >> 1), channels 8 ni + 2 tq + {0, 1}
+    auto grad = [&](int r, int ni) {  // R^T dc + dz at (row gq + 8 r, channel pair of group ni)
+      float g0 = dc[4 * ni + 2 * r], g1 = dc[4 * ni + 2 * r + 1];
+      if (ROPE) {
+        const float2 cs = pair_cs(r, ni, true);  // inverse rotation
+        const float a0 = g0 * cs.x + g1 * cs.y, a1 = -g0 * cs.y + g1 * cs.x;
+        g0 = a0, g1 = a1;
+      }
+      const float2 zz = *reinterpret_cast<const float2*>(zq + 8 * ni);
+      return make_float2(g0 + zz.x, g1 + zz.y);
+    };
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float dot = 0.f;
+      if (F == FeatureMap::Softmax) {
+#pragma unroll
+        for (int ni = 0; ni < D / 8; ++ni) {
+          const float2 gv = grad(r, ni), x = Elem<bf16>::unpack(kf[ni / 2][2 * (ni & 1) + r]);
+          dot += phi_y(F, x.x, mx[r], iv[r]) * gv.x + phi_y(F, x.y, mx[r], iv[r]) * gv.y;
+        }
+        dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+        dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+      }
+      if (r ? ok1 : ok0) {
+        float* out = dkb + (base + gq + 8 * r) * D;
+#pragma unroll
+        for (int ni = 0; ni < D / 8; ++ni) {
+          const float2 x = Elem<bf16>::unpack(kf[ni / 2][2 * (ni & 1) + r]), gv = grad(r, ni);
+          float d2[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float xv = e ? x.y : x.x, gg = e ? gv.y : gv.x;
+            if (F == FeatureMap::Relu) d2[e] = xv > 0.f ? gg : 0.f;
+            else if (F == FeatureMap::Elu1) d2[e] = xv > 0.f ? gg : gg * expf(xv);
+            else d2[e] = phi_y(F, xv, mx[r], iv[r]) * (gg - dot);
+          }
+          *reinterpret_cast<float2*>(out + 8 * ni) = make_float2(d2[0], d2[1]);
+        }
+      }
+    }
+    __syncwarp();
+  }
+}
+
 template <int D, bool TRANSFORM>
 void state_mma(const LinArgs& g, const Plan& pl, const bf16* x, const int64_t* xs, const bf16* y, const int64_t* ys,
                float* part, float* zpart, bf16* out, bool split, float* zout, cudaStream_t s) {
@@ -1841,6 +2046,19 @@ void bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaSt
   reduce_chunks_kernel<<<dim3(1, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(at<float>(ws, pl.dz_part),
                                                                              at<float>(ws, pl.dz), pl.n_chunk, D);
   SALAD_LAUNCH_CHECK();
+  const char* ek = std::getenv("SALAD_LINEAR_BWD_K");  // "mma": the mma.sync key-side kernel
+  if (!(ek && std::strcmp(ek, "mma") == 0)) {
+    const dim3 gk(static_cast<unsigned>((g.L + kApplySpan - 1) / kApplySpan), static_cast<unsigned>(pl.BH));
+    with_feature_rope(g.feature, g.rope, [&](auto fc, auto rc) {
+      auto kernel = apply_bwd_k_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value>;
+      set_smem_mma(kernel, BwdKSmem<D>::kBytes);
+      kernel<<<gk, kAW * 32, BwdKSmem<D>::kBytes, s>>>(g, static_cast<const bf16*>(p.k), static_cast<const bf16*>(p.v),
+                                                       at<bf16>(ws, pl.dsv), at<float>(ws, pl.dz),
+                                                       at<float>(ws, pl.dk_l), at<float>(ws, pl.dv_l));
+      SALAD_LAUNCH_CHECK();
+    });
+    return;
+  }
   const size_t smem_k = sizeof(bf16) * (D * D + kW * 3 * kWT * D) + sizeof(float) * (D + kW * 2 * kWT);
   set_smem_mma(apply_bwd_k_mma_kernel<D>, smem_k);
   apply_bwd_k_mma_kernel<D><<<grid, kT, smem_k, s>>>(g, static_cast<const bf16*>(p.k), static_cast<const bf16*>(p.v),
