@@ -1337,6 +1337,48 @@ struct RopeAxes {
   static constexpr int pf = (D - 4 * (D / 6)) / 2, ph = D / 6;
 };
 
+// Row max and 1 / sum of exp(x - max) of the softmax feature map over bf16 A fragments (rows lane / 4
+// and lane / 4 + 8 of a warp tile; element e of a[kk] belongs to row e & 1; the 4 lanes of a row).
+template <int KS>
+__device__ __forceinline__ void frag_softmax_stats(const uint32_t (&a)[KS][4], float (&mx)[2], float (&iv)[2]) {
+  float m[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 x = Elem<bf16>::unpack(a[kk][e]);
+      m[e & 1] = fmaxf(m[e & 1], fmaxf(x.x, x.y));
+    }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    m[r] = fmaxf(m[r], __shfl_xor_sync(0xffffffffu, m[r], 1));
+    m[r] = fmaxf(m[r], __shfl_xor_sync(0xffffffffu, m[r], 2));
+  }
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 x = Elem<bf16>::unpack(a[kk][e]);
+      sum[e & 1] += expf(x.x - m[e & 1]) + expf(x.y - m[e & 1]);
+    }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+    sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+    mx[r] = m[r], iv[r] = 1.f / sum[r];
+  }
+}
+
+// D x D bf16 (row-major) into shared memory in the 128-byte-swizzled V-tile layout: 16-byte chunk c
+// of row r at sub-tile c / 8 (D rows x 128 bytes each), position (c % 8) ^ (r % 8). cp.async, no wait.
+template <int D, int NT>
+__device__ __forceinline__ void load_mat_sw128(uint32_t dst, const bf16* src) {
+  for (int idx = threadIdx.x; idx < D * D / 8; idx += NT) {
+    const int row = idx / (D / 8), ch = idx % (D / 8);
+    cp_async16(dst + (ch >> 3) * (D * 128) + row * 128 + (((ch & 7) ^ (row & 7)) << 4), src + row * D + ch * 8, 16);
+  }
+}
+
 template <int D, FeatureMap F, bool ROPE>
 __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g, const bf16* __restrict__ q,
                                                                       const bf16* __restrict__ svhl,
@@ -1354,13 +1396,7 @@ __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g,
   const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
   const int64_t t0 = blockIdx.x * int64_t(kApplySpan), t1 = imin64(g.L, t0 + kApplySpan);
   const int ntile = static_cast<int>((t1 - t0 + 63) / 64);
-  {  // Sv_hi -> the V-tile layout: 16-byte chunk c of row r at sub-tile c / 8, (c % 8) ^ (r % 8)
-    const bf16* src = svhl + bh * 2 * D * D;
-    for (int idx = tid; idx < D * D / 8; idx += kAW * 32) {
-      const int row = idx / (D / 8), ch = idx % (D / 8);
-      cp_async16(sSv + (ch >> 3) * (D * 128) + row * 128 + (((ch & 7) ^ (row & 7)) << 4), src + row * D + ch * 8, 16);
-    }
-  }
+  load_mat_sw128<D, kAW * 32>(sSv, svhl + bh * 2 * D * D);  // Sv_hi
   cp_async_commit();
   for (int d = tid; d < D; d += kAW * 32) zs[d] = zv[bh * D + d];
   const bf16* qb = q + b * g.q_sb + h * g.q_sh;
@@ -1395,34 +1431,7 @@ __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g,
     // Rows gq and gq + 8 of the warp tile; element e of a[kk] is row e & 1, channel pair j = 2 kk + (e >> 1).
     const bool ok0 = base + gq < t1, ok1 = base + gq + 8 < t1;
     float mx[2] = {0.f, 0.f}, iv[2] = {1.f, 1.f};
-    if (F == FeatureMap::Softmax) {
-      float m[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 x = Elem<bf16>::unpack(a[kk][e]);
-          m[e & 1] = fmaxf(m[e & 1], fmaxf(x.x, x.y));
-        }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        m[r] = fmaxf(m[r], __shfl_xor_sync(0xffffffffu, m[r], 1));
-        m[r] = fmaxf(m[r], __shfl_xor_sync(0xffffffffu, m[r], 2));
-      }
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 x = Elem<bf16>::unpack(a[kk][e]);
-          sum[e & 1] += expf(x.x - m[e & 1]) + expf(x.y - m[e & 1]);
-        }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
-        sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
-        mx[r] = m[r], iv[r] = 1.f / sum[r];
-      }
-    }
+    if (F == FeatureMap::Softmax) frag_softmax_stats<KS>(a, mx, iv);
     // rope3d table entries of the two rows per axis, at pair tq (rows past the end use table row 0);
     // the staged qr of row gq + 8 r, channel pair j lands at xrow[r] + ((j ^ gq) << 3) (swz<D>).
     const float2* tp[2][3];
@@ -1792,13 +1801,7 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_k_wgmma_kernel(LinArgs 
   const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
   const int64_t t0 = blockIdx.x * int64_t(kApplySpan), t1 = imin64(g.L, t0 + kApplySpan);
   const int ntile = static_cast<int>((t1 - t0 + 63) / 64);
-  {
-    const bf16* src = dsv + bh * D * D;
-    for (int idx = tid; idx < D * D / 8; idx += kAW * 32) {
-      const int row = idx / (D / 8), ch = idx % (D / 8);
-      cp_async16(sM + (ch >> 3) * kSub + row * 128 + (((ch & 7) ^ (row & 7)) << 4), src + row * D + ch * 8, 16);
-    }
-  }
+  load_mat_sw128<D, kAW * 32>(sM, dsv + bh * D * D);
   cp_async_commit();
   for (int d = tid; d < D; d += kAW * 32) zs[d] = dzv[bh * D + d];
   const bf16* kb = kin + b * g.k_sb + h * g.k_sh;
@@ -1846,34 +1849,7 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_k_wgmma_kernel(LinArgs 
     const bool ok0 = base + gq < t1, ok1 = base + gq + 8 < t1;
     // c = R phi(k) into af (the wgmma above must be done reading v first)
     float mx[2] = {0.f, 0.f}, iv[2] = {1.f, 1.f};
-    if (F == FeatureMap::Softmax) {
-      float m[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 x = Elem<bf16>::unpack(kf[kk][e]);
-          m[e & 1] = fmaxf(m[e & 1], fmaxf(x.x, x.y));
-        }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        m[r] = fmaxf(m[r], __shfl_xor_sync(0xffffffffu, m[r], 1));
-        m[r] = fmaxf(m[r], __shfl_xor_sync(0xffffffffu, m[r], 2));
-      }
-#pragma unroll
-      for (int kk = 0; kk < KS; ++kk)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 x = Elem<bf16>::unpack(kf[kk][e]);
-          sum[e & 1] += expf(x.x - m[e & 1]) + expf(x.y - m[e & 1]);
-        }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
-        sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
-        mx[r] = m[r], iv[r] = 1.f / sum[r];
-      }
-    }
+    if (F == FeatureMap::Softmax) frag_softmax_stats<KS>(kf, mx, iv);
     const float2* tp[2][3];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
