@@ -1,7 +1,9 @@
-// Linear-attention branch (mode salad), forward and backward, fp32 on CUDA
-// cores (first version; the D x D state products are small next to the sparse
-// branch). Everything is per (b, h) and order-independent, so it runs in the
-// caller's raster order with no permutation.
+// Linear-attention branch (mode salad), forward and backward. Three generations of kernels live
+// here: fp32 CUDA-core kernels (fp16 inputs, SALAD_LINEAR_KERNEL=old), mma.sync bf16 kernels
+// (namespace mma), and, within it, wgmma kernels (sm_90a) for the forward state (with the k
+// rotation), the forward apply (with the q rotation) and the backward's key side, the default for
+// bf16. Everything is per (b, h) and order-independent, so it runs in the caller's raster order
+// with no permutation.
 //
 //   c_j = R_j phi(k_j), a_i = R_i phi(q_i)      (R = identity when !linear_rope)
 //   Sv = sum_j c_j v_j^T, z = sum_j phi(k_j)     (state kernel, chunk partials + fixed-order reduce)
