@@ -44,7 +44,10 @@ std::vector<int64_t> token_order(const Grid& g, const Options& o);
 struct RopeSplit {
   int64_t f, h, w;
 };
-RopeSplit rope_split(int64_t D);
+constexpr RopeSplit rope_split(int64_t D) {  // (constexpr: the CUDA kernels fix the split per D)
+  const int64_t s = 2 * (D / 6);
+  return {D - 2 * s, s, s};
+}
 
 // Per channel pair m (D/2 of them): which axis rotates it (0 frame, 1 row,
 // 2 column) and its frequency theta^(-2i/d_axis) for the i-th pair of the axis.

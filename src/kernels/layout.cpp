@@ -183,11 +183,6 @@ std::vector<int64_t> token_order(const Grid& g, const Options& o) {
   return order;
 }
 
-RopeSplit rope_split(int64_t D) {
-  int64_t s = 2 * (D / 6);
-  return {D - 2 * s, s, s};
-}
-
 RopePairs rope_pairs(int64_t D, double theta) {
   RopeSplit s = rope_split(D);
   RopePairs r;

@@ -21,7 +21,7 @@ struct Plan {
   bool dense = false, topk_select = false, linear = false, tile_order = false;
   // Forward in mode salad: the linear apply kernel (which reads q anyway) also writes qr and
   // per-16-token sums of qr for the query block means, so the rotation pass reads only k
-  // (SALAD_FUSE_ROTATE=0 turns it off). Fusing k into the state kernel measured slower.
+  // (SALAD_FUSE_ROTATE=0 turns it off). The k rotation: fuse_k below.
   bool fuse_rotate = false;
   // The wgmma state kernel also writes kr (and, forward with Top-K, per-64-token sums of kr), so the
   // rotation pass skips k: forward with fuse_rotate and block_k % 64 == 0 (no rotation pass at all),
@@ -49,10 +49,9 @@ RopeInfo prepare_order_and_rope(const Params& p, const Plan& pl, void* ws, cudaS
 // k only when k_too.
 void launch_rotate(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, bool means, cudaStream_t s,
                    bool q_too = true, bool k_too = true);
-// Query block means from the fused rotation's 16-token sums (plan.fuse_rotate).
-void launch_q_tile_means(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
-// Key block means from the fused state kernel's 64-token sums (plan.fuse_k).
-void launch_k_tile_means(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
+// Block means from the fused rotations' tile sums: queries from the apply kernel's 16-token sums
+// (plan.fuse_rotate), keys from the state kernel's 64-token sums (plan.fuse_k).
+void launch_tile_means(const Params& p, const Plan& pl, void* ws, bool keys, cudaStream_t s);
 // Top-K table (or window table) into p.block_idx / p.block_cnt.
 void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
 // Inverse table for the backward.

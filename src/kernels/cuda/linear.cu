@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "internal.cuh"
+#include "salad/layout.h"
 #include "sm90_common.cuh"
 
 namespace salad::cuda::detail {
@@ -1333,11 +1334,23 @@ struct ApplySmem {
   static constexpr int kBytes = kSv + kQ + D * 4 + 1024;  // + z, + slack to align Sv to 1024 bytes
 };
 
-// rope3d pairs per axis (layout.cpp's rope_split): frame pf, row ph, column the rest.
+// rope3d pairs per axis (rope_split): frame pf, row ph, column the rest.
 template <int D>
 struct RopeAxes {
-  static constexpr int pf = (D - 4 * (D / 6)) / 2, ph = D / 6;
+  static constexpr int pf = static_cast<int>(rope_split(D).f / 2), ph = static_cast<int>(rope_split(D).h / 2);
 };
+
+// Table entry ((cos, sin)) of channel pair 4 j + tq of a token whose per-axis entries at pair tq are
+// tp[axis]: a compile-time axis unless j straddles an axis boundary (j unrolled).
+template <int D>
+__device__ __forceinline__ const float2* rope_pair_entry(const float2* const (&tp)[3], int j, int tq) {
+  constexpr int pf = RopeAxes<D>::pf, pfh = RopeAxes<D>::pf + RopeAxes<D>::ph;
+  const int m0 = 4 * j;
+  if (m0 + 3 < pf) return tp[0] + m0;
+  if (m0 >= pf && m0 + 3 < pfh) return tp[1] + m0;
+  if (m0 >= pfh) return tp[2] + m0;
+  return (m0 + tq < pf ? tp[0] : (m0 + tq < pfh ? tp[1] : tp[2])) + m0;
+}
 
 // Row max and 1 / sum of exp(x - max) of the softmax feature map over bf16 A fragments (rows lane / 4
 // and lane / 4 + 8 of a warp tile; element e of a[kk] belongs to row e & 1; the 4 lanes of a row).
@@ -1388,7 +1401,6 @@ __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g,
                                                                       bf16* __restrict__ o) {
   using namespace sm90;
   constexpr int KS = D / 16;
-  constexpr int pf = RopeAxes<D>::pf, pfh = RopeAxes<D>::pf + RopeAxes<D>::ph;
   extern __shared__ __align__(16) unsigned char smraw[];
   const uint32_t raw = smem_addr(smraw), sSv = (raw + 1023u) & ~1023u;
   unsigned char* sm = smraw + (sSv - raw);
@@ -1452,7 +1464,7 @@ __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g,
     for (int kk = 0; kk < KS; ++kk) {
 #pragma unroll
       for (int hj = 0; hj < 2; ++hj) {
-        const int j = 2 * kk + hj, m0 = 4 * j;
+        const int j = 2 * kk + hj;
         const float2 zz = *reinterpret_cast<const float2*>(zq + 8 * j);
         float c0 = 0.f, c1 = 0.f;  // row gq's rotated q of this pair, for the 16-row sums
 #pragma unroll
@@ -1461,12 +1473,7 @@ __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g,
           const float2 x = Elem<bf16>::unpack(a[kk][e]);
           float y0 = phi_y(F, x.x, mx[r], iv[r]), y1 = phi_y(F, x.y, mx[r], iv[r]);
           dz[r] = fmaf(y0, zz.x, fmaf(y1, zz.y, dz[r]));
-          const float2* t3;  // the pair's axis: a compile-time choice unless j straddles a boundary
-          if (m0 + 3 < pf) t3 = tp[r][0];
-          else if (m0 >= pf && m0 + 3 < pfh) t3 = tp[r][1];
-          else if (m0 >= pfh) t3 = tp[r][2];
-          else t3 = m0 + tq < pf ? tp[r][0] : (m0 + tq < pfh ? tp[r][1] : tp[r][2]);
-          const float2 cs = __ldg(t3 + m0);
+          const float2 cs = __ldg(rope_pair_entry<D>(tp[r], j, tq));
           float r0, r1;
           rot_pair(cs, x.x, x.y, r0, r1);
           *reinterpret_cast<uint32_t*>(xrow[r] + ((j ^ gq) << 3)) = Elem<bf16>::pack(r0, r1);
@@ -1793,7 +1800,6 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_k_wgmma_kernel(LinArgs 
                                                                         float* __restrict__ dk, float* __restrict__ dv) {
   using namespace sm90;
   constexpr int KS = D / 16, kSub = D * 128;
-  constexpr int pf = RopeAxes<D>::pf, pfh = RopeAxes<D>::pf + RopeAxes<D>::ph;
   extern __shared__ __align__(16) unsigned char smraw[];
   const uint32_t raw = smem_addr(smraw), sM = (raw + 1023u) & ~1023u;
   unsigned char* sm = smraw + (sM - raw);
@@ -1862,13 +1868,8 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_k_wgmma_kernel(LinArgs 
     // (The epilogue reloads with plain loads, which the dv stores keep from being merged with the
     // first ones: holding all the (cos, sin) of both uses cost ~130 registers and spills.)
     auto pair_cs = [&](int r, int j, bool reload = false) {
-      const int m0 = 4 * j;
-      const float2* t3;
-      if (m0 + 3 < pf) t3 = tp[r][0];
-      else if (m0 >= pf && m0 + 3 < pfh) t3 = tp[r][1];
-      else if (m0 >= pfh) t3 = tp[r][2];
-      else t3 = m0 + tq < pf ? tp[r][0] : (m0 + tq < pfh ? tp[r][1] : tp[r][2]);
-      return reload ? t3[m0] : __ldg(t3 + m0);
+      const float2* e = rope_pair_entry<D>(tp[r], j, tq);
+      return reload ? *e : __ldg(e);
     };
     wgmma_wait<0>();
     fence_regs<D / 2>(dc);

@@ -554,7 +554,7 @@ Plan make_plan(const Params& p, bool backward) {
     const char* ek = std::getenv("SALAD_FUSE_K");
     // Backward: the state pass (Sv recomputed) writes kr as well; forward: after fuse_rotate's apply
     // kernel, with block_k % 64 == 0 for the key block means from 64-token sums.
-    pl.fuse_k = pl.linear && !pl.tile_order && linear_uses_mma(p.dtype) && (p.D == 64 || p.D == 128) &&
+    pl.fuse_k = pl.linear && !pl.tile_order && linear_uses_mma(p.dtype) &&
                 (backward || (pl.fuse_rotate && p.opt.block_k % 64 == 0)) && !(ek && std::strcmp(ek, "0") == 0);
   }
   size_t cur = 0;
@@ -649,7 +649,8 @@ static void rotate_t(const Params& p, const Plan& pl, const RopeInfo& r, void* w
 
 // mean[bh][i] = (sum of the per-tile sums of block i, in tile order) / tokens in block i;
 // blocks are whole tiles (block % tile == 0). One CTA of D threads per (block, bh). For the
-// query block means of the fused rotation (16-token tiles of the linear apply kernel).
+// block means of the fused rotations (16-token query tiles of the linear apply kernel, 64-token key
+// tiles of its state kernel).
 __global__ void tile_means_kernel(const float* __restrict__ part, int64_t tile, int64_t block, int64_t L,
                                   float* __restrict__ mean) {
   const int D = blockDim.x, d = threadIdx.x;
@@ -661,15 +662,11 @@ __global__ void tile_means_kernel(const float* __restrict__ part, int64_t tile, 
   mean[(bh * gridDim.x + i) * D + d] = sum / static_cast<float>(t1 - t0);
 }
 
-void launch_q_tile_means(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
-  tile_means_kernel<<<dim3(static_cast<unsigned>(pl.n_q), static_cast<unsigned>(pl.BH)), static_cast<unsigned>(p.D), 0,
-                      s>>>(at<float>(ws, pl.qsum), 16, p.opt.block_q, p.L, at<float>(ws, pl.qmean));
-  SALAD_LAUNCH_CHECK();
-}
-
-void launch_k_tile_means(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
-  tile_means_kernel<<<dim3(static_cast<unsigned>(pl.n_k), static_cast<unsigned>(pl.BH)), static_cast<unsigned>(p.D), 0,
-                      s>>>(at<float>(ws, pl.ksum), 64, p.opt.block_k, p.L, at<float>(ws, pl.kmean));
+void launch_tile_means(const Params& p, const Plan& pl, void* ws, bool keys, cudaStream_t s) {
+  const int64_t n = keys ? pl.n_k : pl.n_q;
+  tile_means_kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(pl.BH)), static_cast<unsigned>(p.D), 0, s>>>(
+      at<float>(ws, keys ? pl.ksum : pl.qsum), keys ? 64 : 16, keys ? p.opt.block_k : p.opt.block_q, p.L,
+      at<float>(ws, keys ? pl.kmean : pl.qmean));
   SALAD_LAUNCH_CHECK();
 }
 
@@ -813,8 +810,8 @@ void forward(const Params& p, void* workspace, void* stream) {
   launch_rotate(p, pl, r, ws, pl.topk_select, s, /*q_too=*/!pl.fuse_rotate, /*k_too=*/!pl.fuse_k);
   if (pl.fuse_rotate) {
     launch_linear_fwd(p, pl, r, ws, s);  // writes qr (and, fuse_k, kr) and their tile sums too
-    if (pl.topk_select) launch_q_tile_means(p, pl, ws, s);
-    if (pl.topk_select && pl.fuse_k) launch_k_tile_means(p, pl, ws, s);
+    if (pl.topk_select) launch_tile_means(p, pl, ws, /*keys=*/false, s);
+    if (pl.topk_select && pl.fuse_k) launch_tile_means(p, pl, ws, /*keys=*/true, s);
   }
   if (!pl.dense && !p.blocks_given) launch_select(p, pl, ws, s);
   launch_attn_fwd(p, pl, r, ws, s);
