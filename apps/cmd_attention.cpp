@@ -117,7 +117,7 @@ const char* sdpa_backend_name(int64_t b) {
 
 int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64_t heads, int64_t dim,
                const std::string& device, const std::string& dtype_s, int iters, int warmup, bool backward,
-               const std::string& variants_s) {
+               const std::string& variants_s, int queued) {
   Grid grid = a.to_grid();
   if (!shape.empty()) {
     auto it = named_shapes().find(shape);
@@ -161,6 +161,7 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
     std::string name;
     double fwd = 0, fb = 0;
     double sparsity = 0;
+    double q_fwd = 0, q_fb = 0, h_fwd = 0, h_fb = 0;  // --queued: per call, calls back to back; host enqueue
   };
   std::vector<Row> rows;
   std::vector<std::function<std::vector<at::Tensor>()>> fwds;
@@ -197,6 +198,24 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
       std::sort(t[i].begin(), t[i].end());
       rows[i].*field = t[i][t[i].size() / 2];
     }
+    if (queued <= 0) return;
+    // The same calls `queued` at a time with one synchronisation: the device's time per call
+    // when the host runs ahead (as in a model), and the host's time to enqueue one call.
+    const bool fwd_field = field == &Row::fwd;
+    std::vector<std::vector<double>> tq(rows.size()), th(rows.size());
+    for (int it = 0; it < iters; ++it)
+      for (size_t i = 0; i < rows.size(); ++i) {
+        salad::cli::sync_device(dev);
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int r = 0; r < queued; ++r) fn(i);
+        th[i].push_back(salad::cli::ms_since(t0) / queued);
+        salad::cli::sync_device(dev);
+        tq[i].push_back(salad::cli::ms_since(t0) / queued);
+      }
+    for (size_t i = 0; i < rows.size(); ++i) {
+      (fwd_field ? rows[i].q_fwd : rows[i].q_fb) = salad::cli::median(tq[i]);
+      (fwd_field ? rows[i].h_fwd : rows[i].h_fb) = salad::cli::median(th[i]);
+    }
   };
   {
     at::NoGradGuard ng;
@@ -220,6 +239,19 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
     std::printf("%-16s %8.1f%% %9.3f %11.2fx", r.name.c_str(), 100 * r.sparsity, r.fwd, base_f / r.fwd);
     if (backward) std::printf(" %9.3f %11.2fx", r.fb - r.fwd, base_b / (r.fb - r.fwd));
     std::printf("\n");
+  }
+  if (queued > 0) {
+    const double qf = rows.empty() ? 1 : rows[0].q_fwd, qb = rows.empty() ? 1 : rows[0].q_fb - rows[0].q_fwd;
+    std::printf("\n%d calls queued per synchronisation (ms per call; host = time to enqueue one call)\n", queued);
+    std::printf("%-16s %9s %12s %9s", "variant", "fwd ms", "fwd speed-up", "host ms");
+    if (backward) std::printf(" %9s %12s %9s", "bwd ms", "bwd speed-up", "host ms");
+    std::printf("\n");
+    for (const Row& r : rows) {
+      std::printf("%-16s %9.3f %11.2fx %9.3f", r.name.c_str(), r.q_fwd, qf / r.q_fwd, r.h_fwd);
+      if (backward)
+        std::printf(" %9.3f %11.2fx %9.3f", r.q_fb - r.q_fwd, qb / (r.q_fb - r.q_fwd), r.h_fb - r.h_fwd);
+      std::printf("\n");
+    }
   }
   return 0;
 }
@@ -277,7 +309,7 @@ void add_attention_commands(CLI::App& app, Commands& cmds) {
   static AttnArgs bench_args;
   static std::string shape, device = "cpu", dtype;
   static int64_t batch = 1, heads = 2, dim = 64;
-  static int iters = 10, warmup = 2;
+  static int iters = 10, warmup = 2, queued = 0;
   static bool backward = false;
   static std::string variants = "sdpa,dense,sparse,salad";
   auto* bench = app.add_subcommand("bench-attn", "time SDPA, dense, sparse and SALAD attention in one run");
@@ -290,12 +322,17 @@ void add_attention_commands(CLI::App& app, Commands& cmds) {
   bench->add_option("--dtype", dtype, "float32 | bfloat16 | float16 (default: float32 on cpu, bfloat16 on cuda)");
   bench->add_option("--iters", iters, "timed iterations (median)")->capture_default_str()->check(CLI::PositiveNumber);
   bench->add_option("--warmup", warmup, "untimed iterations first")->capture_default_str();
+  bench->add_option("--queued", queued,
+                    "also time N calls enqueued back to back per synchronisation (device time per call when the "
+                    "host runs ahead, and the host's enqueue time); 0: off")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   bench->add_flag("--backward", backward, "also time forward+backward");
   bench->add_option("--variants", variants, "comma list of sdpa,dense,sparse,salad; the first is the baseline")
       ->capture_default_str();
   cmds.push_back({bench, [] {
                     return bench_attn(bench_args, shape, batch, heads, dim, device, dtype, iters, warmup, backward,
-                                      variants);
+                                      variants, queued);
                   }});
 
   static AttnArgs sel_args;
