@@ -10,7 +10,10 @@
 // with the PV of tile t-1 (FA3's intra-warpgroup order; ptxas hoists the PV wait
 // above the softmax, so the overlap that remains is across the two warpgroups, and
 // forcing the in-warpgroup one measured slower, docs/PERF.md); P is kept in fp32 in
-// the S registers until the PV that reads the previous P is done. K and V stages are released separately (K
+// the S registers until the PV that reads the previous P is done. O's rescale for the previous
+// tile's row max and the wait for its V stage sit between the QK^T and PV issues, where the warps
+// wait for the tensor cores anyway, and the row maxima are trees (FA3's order; H200, Wan1.3B-480p:
+// 1,054 -> 1,035 us, SALAD_SM90_RESCALE=late restores the old order). K and V stages are released separately (K
 // once its QK^T is done). Persistent CTAs (one per SM) walk the work items
 // (b*h, 128-row query tile) head-major; the producer loads the next item's Q and
 // K/V while the consumers finish the current one. Same semantics as
@@ -56,6 +59,7 @@ struct Sm90Args {
   int64_t L, n_q, n_k, max_k, block_q, block_k, H;
   int64_t o_sb, o_sh, o_st;  // output strides (batch, head, token), Params::out_strides
   int sub_q, halves_per_block, dense, v_swap;  // halves: 64-key rows of a key block
+  int early_rescale;  // O's rescale between the QK^T and PV issues (SALAD_SM90_RESCALE=late: after the softmax)
   int num_work;  // work items: (b*h, query block, 128-row part), head-major
   float scale_log2;
 };
@@ -205,6 +209,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint32_t vlbo = a.v_swap ? 1024u : static_cast<uint32_t>(S::kSub);
     const uint32_t vsbo = a.v_swap ? static_cast<uint32_t>(S::kSub) : 1024u;
 
+    const bool tree_max = a.early_rescale != 0;  // goes with the early rescale (one switch, one A/B)
     float o[D / 2];
     float sacc[KN / 2];  // S, then (in place) the unnormalised probabilities, fp32
     float m0, m1, l0, l1;
@@ -236,10 +241,29 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       float mx0 = -INFINITY, mx1 = -INFINITY;
+      if (tree_max) {
+        // Row maxima as trees (5 dependent steps, not 32): they gate every exp2 of the tile.
+        float r0[KN / 8], r1[KN / 8];
 #pragma unroll
-      for (int nt = 0; nt < KN / 8; ++nt) {
-        mx0 = fmaxf(mx0, fmaxf(sacc[4 * nt], sacc[4 * nt + 1]));
-        mx1 = fmaxf(mx1, fmaxf(sacc[4 * nt + 2], sacc[4 * nt + 3]));
+        for (int nt = 0; nt < KN / 8; ++nt) {
+          r0[nt] = fmaxf(sacc[4 * nt], sacc[4 * nt + 1]);
+          r1[nt] = fmaxf(sacc[4 * nt + 2], sacc[4 * nt + 3]);
+        }
+        static_assert(KN == 128, "four tree levels over 16 column chunks");
+#pragma unroll
+        for (int i = 0; i < 8; ++i) r0[i] = fmaxf(r0[i], r0[i + 8]), r1[i] = fmaxf(r1[i], r1[i + 8]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) r0[i] = fmaxf(r0[i], r0[i + 4]), r1[i] = fmaxf(r1[i], r1[i + 4]);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) r0[i] = fmaxf(r0[i], r0[i + 2]), r1[i] = fmaxf(r1[i], r1[i + 2]);
+        r0[0] = fmaxf(r0[0], r0[1]), r1[0] = fmaxf(r1[0], r1[1]);
+        mx0 = r0[0], mx1 = r1[0];
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < KN / 8; ++nt) {
+          mx0 = fmaxf(mx0, fmaxf(sacc[4 * nt], sacc[4 * nt + 1]));
+          mx1 = fmaxf(mx1, fmaxf(sacc[4 * nt + 2], sacc[4 * nt + 3]));
+        }
       }
       mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
       mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
@@ -342,18 +366,28 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         // Tile t: QK_t and PV_{t-1} issued together, then the softmax of S_t (ptxas places the PV
         // wait before it, see the header); P_t is packed into pf once PV_{t-1} (which reads pf) is
-        // done.
+        // done. early (default): O's rescale for S_{t-1} and the wait for V_{t-1} come between the
+        // two issues, where the warps wait for the tensor cores anyway (FA3's order), not after the
+        // softmax on the critical path; SALAD_SM90_RESCALE=late keeps them after it.
+        const bool early = a.early_rescale != 0;
         for (int t = 1; t < ntiles; ++t) {
           const int u = gt + t;
           const int s = u % kStages, ps = (u - 1) % kStages;
           mbar_wait(fullK(s), (u / kStages) & 1);
-          mbar_wait(fullV(ps), ((u - 1) / kStages) & 1);  // loaded with K_{t-1}: no spin inside the wgmma stage
+          if (!early) mbar_wait(fullV(ps), ((u - 1) / kStages) & 1);  // loaded with K_{t-1}
           fence_regs<D / 2>(o);
           fence_regs<KN / 2>(sacc);
           fence_regs_u<KN / 4>(&pf[0][0]);
           wgmma_fence();
           issue_qk(q, s);
           wgmma_commit();
+          if (early) {
+            // While QK_t runs: O rescaled for S_{t-1}'s new row max, then V_{t-1}'s wait.
+            rescale(c0, c1);
+            mbar_wait(fullV(ps), ((u - 1) / kStages) & 1);
+            fence_regs<D / 2>(o);
+            wgmma_fence();
+          }
           issue_pv(ps);
           wgmma_commit();
           wgmma_wait<1>();
@@ -365,9 +399,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_regs_u<KN / 4>(&pf[0][0]);
           arrive(emptyV(ps));
           pack_p();
-          rescale(c0, c1);
+          if (!early) rescale(c0, c1);
         }
         const int lu = gt + ntiles - 1, ls = lu % kStages;
+        if (early) rescale(c0, c1);
         mbar_wait(fullV(ls), (lu / kStages) & 1);
         fence_regs<D / 2>(o);
         fence_regs_u<KN / 4>(&pf[0][0]);
@@ -467,6 +502,8 @@ bool launch(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
   a.dense = pl.dense ? 1 : 0;
   const char* sw = std::getenv("SALAD_SM90_VSWAP");
   a.v_swap = sw && std::strcmp(sw, "1") == 0;
+  const char* rs = std::getenv("SALAD_SM90_RESCALE");
+  a.early_rescale = !(rs && std::strcmp(rs, "late") == 0);
   a.scale_log2 = static_cast<float>(p.softmax_scale() * 1.4426950408889634);
   constexpr int smem = Smem<D>::kAlloc;
   auto kernel = attn_fwd_sm90_kernel<T, D>;
