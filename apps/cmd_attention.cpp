@@ -326,7 +326,13 @@ void add_attention_commands(CLI::App& app, Commands& cmds) {
                     "also time N calls enqueued back to back per synchronisation (device time per call when the "
                     "host runs ahead, and the host's enqueue time); 0: off")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Validator(
+          [](std::string& v) {
+            return !v.empty() && v.find_first_not_of("0123456789") == std::string::npos
+                       ? std::string()
+                       : "expected a count >= 0 (0: off), got '" + v + "'";
+          },
+          "N >= 0"));
   bench->add_flag("--backward", backward, "also time forward+backward");
   bench->add_option("--variants", variants, "comma list of sdpa,dense,sparse,salad; the first is the baseline")
       ->capture_default_str();

@@ -2,7 +2,7 @@
 # Run on the GPU machine (device tool, carry [".devdeps", ".cutlass"]): build
 # against the machine's own PyTorch, run every test (CUDA ones included), then
 # the benchmarks. Logs go to $OUT; a short table is printed last.
-#   scripts/gpu_run.sh [test] [sanitize] [prof] [lines] [bench] [ab] [dit] [ditprof] [dit14] [world]   (default: test bench sanitize)
+#   scripts/gpu_run.sh [test] [sanitize] [prof] [clock] [lines] [bench] [ab] [dit] [ditprof] [dit14] [world]   (default: test bench sanitize)
 # Env TARGETS: ninja targets to build (default: all), e.g. salad_cli; `none` as the
 # only stage just builds.
 set -uo pipefail
@@ -37,6 +37,14 @@ if has prof; then
     >"$OUT/ncu.csv" 2>"$OUT/ncu.err" || tail -5 "$OUT/ncu.err"
   python3 scripts/ncu_table.py "$OUT/ncu.csv" | grep -v ' at::' || true
 fi
+if has clock; then
+  # The same per-kernel times at the card's own clock (ncu locks it by default: 1.37 GHz on the H200s,
+  # which puts compute-bound kernels ~25% above their share of a benchmark run).
+  ncu --clock-control none --metrics gpu__time_duration.sum --csv build-gpu/salad bench-attn --shape wan1.3b-480p \
+    --device cuda --iters 1 --warmup 0 --backward --variants salad >"$OUT/ncu_clock.csv" 2>"$OUT/ncu_clock.err" \
+    || tail -5 "$OUT/ncu_clock.err"
+  python3 scripts/ncu_table.py "$OUT/ncu_clock.csv" | grep -v ' at::' || true
+fi
 if has lines; then
   # Per-instruction counters (ncu SourceCounters) of the first launch of each kernel in KERNELS
   # (name substrings) at Wan1.3B-480p, as SASS tables for scripts/ncu_lines.py: $OUT/<kernel>_sass.csv.
@@ -49,8 +57,8 @@ if has lines; then
 fi
 if has bench; then
   for shape in wan1.3b-480p wan14b-480p wan14b-720p; do
-    timeout 120 build-gpu/salad bench-attn --shape $shape --device cuda --iters 20 --warmup 5 --backward \
-      --variants sdpa,sparse,salad 2>&1 | tail -5
+    timeout 180 build-gpu/salad bench-attn --shape $shape --device cuda --iters 20 --warmup 5 --backward \
+      --queued 3 --variants sdpa,sparse,salad 2>&1 | tail -11
   done
 fi
 if has ab; then

@@ -127,6 +127,19 @@ def test_cli_bench_attn_prints_baseline_and_ratios(salad_cli):
         assert name in out
 
 
+def test_cli_bench_attn_queued_times_back_to_back_calls(salad_cli):
+    out = subprocess.run([salad_cli, "bench-attn", "--grid", "2,8,16", "--heads", "1", "--iters", "2",
+                          "--warmup", "0", "--block-q", "64", "--block-k", "32", "--queued", "2",
+                          "--variants", "sdpa,salad"], capture_output=True, text=True, check=True).stdout
+    head, queued = out.split("2 calls queued per synchronisation", 1)
+    rows = [l.split() for l in queued.splitlines()[2:] if l.strip()]
+    assert [r[0] for r in rows] == ["sdpa(cpu)", "salad"]
+    # fwd ms, speed-up against the first row, host ms: the baseline's own ratio is 1.00x
+    assert rows[0][2] == "1.00x" and float(rows[1][1]) > 0 and float(rows[1][3]) > 0
+    res = subprocess.run([salad_cli, "bench-attn", "--queued", "-1"], capture_output=True, text=True)
+    assert res.returncode != 0 and "--queued" in res.stderr
+
+
 def test_cli_rejects_bad_input_with_a_named_error(salad_cli):
     res = subprocess.run([salad_cli, "select", "--grid", "4,16"], capture_output=True, text=True)
     assert res.returncode != 0
