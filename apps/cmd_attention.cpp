@@ -20,7 +20,10 @@
 #include "salad/salad.h"
 
 using namespace salad;
+using salad::cli::median;
 using salad::cli::median_ms;
+using salad::cli::ms_since;
+using salad::cli::sync_device;
 
 namespace {
 
@@ -205,16 +208,16 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
     std::vector<std::vector<double>> tq(rows.size()), th(rows.size());
     for (int it = 0; it < iters; ++it)
       for (size_t i = 0; i < rows.size(); ++i) {
-        salad::cli::sync_device(dev);
+        sync_device(dev);
         const auto t0 = std::chrono::steady_clock::now();
         for (int r = 0; r < queued; ++r) fn(i);
-        th[i].push_back(salad::cli::ms_since(t0) / queued);
-        salad::cli::sync_device(dev);
-        tq[i].push_back(salad::cli::ms_since(t0) / queued);
+        th[i].push_back(ms_since(t0) / queued);
+        sync_device(dev);
+        tq[i].push_back(ms_since(t0) / queued);
       }
     for (size_t i = 0; i < rows.size(); ++i) {
-      (fwd_field ? rows[i].q_fwd : rows[i].q_fb) = salad::cli::median(tq[i]);
-      (fwd_field ? rows[i].h_fwd : rows[i].h_fb) = salad::cli::median(th[i]);
+      (fwd_field ? rows[i].q_fwd : rows[i].q_fb) = median(tq[i]);
+      (fwd_field ? rows[i].h_fwd : rows[i].h_fb) = median(th[i]);
     }
   };
   {
