@@ -2048,12 +2048,16 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
       den[r] += __shfl_xor_sync(0xffffffffu, den[r], 2);
       id[r] = __fdividef(1.f, den[r] + g.eps);  // den >= eps > 0
     }
-    // G done: gf dies here (holding it with as and G measured 255 registers and 260-640 bytes of
-    // spills at D 128 in ptxas; the GEMM is ~10% of this kernel's time, the normaliser runs under it).
+    // G done: gf dies here, before as is built (holding gf, as and G took 255 registers and 260-640
+    // bytes of spills at D 128 in ptxas; the GEMM is ~10% of this kernel's time, the normaliser runs
+    // under it), and as needs no registers of its own: the dot takes it as it is stored.
     wgmma_wait<0>();
     fence_regs<D / 2>(acc);
     fence_regs_u<KS * 4>(&gf[0][0]);
-    uint32_t af[KS][4];  // as = R phi(q) / den, bf16 (what the dSv pass reads; the dot below uses it too)
+    fence_regs_u<KS * 4>(&qf[0][0]);  // unpack q again below rather than hold its fp32 values
+    // as = R phi(q) / den (bf16: what the dSv pass reads) and, G being done, dden = -(as . G) / den
+    // per row (0 past the end: no dz contribution).
+    float dot[2] = {0.f, 0.f};
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk)
 #pragma unroll
@@ -2062,10 +2066,12 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
         const float2 x = Elem<bf16>::unpack(qf[kk][e]);
         float y0 = phi_y(F, x.x, mx[r], iv[r]), y1 = phi_y(F, x.y, mx[r], iv[r]);
         if (ROPE) rot_pair(__ldg(rope_pair_entry<D>(tp[r], j, tq)), y0, y1, y0, y1);
-        af[kk][e] = Elem<bf16>::pack(y0 * id[r], y1 * id[r]);
-        if (ok[r]) *reinterpret_cast<uint32_t*>(asb + (base + gq + 8 * r) * D + 8 * j) = af[kk][e];
+        const uint32_t pa = Elem<bf16>::pack(y0 * id[r], y1 * id[r]);
+        if (ok[r]) *reinterpret_cast<uint32_t*>(asb + (base + gq + 8 * r) * D + 8 * j) = pa;
+        const float2 av = Elem<bf16>::unpack(pa);
+        dot[r] = fmaf(av.x, acc[4 * j + 2 * r], fmaf(av.y, acc[4 * j + 2 * r + 1], dot[r]));
       }
-    // The fragments are in registers (the wgmmas read gf, the loops above read qf): this warp's tile
+    // The fragments are in registers (the wgmmas read gf, the loop above read qf): this warp's tile
     // buffers take the next tile now, behind the epilogue.
     __syncwarp();
     if (i + 1 < ntile) {
@@ -2073,20 +2079,14 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
       load_rows<D, 16, 32>(Gt, gb, D, base + 64, t1, lane);
       cp_async_commit();
     }
-    // dden = -(as . G) / den per row (0 past the end: no dz contribution)
     float dden[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float dot = 0.f;
-#pragma unroll
-      for (int ni = 0; ni < D / 8; ++ni) {
-        const float2 a = Elem<bf16>::unpack(af[ni / 2][2 * (ni & 1) + r]);
-        dot = fmaf(a.x, acc[4 * ni + 2 * r], fmaf(a.y, acc[4 * ni + 2 * r + 1], dot));
-      }
-      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
-      dot += __shfl_xor_sync(0xffffffffu, dot, 2);
-      dden[r] = ok[r] ? -dot * id[r] : 0.f;
+      dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 1);
+      dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 2);
+      dden[r] = ok[r] ? -dot[r] * id[r] : 0.f;
     }
+    fence_regs_u<KS * 4>(&qf[0][0]);
     // dq = phi'(R^T G / den + dden z), accumulator element (ni, e): row gq + 8 (e >> 1), channels
     // 8 ni + 2 tq + {0, 1}; dz += dden phi(q) on the way.
     auto grad = [&](int r, int ni) {
@@ -2101,6 +2101,7 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
     };
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
+      fence_regs<D / 2>(acc);  // one row at a time (interleaving both rows' epilogues spilled)
       float dot = 0.f;
 #pragma unroll
       for (int ni = 0; ni < D / 8; ++ni) {
