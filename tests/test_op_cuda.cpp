@@ -250,8 +250,8 @@ TEST(SM90_Attention, WgmmaLinearForwardMatchesMmaForward) {
         EXPECT_FALSE(at::isnan(got.o_s).any().item<bool>());
         EXPECT_LE(d.masked_select(rows).max().item<double>(), 1e-2 * ref.o_s.abs().max().item<double>() + 1e-3);
       }
-  // Backward: the state recomputation writes kr too (SALAD_FUSE_K) and the key-side kernel runs on
-  // wgmma (SALAD_LINEAR_BWD_K=mma: the mma.sync one); the rotation pass must still rotate k when the
+  // Backward: the state recomputation writes kr too (SALAD_FUSE_K) and the query- and key-side kernels
+  // run on wgmma (SALAD_LINEAR_BWD_Q / _K=mma: the mma.sync ones); the rotation pass must still rotate k when the
   // linear branch gets no gradient (loss on o_s only: that branch does not run).
   for (const auto& [D, f, lrope] : {std::tuple<int64_t, FeatureMap, bool>{128, FeatureMap::Relu, true},
                                     std::tuple<int64_t, FeatureMap, bool>{64, FeatureMap::Softmax, false},
@@ -267,7 +267,7 @@ TEST(SM90_Attention, WgmmaLinearForwardMatchesMmaForward) {
                    std::to_string(D) + " " + to_string(f));
       auto grads = [&](const char* fuse) {
         setenv("SALAD_FUSE_K", fuse, 1);
-        if (fuse[0] == '0') setenv("SALAD_LINEAR_BWD_K", "mma", 1);
+        if (fuse[0] == '0') setenv("SALAD_LINEAR_BWD_K", "mma", 1), setenv("SALAD_LINEAR_BWD_Q", "mma", 1);
         at::Tensor qq = q.clone().requires_grad_(), kk = k.clone().requires_grad_(), vv = v.clone().requires_grad_();
         const AttentionOutput out = attention(qq, kk, vv, g, o);
         at::Tensor loss = (out.o_s.to(at::kFloat) * gs).sum();
@@ -275,6 +275,7 @@ TEST(SM90_Attention, WgmmaLinearForwardMatchesMmaForward) {
         loss.backward();
         unsetenv("SALAD_FUSE_K");
         unsetenv("SALAD_LINEAR_BWD_K");
+        unsetenv("SALAD_LINEAR_BWD_Q");
         return std::array<at::Tensor, 3>{qq.grad(), kk.grad(), vv.grad()};
       };
       const auto ref = grads("0"), got = grads("1");

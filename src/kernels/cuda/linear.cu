@@ -1945,6 +1945,218 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_k_wgmma_kernel(LinArgs 
   }
 }
 
+// ---------------------------------------------------------------- backward, query side (wgmma, sm_90a)
+// As the key side: one warpgroup per CTA over kApplySpan tokens, each warp 16 rows of every 64-token
+// tile, its q and dO rows by cp.async (one stage per warp: the next tile's copies go out once this
+// tile's fragments are consumed) and ldmatrix into wgmma A fragments. Sv = hi + lo sits in shared
+// memory in the V-tile layout, B K-major: G = dO Sv^T. Per row: den = phi(q) . z + eps, as = R phi(q)
+// / den (bf16, for the dSv state pass), dden = -(as . G) / den (= -(dO . O) / den), dz += dden
+// phi(q), and dq = phi'(R^T G / den + dden z) in the accumulator layout (fp32). One dz partial per CTA.
+template <int D>
+struct BwdQSmem {
+  static constexpr int kM = D * D * 2;
+  static constexpr int kW = kAW * 2 * 16 * D * 2;  // per warp, one stage of q and dO rows
+  static constexpr int kBytes = 2 * kM + kW + D * 4 + kAW * D * 4 + 1024;  // + z, per-warp dz, alignment
+};
+
+template <int D, FeatureMap F, bool ROPE>
+__global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs g, const bf16* __restrict__ q,
+                                                                        const bf16* __restrict__ dol,
+                                                                        const bf16* __restrict__ svhl,
+                                                                        const float* __restrict__ zv,
+                                                                        bf16* __restrict__ as_out,
+                                                                        float* __restrict__ dzpart,
+                                                                        float* __restrict__ dq) {
+  using namespace sm90;
+  constexpr int KS = D / 16, kSub = D * 128;
+  extern __shared__ __align__(16) unsigned char smraw[];
+  const uint32_t raw = smem_addr(smraw), sH = (raw + 1023u) & ~1023u, sL = sH + BwdQSmem<D>::kM;
+  unsigned char* sm = smraw + (sH - raw);
+  bf16* Wall = reinterpret_cast<bf16*>(sm + 2 * BwdQSmem<D>::kM);
+  float* zs = reinterpret_cast<float*>(sm + 2 * BwdQSmem<D>::kM + BwdQSmem<D>::kW);
+  float* dzw = zs + D;  // [kAW][D]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
+  const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
+  const int64_t t0 = blockIdx.x * int64_t(kApplySpan), t1 = imin64(g.L, t0 + kApplySpan);
+  const int ntile = static_cast<int>((t1 - t0 + 63) / 64);
+  load_mat_sw128<D, kAW * 32>(sH, svhl + bh * 2 * D * D);
+  load_mat_sw128<D, kAW * 32>(sL, svhl + bh * 2 * D * D + D * D);
+  cp_async_commit();
+  for (int d = tid; d < D; d += kAW * 32) zs[d] = zv[bh * D + d];
+  const bf16* qb = q + b * g.q_sb + h * g.q_sh;
+  const bf16* gb = dol + bh * g.L * D;
+  bf16* Qt = Wall + warp * 2 * 16 * D;
+  bf16* Gt = Qt + 16 * D;
+  load_rows<D, 16, 32>(Qt, qb, g.q_st, t0 + 16 * warp, t1, lane);
+  load_rows<D, 16, 32>(Gt, gb, D, t0 + 16 * warp, t1, lane);
+  cp_async_commit();
+  cp_async_wait<1>();                                              // Sv landed (this thread's part)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to wgmma
+  __syncthreads();
+  const float2* tab = g.r.table;
+  const float* zq = zs + 2 * tq;
+  float dzacc[D / 4];  // channels 8 ni + 2 tq + {0, 1} of this lane's rows, over all its tiles
+#pragma unroll
+  for (int c = 0; c < D / 4; ++c) dzacc[c] = 0.f;
+  float* dqb = dq + bh * g.L * D + 2 * tq;
+  bf16* asb = as_out + bh * g.L * D + 2 * tq;
+  for (int i = 0; i < ntile; ++i) {
+    const int64_t base = t0 + int64_t(i) * 64 + 16 * warp;  // this warp's first row
+    cp_async_wait<0>();
+    __syncwarp();
+    uint32_t qf[KS][4], gf[KS][4];  // raw q; dO
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = kk * 16 + (lane >> 4) * 8;
+      ldmatrix_x4(smem_addr(Qt + swz<D>(r, c)), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
+      ldmatrix_x4(smem_addr(Gt + swz<D>(r, c)), gf[kk][0], gf[kk][1], gf[kk][2], gf[kk][3]);
+    }
+    float acc[D / 2];
+#pragma unroll
+    for (int n = 0; n < D / 2; ++n) acc[n] = 0.f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk)
+      wgmma_rs<bf16, D, 0>(acc, gf[kk], desc_sw128(sH + (kk / 4) * kSub + (kk % 4) * 32, 16, 1024), 1);
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk)
+      wgmma_rs<bf16, D, 0>(acc, gf[kk], desc_sw128(sL + (kk / 4) * kSub + (kk % 4) * 32, 16, 1024), 1);
+    wgmma_commit();
+    const bool ok[2] = {base + gq < t1, base + gq + 8 < t1};
+    // Rows gq and gq + 8; element e of qf[kk] is row e & 1, channel pair j = 2 kk + (e >> 1).
+    float mx[2] = {0.f, 0.f}, iv[2] = {1.f, 1.f};
+    if (F == FeatureMap::Softmax) frag_softmax_stats<KS>(qf, mx, iv);
+    const float2* tp[2][3];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const Rows rw = ROPE && ok[r] ? tok_rows(g.r, base + gq + 8 * r, D / 2) : Rows{0, 0, 0};
+      tp[r][0] = tab + rw.f + tq, tp[r][1] = tab + rw.h + tq, tp[r][2] = tab + rw.w + tq;
+    }
+    float den[2] = {0.f, 0.f};
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e & 1, j = 2 * kk + (e >> 1);
+        const float2 x = Elem<bf16>::unpack(qf[kk][e]), zz = *reinterpret_cast<const float2*>(zq + 8 * j);
+        den[r] = fmaf(phi_y(F, x.x, mx[r], iv[r]), zz.x, fmaf(phi_y(F, x.y, mx[r], iv[r]), zz.y, den[r]));
+      }
+    float id[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      den[r] += __shfl_xor_sync(0xffffffffu, den[r], 1);
+      den[r] += __shfl_xor_sync(0xffffffffu, den[r], 2);
+      id[r] = __fdividef(1.f, den[r] + g.eps);  // den >= eps > 0
+    }
+    // G done: gf dies here, before as is built (holding gf, as and G took 255 registers and 260-640
+    // bytes of spills at D 128 in ptxas; the GEMM is ~10% of this kernel's time, the normaliser runs
+    // under it), and as needs no registers of its own: the dot takes it as it is stored.
+    wgmma_wait<0>();
+    fence_regs<D / 2>(acc);
+    fence_regs_u<KS * 4>(&gf[0][0]);
+    fence_regs_u<KS * 4>(&qf[0][0]);  // unpack q again below rather than hold its fp32 values
+    // as = R phi(q) / den (bf16: what the dSv pass reads) and, G being done, dden = -(as . G) / den
+    // per row (0 past the end: no dz contribution).
+    float dot[2] = {0.f, 0.f};
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e & 1, j = 2 * kk + (e >> 1);
+        const float2 x = Elem<bf16>::unpack(qf[kk][e]);
+        float y0 = phi_y(F, x.x, mx[r], iv[r]), y1 = phi_y(F, x.y, mx[r], iv[r]);
+        if (ROPE) rot_pair(__ldg(rope_pair_entry<D>(tp[r], j, tq)), y0, y1, y0, y1);
+        const uint32_t pa = Elem<bf16>::pack(y0 * id[r], y1 * id[r]);
+        if (ok[r]) *reinterpret_cast<uint32_t*>(asb + (base + gq + 8 * r) * D + 8 * j) = pa;
+        const float2 av = Elem<bf16>::unpack(pa);
+        dot[r] = fmaf(av.x, acc[4 * j + 2 * r], fmaf(av.y, acc[4 * j + 2 * r + 1], dot[r]));
+      }
+    // The fragments are in registers (the wgmmas read gf, the loop above read qf): this warp's tile
+    // buffers take the next tile now, behind the epilogue.
+    __syncwarp();
+    if (i + 1 < ntile) {
+      load_rows<D, 16, 32>(Qt, qb, g.q_st, base + 64, t1, lane);
+      load_rows<D, 16, 32>(Gt, gb, D, base + 64, t1, lane);
+      cp_async_commit();
+    }
+    float dden[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 1);
+      dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 2);
+      dden[r] = ok[r] ? -dot[r] * id[r] : 0.f;
+    }
+    fence_regs_u<KS * 4>(&qf[0][0]);
+    // dq = phi'(R^T G / den + dden z), accumulator element (ni, e): row gq + 8 (e >> 1), channels
+    // 8 ni + 2 tq + {0, 1}; dz += dden phi(q) on the way.
+    auto grad = [&](int r, int ni) {
+      float g0 = acc[4 * ni + 2 * r] * id[r], g1 = acc[4 * ni + 2 * r + 1] * id[r];
+      if (ROPE) {
+        const float2 cs = *rope_pair_entry<D>(tp[r], ni, tq);  // inverse rotation
+        const float a0 = g0 * cs.x + g1 * cs.y, a1 = -g0 * cs.y + g1 * cs.x;
+        g0 = a0, g1 = a1;
+      }
+      const float2 zz = *reinterpret_cast<const float2*>(zq + 8 * ni);
+      return make_float2(fmaf(dden[r], zz.x, g0), fmaf(dden[r], zz.y, g1));
+    };
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      fence_regs<D / 2>(acc);  // one row at a time (interleaving both rows' epilogues spilled)
+      float dot = 0.f;
+#pragma unroll
+      for (int ni = 0; ni < D / 8; ++ni) {
+        const float2 x = Elem<bf16>::unpack(qf[ni / 2][2 * (ni & 1) + r]);
+        const float y0 = phi_y(F, x.x, mx[r], iv[r]), y1 = phi_y(F, x.y, mx[r], iv[r]);
+        dzacc[2 * ni] = fmaf(dden[r], y0, dzacc[2 * ni]);
+        dzacc[2 * ni + 1] = fmaf(dden[r], y1, dzacc[2 * ni + 1]);
+        if (F == FeatureMap::Softmax) {
+          const float2 gv = grad(r, ni);
+          dot += y0 * gv.x + y1 * gv.y;
+        }
+      }
+      if (F == FeatureMap::Softmax) {
+        dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+        dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+      }
+      if (ok[r]) {
+        float* out = dqb + (base + gq + 8 * r) * D;
+#pragma unroll
+        for (int ni = 0; ni < D / 8; ++ni) {
+          const float2 x = Elem<bf16>::unpack(qf[ni / 2][2 * (ni & 1) + r]), gv = grad(r, ni);
+          float d2[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float xv = e ? x.y : x.x, gg = e ? gv.y : gv.x;
+            if (F == FeatureMap::Relu) d2[e] = xv > 0.f ? gg : 0.f;
+            else if (F == FeatureMap::Elu1) d2[e] = xv > 0.f ? gg : gg * expf(xv);
+            else d2[e] = phi_y(F, xv, mx[r], iv[r]) * (gg - dot);
+          }
+          *reinterpret_cast<float2*>(out + 8 * ni) = make_float2(d2[0], d2[1]);
+        }
+      }
+    }
+  }
+  // dz: the 8 lanes of one tq hold the same channels (a fixed tree over lanes 4 apart), then the warps
+  // in order: one partial per CTA, reduced over the spans in fixed order (deterministic).
+#pragma unroll
+  for (int c = 0; c < D / 4; ++c) {
+    dzacc[c] += __shfl_xor_sync(0xffffffffu, dzacc[c], 4);
+    dzacc[c] += __shfl_xor_sync(0xffffffffu, dzacc[c], 8);
+    dzacc[c] += __shfl_xor_sync(0xffffffffu, dzacc[c], 16);
+  }
+  if (gq == 0)
+#pragma unroll
+    for (int ni = 0; ni < D / 8; ++ni)
+      *reinterpret_cast<float2*>(dzw + warp * D + 8 * ni + 2 * tq) = make_float2(dzacc[2 * ni], dzacc[2 * ni + 1]);
+  __syncthreads();
+  for (int d = tid; d < D; d += kAW * 32) {
+    float acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < kAW; ++w) acc += dzw[w * D + d];
+    dzpart[(bh * gridDim.x + blockIdx.x) * D + d] = acc;
+  }
+}
+
 template <int D, bool TRANSFORM>
 void state_mma(const LinArgs& g, const Plan& pl, const bf16* x, const int64_t* xs, const bf16* y, const int64_t* ys,
                float* part, float* zpart, bf16* out, bool split, float* zout, cudaStream_t s) {
@@ -2013,17 +2225,32 @@ void bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaSt
   fwd_state<D>(p, pl, g, ws, s);
   const dim3 grid(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH));
   bf16* as = at<bf16>(ws, pl.dnum);  // a / den, (BH, L, D) bf16 in the fp32 dnum region
-  const size_t smem_q = sizeof(bf16) * (2 * D * D + kW * 3 * kWT * D) + sizeof(float) * (D + kW * 4 * kWT + kW * D);
-  set_smem_mma(apply_bwd_q_mma_kernel<D>, smem_q);
-  apply_bwd_q_mma_kernel<D><<<grid, kT, smem_q, s>>>(g, static_cast<const bf16*>(p.q), static_cast<const bf16*>(p.do_l),
-                                                     at<bf16>(ws, pl.sv), at<float>(ws, pl.z), as,
-                                                     at<float>(ws, pl.dz_part), at<float>(ws, pl.dq_l));
-  SALAD_LAUNCH_CHECK();
+  const char* eq = std::getenv("SALAD_LINEAR_BWD_Q");  // "mma": the mma.sync query-side kernel
+  int64_t n_dz = pl.n_chunk;  // dz partials per (b, h)
+  if (!(eq && std::strcmp(eq, "mma") == 0)) {
+    n_dz = (g.L + kApplySpan - 1) / kApplySpan;  // one per span (make_plan sizes dz_part for either)
+    const dim3 gq(static_cast<unsigned>(n_dz), static_cast<unsigned>(pl.BH));
+    with_feature_rope(g.feature, g.rope, [&](auto fc, auto rc) {
+      auto kernel = apply_bwd_q_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value>;
+      set_smem_mma(kernel, BwdQSmem<D>::kBytes);
+      kernel<<<gq, kAW * 32, BwdQSmem<D>::kBytes, s>>>(g, static_cast<const bf16*>(p.q), static_cast<const bf16*>(p.do_l),
+                                                       at<bf16>(ws, pl.sv), at<float>(ws, pl.z), as,
+                                                       at<float>(ws, pl.dz_part), at<float>(ws, pl.dq_l));
+      SALAD_LAUNCH_CHECK();
+    });
+  } else {
+    const size_t smem_q = sizeof(bf16) * (2 * D * D + kW * 3 * kWT * D) + sizeof(float) * (D + kW * 4 * kWT + kW * D);
+    set_smem_mma(apply_bwd_q_mma_kernel<D>, smem_q);
+    apply_bwd_q_mma_kernel<D><<<grid, kT, smem_q, s>>>(g, static_cast<const bf16*>(p.q), static_cast<const bf16*>(p.do_l),
+                                                       at<bf16>(ws, pl.sv), at<float>(ws, pl.z), as,
+                                                       at<float>(ws, pl.dz_part), at<float>(ws, pl.dq_l));
+    SALAD_LAUNCH_CHECK();
+  }
   const int64_t cs[3] = {p.H * p.L * D, p.L * D, D};  // contiguous (B, H, L, D)
   state_mma<D, false>(g, pl, as, cs, static_cast<const bf16*>(p.do_l), cs, at<float>(ws, pl.dsv_part), nullptr,
                       at<bf16>(ws, pl.dsv), false, nullptr, s);
   reduce_chunks_kernel<<<dim3(1, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(at<float>(ws, pl.dz_part),
-                                                                             at<float>(ws, pl.dz), pl.n_chunk, D);
+                                                                             at<float>(ws, pl.dz), n_dz, D);
   SALAD_LAUNCH_CHECK();
   const char* ek = std::getenv("SALAD_LINEAR_BWD_K");  // "mma": the mma.sync key-side kernel
   if (!(ek && std::strcmp(ek, "mma") == 0)) {

@@ -590,7 +590,8 @@ Plan make_plan(const Params& p, bool backward) {
       pl.dnum = take(sizeof(float) * BHLD);
       pl.dden = take(sizeof(float) * pl.BH * p.L);
       pl.dsv_part = take(sizeof(float) * pl.BH * pl.n_chunk * p.D * p.D);
-      pl.dz_part = take(sizeof(float) * pl.BH * pl.n_chunk * p.D);
+      // dz partials: per chunk (mma.sync query-side kernel) or per 512-token span (the wgmma one)
+      pl.dz_part = take(sizeof(float) * pl.BH * std::max<int64_t>(pl.n_chunk, (p.L + 511) / 512) * p.D);
       pl.dsv = take(sizeof(float) * pl.BH * p.D * p.D);
       pl.dz = take(sizeof(float) * pl.BH * p.D);
       pl.dq_l = take(sizeof(float) * BHLD);
