@@ -119,6 +119,19 @@ __device__ __forceinline__ int swz(int row, int col) {
   return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
 }
 
+// A fragments (m16 x k16 per kk, the mma.sync / wgmma register-A order) of a warp's 16-row tile X
+// and, interleaved, of a second tile Y, both swz<D>-swizzled, D columns.
+template <int D, class T>
+__device__ __forceinline__ void load_a_frags2(const T* X, uint32_t (&a)[D / 16][4], const T* Y, uint32_t (&b)[D / 16][4],
+                                              int lane) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = kk * 16 + (lane >> 4) * 8;
+    ldmatrix_x4(smem_addr(X + swz<D>(r, c)), a[kk][0], a[kk][1], a[kk][2], a[kk][3]);
+    ldmatrix_x4(smem_addr(Y + swz<D>(r, c)), b[kk][0], b[kk][1], b[kk][2], b[kk][3]);
+  }
+}
+
 // Warp tile products of the mma.sync kernels (attn_fwd.cu, attn_bwd.cu), on swizzled tiles.
 // acc(16 x N) = A(16 x D, smem rows arow ..) * B^T, with B N rows x D in shared memory.
 template <class T, int D, int N>

@@ -1840,12 +1840,7 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_k_wgmma_kernel(LinArgs 
     }
     __syncwarp();
     uint32_t kf[KS][4], af[KS][4];  // raw k; v, then c
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-      const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = kk * 16 + (lane >> 4) * 8;
-      ldmatrix_x4(smem_addr(Kt + swz<D>(r, c)), kf[kk][0], kf[kk][1], kf[kk][2], kf[kk][3]);
-      ldmatrix_x4(smem_addr(Vt + swz<D>(r, c)), af[kk][0], af[kk][1], af[kk][2], af[kk][3]);
-    }
+    load_a_frags2<D>(Kt, kf, Vt, af, lane);
     float dc[D / 2];
 #pragma unroll
     for (int n = 0; n < D / 2; ++n) dc[n] = 0.f;
@@ -2005,12 +2000,7 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
     cp_async_wait<0>();
     __syncwarp();
     uint32_t qf[KS][4], gf[KS][4];  // raw q; dO
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-      const int r = (lane & 7) + ((lane >> 3) & 1) * 8, c = kk * 16 + (lane >> 4) * 8;
-      ldmatrix_x4(smem_addr(Qt + swz<D>(r, c)), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
-      ldmatrix_x4(smem_addr(Gt + swz<D>(r, c)), gf[kk][0], gf[kk][1], gf[kk][2], gf[kk][3]);
-    }
+    load_a_frags2<D>(Qt, qf, Gt, gf, lane);
     float acc[D / 2];
 #pragma unroll
     for (int n = 0; n < D / 2; ++n) acc[n] = 0.f;
