@@ -120,7 +120,7 @@ const char* sdpa_backend_name(int64_t b) {
 
 int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64_t heads, int64_t dim,
                const std::string& device, const std::string& dtype_s, int iters, int warmup, bool backward,
-               const std::string& variants_s, int queued) {
+               const std::string& variants_s, int queued, const std::string& bwd_grad) {
   Grid grid = a.to_grid();
   if (!shape.empty()) {
     auto it = named_shapes().find(shape);
@@ -132,6 +132,8 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
     heads = it->second.heads, dim = it->second.dim, grid = it->second.grid;
   }
   if (device != "cpu" && device != "cuda") throw ArgumentError("--device: expected cpu | cuda, got '" + device + "'");
+  if (bwd_grad != "output" && bwd_grad != "loss")
+    throw ArgumentError("--bwd-grad: expected output | loss, got '" + bwd_grad + "'");
   if (device == "cuda" && !torch::cuda::is_available())
     throw ArgumentError("--device: cuda requested but no CUDA device is visible");
   const at::Device dev(device == "cuda" ? at::kCUDA : at::kCPU);
@@ -160,6 +162,9 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
   if (dev.is_cuda()) std::printf("card: %s\n", at::cuda::getCurrentDeviceProperties()->name);
 #endif
 
+  if (backward)
+    std::printf("backward: %s\n", bwd_grad == "loss" ? "of the loss sum(o * dO) over the outputs"
+                                                      : "autograd from a given dO for every output");
   struct Row {
     std::string name;
     double fwd = 0, fb = 0;
@@ -228,9 +233,13 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
     time_all(
         [&](size_t i) {
           auto outs = fwds[i]();
-          at::Tensor l = (outs[0] * go).sum();
-          if (outs.size() > 1) l = l + (outs[1] * go).sum();
-          l.backward();
+          if (bwd_grad == "loss") {
+            at::Tensor l = (outs[0] * go).sum();
+            if (outs.size() > 1) l = l + (outs[1] * go).sum();
+            l.backward();
+          } else {  // dO given for every output, as FlashAttention's benchmarks call o.backward(dO)
+            torch::autograd::backward(outs, std::vector<at::Tensor>(outs.size(), go));
+          }
           q.mutable_grad().reset(), k.mutable_grad().reset(), v.mutable_grad().reset();
         },
         &Row::fb);
@@ -310,7 +319,7 @@ void add_attention_commands(CLI::App& app, Commands& cmds) {
                   }});
 
   static AttnArgs bench_args;
-  static std::string shape, device = "cpu", dtype;
+  static std::string shape, device = "cpu", dtype, bwd_grad = "output";
   static int64_t batch = 1, heads = 2, dim = 64;
   static int iters = 10, warmup = 2, queued = 0;
   static bool backward = false;
@@ -336,12 +345,16 @@ void add_attention_commands(CLI::App& app, Commands& cmds) {
                        : "expected a count >= 0 (0: off), got '" + v + "'";
           },
           "N >= 0"));
-  bench->add_flag("--backward", backward, "also time forward+backward");
+  bench->add_flag("--backward", backward, "also time forward+backward (bwd ms = forward+backward - forward)");
+  bench->add_option("--bwd-grad", bwd_grad,
+                    "output: autograd backward from a given dO for every output (the attention's own backward); "
+                    "loss: backward of sum(o * dO) over the outputs, which adds two elementwise passes per output")
+      ->capture_default_str();
   bench->add_option("--variants", variants, "comma list of sdpa,dense,sparse,salad; the first is the baseline")
       ->capture_default_str();
   cmds.push_back({bench, [] {
                     return bench_attn(bench_args, shape, batch, heads, dim, device, dtype, iters, warmup, backward,
-                                      variants, queued);
+                                      variants, queued, bwd_grad);
                   }});
 
   static AttnArgs sel_args;

@@ -2,7 +2,7 @@
 # Run on the GPU machine (device tool, carry [".devdeps", ".cutlass"]): build
 # against the machine's own PyTorch, run every test (CUDA ones included), then
 # the benchmarks. Logs go to $OUT; a short table is printed last.
-#   scripts/gpu_run.sh [test] [sanitize] [prof] [clock] [lines] [bench] [ab] [dit] [ditprof] [dit14] [world]   (default: test bench sanitize)
+#   scripts/gpu_run.sh [test] [sanitize] [prof] [clock] [lines] [bench] [bwdloss] [ab] [dit] [ditprof] [dit14] [world]   (default: test bench sanitize)
 # Env TARGETS: ninja targets to build (default: all), e.g. salad_cli; `none` as the
 # only stage just builds.
 set -uo pipefail
@@ -60,6 +60,11 @@ if has bench; then
     timeout 180 build-gpu/salad bench-attn --shape $shape --device cuda --iters 20 --warmup 5 --backward \
       --queued 3 --variants sdpa,sparse,salad 2>&1 | tail -11
   done
+fi
+if has bwdloss; then
+  # The backward as sessions 1-10 timed it (backward of sum(o * dO) over the outputs), for comparison.
+  timeout 180 build-gpu/salad bench-attn --shape wan1.3b-480p --device cuda --iters 20 --warmup 5 --backward \
+    --queued 3 --bwd-grad loss --variants sdpa,sparse,salad 2>&1 | tail -11
 fi
 if has ab; then
   # A/B of kernel switches at Wan1.3B-480p, same build and card: one bench per setting

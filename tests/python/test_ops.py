@@ -140,6 +140,20 @@ def test_cli_bench_attn_queued_times_back_to_back_calls(salad_cli):
     assert res.returncode != 0 and "--queued" in res.stderr
 
 
+def test_cli_bench_attn_backward_from_given_grad_or_from_a_loss(salad_cli):
+    base = [salad_cli, "bench-attn", "--grid", "2,8,16", "--heads", "1", "--iters", "2", "--warmup", "0",
+            "--block-q", "64", "--block-k", "32", "--backward", "--variants", "sdpa,salad"]
+    for mode, says in (("output", "autograd from a given dO"), ("loss", "of the loss sum(o * dO)")):
+        out = subprocess.run(base + ["--bwd-grad", mode], capture_output=True, text=True, check=True).stdout
+        assert f"backward: {says}" in out
+        rows = {l.split()[0]: l.split() for l in out.split("(speed-up vs", 1)[1].splitlines()[1:] if l.strip()}
+        # variant, sparsity, fwd ms, fwd speed-up, bwd ms, bwd speed-up: a backward time for both rows
+        assert set(rows) == {"sdpa(cpu)", "salad"} and rows["sdpa(cpu)"][5] == "1.00x"
+        assert float(rows["salad"][4]) != 0
+    res = subprocess.run(base + ["--bwd-grad", "sum"], capture_output=True, text=True)
+    assert res.returncode != 0 and "--bwd-grad: expected output | loss, got 'sum'" in res.stderr
+
+
 def test_cli_rejects_bad_input_with_a_named_error(salad_cli):
     res = subprocess.run([salad_cli, "select", "--grid", "4,16"], capture_output=True, text=True)
     assert res.returncode != 0
