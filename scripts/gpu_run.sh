@@ -2,7 +2,7 @@
 # Run on the GPU machine (device tool, carry [".devdeps", ".cutlass"]): build
 # against the machine's own PyTorch, run every test (CUDA ones included), then
 # the benchmarks. Logs go to $OUT; a short table is printed last.
-#   scripts/gpu_run.sh [test] [sanitize] [prof] [clock] [lines] [bench] [bwdloss] [ab] [dit] [ditprof] [dit14] [world]   (default: test bench sanitize)
+#   scripts/gpu_run.sh [test] [sanitize] [prof] [clock] [lines] [bench] [bwdloss] [ab] [ncuab] [dit] [ditprof] [dit14] [world]   (default: test bench sanitize)
 # Env TARGETS: ninja targets to build (default: all), e.g. salad_cli; `none` as the
 # only stage just builds.
 set -uo pipefail
@@ -74,6 +74,19 @@ if has ab; then
     if [ "$e" = - ]; then env_set=(); else IFS=, read -ra env_set <<<"$e"; fi
     env "${env_set[@]}" timeout 120 build-gpu/salad bench-attn --shape wan1.3b-480p --device cuda --iters 20 --warmup 5 \
       --backward --variants sdpa,salad 2>&1 | tail -3
+  done
+fi
+if has ncuab; then
+  # Kernel-level A/B at the card's clock: the launches of kernels matching KERNELS (a regex) in one
+  # SALAD forward + backward at Wan1.3B-480p, once per AB setting (as for `ab`), same build.
+  for e in ${AB:--}; do
+    echo "== ncu $e"
+    if [ "$e" = - ]; then env_set=(); else IFS=, read -ra env_set <<<"$e"; fi
+    f="$OUT/ncuab_$(echo "$e" | tr -c 'A-Za-z0-9' '_').csv"
+    env "${env_set[@]}" ncu --clock-control none -k regex:"${KERNELS:-.}" --metrics gpu__time_duration.sum --csv \
+      build-gpu/salad bench-attn --shape wan1.3b-480p --device cuda --iters 1 --warmup 0 --backward --variants salad \
+      >"$f" 2>/dev/null || echo "ncuab: ncu failed for $e"
+    python3 scripts/ncu_table.py "$f" | grep -v ' at::' || true
   done
 fi
 if has dit; then
