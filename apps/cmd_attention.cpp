@@ -118,6 +118,25 @@ const char* sdpa_backend_name(int64_t b) {
   }
 }
 
+// Attended (query, key) token pairs of a block table, partial blocks counted exactly, summed over
+// the leading dims: idx (..., n_q, max_k), cnt (..., n_q).
+double kept_pairs(const at::Tensor& idx_any, const at::Tensor& cnt_any, int64_t L, const Options& o) {
+  const at::Tensor cnt = cnt_any.cpu().contiguous().view({-1, cnt_any.size(-1)});
+  const at::Tensor idx = idx_any.cpu().contiguous().view({cnt.size(0), cnt.size(1), -1});
+  auto ia = idx.accessor<int32_t, 3>();
+  auto ca = cnt.accessor<int32_t, 2>();
+  double pairs = 0;
+  for (int64_t h = 0; h < cnt.size(0); ++h)
+    for (int64_t i = 0; i < cnt.size(1); ++i) {
+      const int64_t rows = std::min(L, (i + 1) * o.block_q) - i * o.block_q;
+      for (int32_t c = 0; c < ca[h][i]; ++c) {
+        const int64_t j = ia[h][i][c];
+        pairs += static_cast<double>(rows) * static_cast<double>(std::min(L, (j + 1) * o.block_k) - j * o.block_k);
+      }
+    }
+  return pairs;
+}
+
 int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64_t heads, int64_t dim,
                const std::string& device, const std::string& dtype_s, int iters, int warmup, bool backward,
                const std::string& variants_s, int queued, const std::string& bwd_grad) {
@@ -169,12 +188,14 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
     std::string name;
     double fwd = 0, fb = 0;
     double sparsity = 0;
+    double pairs = 0;  // attended (query, key) pairs, all batches and heads
     double q_fwd = 0, q_fb = 0, h_fwd = 0, h_fb = 0;  // --queued: per call, calls back to back; host enqueue
   };
   std::vector<Row> rows;
   std::vector<std::function<std::vector<at::Tensor>()>> fwds;
   for (const std::string& name : variants) {
     Row r{name};
+    r.pairs = static_cast<double>(batch * heads) * static_cast<double>(L) * static_cast<double>(L);
     if (name == "sdpa") {
       const int64_t choice = dev.is_cuda() ? at::_fused_sdp_choice(q, k, v) : 0;
       r.name = std::string("sdpa(") + (dev.is_cuda() ? sdpa_backend_name(choice) : "cpu") + ")";
@@ -187,6 +208,7 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
         const AttentionOutput out = attention(q.detach(), k.detach(), v.detach(), grid, o);
         const BlockShape bs = [&] { Params p; p.L = L; p.opt = o; return p.blocks(); }();
         r.sparsity = 1.0 - out.block_cnt.to(at::kDouble).mean().item<double>() / static_cast<double>(bs.n_k);
+        r.pairs = kept_pairs(out.block_idx, out.block_cnt, L, o);
       }
       fwds.push_back([&, o] {
         AttentionOutput out = attention(q, k, v, grid, o);
@@ -246,12 +268,21 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
   const double base_f = rows.empty() ? 1 : rows[0].fwd, base_b = rows.empty() ? 1 : rows[0].fb - rows[0].fwd;
   std::printf("\n%-16s %9s %9s %12s", "variant", "sparsity", "fwd ms", "fwd speed-up");
   if (backward) std::printf(" %9s %12s", "bwd ms", "bwd speed-up");
+  std::printf(" %11s", "fwd TFLOP/s");
+  if (backward) std::printf(" %11s", "bwd TFLOP/s");
   std::printf("   (speed-up vs %s, same run)\n", rows.empty() ? "-" : rows[0].name.c_str());
+  // Attention FLOPs of the attended pairs as FlashAttention counts them: 4 D per pair forward (two
+  // GEMMs), 2.5x that backward; the linear branch is not counted.
+  const double fpp = 4.0 * static_cast<double>(dim);
   for (const Row& r : rows) {
     std::printf("%-16s %8.1f%% %9.3f %11.2fx", r.name.c_str(), 100 * r.sparsity, r.fwd, base_f / r.fwd);
     if (backward) std::printf(" %9.3f %11.2fx", r.fb - r.fwd, base_b / (r.fb - r.fwd));
+    std::printf(" %11.4g", fpp * r.pairs / (r.fwd * 1e9));
+    if (backward) std::printf(" %11.4g", 2.5 * fpp * r.pairs / ((r.fb - r.fwd) * 1e9));
     std::printf("\n");
   }
+  std::printf("(TFLOP/s: attention FLOPs of the attended token pairs, 4 D each forward and 10 D backward; the "
+              "linear branch is not counted)\n");
   if (queued > 0) {
     const double qf = rows.empty() ? 1 : rows[0].q_fwd, qb = rows.empty() ? 1 : rows[0].q_fb - rows[0].q_fwd;
     std::printf("\n%d calls queued per synchronisation (ms per call; host = time to enqueue one call)\n", queued);
@@ -284,17 +315,8 @@ int select_cmd(const AttnArgs& a, int64_t heads, int64_t dim, uint64_t seed) {
               (long long)bs.n_q, (long long)bs.n_k);
   // Token-level sparsity: attended (query, key) pairs over L^2, partial blocks counted exactly.
   double pairs = 0;
-  auto ia = idx.accessor<int32_t, 4>();
-  auto ca = cnt.accessor<int32_t, 3>();
   for (int64_t h = 0; h < heads; ++h) {
-    double ph = 0;
-    for (int64_t i = 0; i < bs.n_q; ++i) {
-      const int64_t rows = std::min(p.L, (i + 1) * o.block_q) - i * o.block_q;
-      for (int32_t c = 0; c < ca[0][h][i]; ++c) {
-        const int64_t j = ia[0][h][i][c];
-        ph += static_cast<double>(rows) * static_cast<double>(std::min(p.L, (j + 1) * o.block_k) - j * o.block_k);
-      }
-    }
+    const double ph = kept_pairs(idx[0][h], cnt[0][h], p.L, o);
     std::printf("head %lld: mean kept blocks %.2f of %lld, block sparsity %.2f%%, token sparsity %.2f%%\n",
                 (long long)h, cnt[0][h].to(at::kDouble).mean().item<double>(), (long long)bs.n_k,
                 100.0 * (1.0 - cnt[0][h].to(at::kDouble).mean().item<double>() / static_cast<double>(bs.n_k)),

@@ -58,13 +58,13 @@ fi
 if has bench; then
   for shape in wan1.3b-480p wan14b-480p wan14b-720p; do
     timeout 180 build-gpu/salad bench-attn --shape $shape --device cuda --iters 20 --warmup 5 --backward \
-      --queued 3 --variants sdpa,sparse,salad 2>&1 | tail -11
+      --queued 3 --variants sdpa,sparse,salad 2>&1 | tail -12
   done
 fi
 if has bwdloss; then
   # The backward as sessions 1-10 timed it (backward of sum(o * dO) over the outputs), for comparison.
   timeout 180 build-gpu/salad bench-attn --shape wan1.3b-480p --device cuda --iters 20 --warmup 5 --backward \
-    --queued 3 --bwd-grad loss --variants sdpa,sparse,salad 2>&1 | tail -11
+    --queued 3 --bwd-grad loss --variants sdpa,sparse,salad 2>&1 | tail -12
 fi
 if has ab; then
   # A/B of kernel switches at Wan1.3B-480p, same build and card: one bench per setting
@@ -73,7 +73,7 @@ if has ab; then
     echo "== $e"
     if [ "$e" = - ]; then env_set=(); else IFS=, read -ra env_set <<<"$e"; fi
     env "${env_set[@]}" timeout 120 build-gpu/salad bench-attn --shape wan1.3b-480p --device cuda --iters 20 --warmup 5 \
-      --backward --variants sdpa,salad 2>&1 | tail -3
+      --backward --variants sdpa,salad 2>&1 | tail -4
   done
 fi
 if has ncuab; then

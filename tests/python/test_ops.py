@@ -127,6 +127,20 @@ def test_cli_bench_attn_prints_baseline_and_ratios(salad_cli):
         assert name in out
 
 
+def test_cli_bench_attn_reports_tflops_of_the_attended_pairs(salad_cli):
+    # L = 256, D 64, blocks 64/32: keep 0.1 of 8 key blocks -> 1 per query block, 87.5% of the pairs skipped
+    out = subprocess.run([salad_cli, "bench-attn", "--grid", "2,8,16", "--heads", "1", "--iters", "3",
+                          "--warmup", "1", "--block-q", "64", "--block-k", "32", "--variants", "sdpa,sparse"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "fwd TFLOP/s" in out and "4 D each forward" in out
+    rows = {l.split()[0]: l.split() for l in out.split("(speed-up vs", 1)[1].splitlines()[1:3]}
+    pairs = {"sdpa(cpu)": 256 * 256, "sparse": 256 * 256 / 8}
+    for name, n in pairs.items():
+        ms, tflops = float(rows[name][2]), float(rows[name][4])
+        # TFLOP/s x ms = 1e9 FLOP: 4 D per attended pair (ms is printed to 3 decimals)
+        assert abs(tflops * ms * 1e9 / (4 * 64 * n) - 1) < 0.05 + 0.0005 / ms
+
+
 def test_cli_bench_attn_queued_times_back_to_back_calls(salad_cli):
     out = subprocess.run([salad_cli, "bench-attn", "--grid", "2,8,16", "--heads", "1", "--iters", "2",
                           "--warmup", "0", "--block-q", "64", "--block-k", "32", "--queued", "2",
@@ -146,7 +160,8 @@ def test_cli_bench_attn_backward_from_given_grad_or_from_a_loss(salad_cli):
     for mode, says in (("output", "autograd from a given dO"), ("loss", "of the loss sum(o * dO)")):
         out = subprocess.run(base + ["--bwd-grad", mode], capture_output=True, text=True, check=True).stdout
         assert f"backward: {says}" in out
-        rows = {l.split()[0]: l.split() for l in out.split("(speed-up vs", 1)[1].splitlines()[1:] if l.strip()}
+        rows = {l.split()[0]: l.split() for l in out.split("(speed-up vs", 1)[1].splitlines()[1:]
+                if l.strip() and not l.startswith("(")}
         # variant, sparsity, fwd ms, fwd speed-up, bwd ms, bwd speed-up: a backward time for both rows
         assert set(rows) == {"sdpa(cpu)", "salad"} and rows["sdpa(cpu)"][5] == "1.00x"
         assert float(rows["salad"][4]) != 0
