@@ -291,6 +291,33 @@ TEST(SM90_Attention, WgmmaLinearForwardMatchesMmaForward) {
   else unsetenv("SALAD_LINEAR_APPLY");
 }
 
+// With 64-key blocks the wgmma state kernel stores the key block means itself (its 64-token sums of
+// kr divided as tile_means_kernel divides them), so the forward skips the key tile_means launch:
+// the same tables and outputs bit for bit as with that launch (SALAD_KMEAN=kernel), L with a short
+// last block, both D, with and without the linear branch's RoPE.
+TEST(SM90_Attention, KeyMeansFromStateKernelEqualTileMeans) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
+  torch::manual_seed(12);
+  torch::NoGradGuard ng;
+  const Grid g{3, 30, 46};  // L = 4140 = 64 * 64 + 44
+  for (int64_t D : {64, 128})
+    for (bool rope : {true, false}) {
+      SCOPED_TRACE("D" + std::to_string(D) + (rope ? " rope" : " no rope"));
+      Options o;
+      o.mode = Mode::Salad, o.keep = 0.1, o.block_q = 128, o.block_k = 64, o.linear_rope = rope;
+      auto opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+      const at::Tensor q = at::randn({2, 3, g.size(), D}, opt), k = at::randn_like(q), v = at::randn_like(q);
+      setenv("SALAD_KMEAN", "kernel", 1);
+      const AttentionOutput ref = attention(q, k, v, g, o);
+      unsetenv("SALAD_KMEAN");
+      const AttentionOutput got = attention(q, k, v, g, o);
+      EXPECT_TRUE(got.block_idx.equal(ref.block_idx));
+      EXPECT_TRUE(got.block_cnt.equal(ref.block_cnt));
+      EXPECT_TRUE(got.o_s.equal(ref.o_s));
+      EXPECT_TRUE(got.o_l.equal(ref.o_l));
+    }
+}
+
 TEST(SM90_Attention, DeterministicRepeatsAndNoQuadraticMemory) {
   if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
   torch::manual_seed(1);

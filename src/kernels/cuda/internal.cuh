@@ -36,6 +36,10 @@ struct Plan {
   size_t total = 0;
 };
 Plan make_plan(const Params& p, bool backward);
+// Forward with Top-K, the k rotation fused into the state kernel and 64-key blocks: that kernel stores
+// the key block means itself (its 64-token kr sums divided as tile_means_kernel does), so no key
+// tile_means launch. SALAD_KMEAN=kernel keeps the launch (A/B).
+bool kmean_from_state(const Params& p, const Plan& pl);
 
 template <class X>
 X* at(void* ws, size_t off) {

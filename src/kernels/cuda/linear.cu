@@ -43,6 +43,9 @@ struct LinArgs {
   // qr = rope3d(q) and per-16-token sums of qr.
   __nv_bfloat16* qr;
   float* qsum;
+  // The wgmma state kernel's per-64-token kr sums are stored as means, (0 + sum) / tokens: the key
+  // block means of block_k 64, as tile_means_kernel forms them (kmean_from_state).
+  bool ksum_mean;
 };
 
 // Row of D channels held by one warp: lane owns columns lane + 32 i.
@@ -498,6 +501,7 @@ LinArgs make_args(const Params& p, const Plan& pl, const RopeInfo& r) {
   g.chunk = pl.chunk;
   g.qr = nullptr;
   g.qsum = nullptr;
+  g.ksum_mean = kmean_from_state(p, pl);
   return g;
 }
 
@@ -846,10 +850,21 @@ __global__ void __launch_bounds__(kT, 2) state_mma_kernel(LinArgs g, const bf16*
 }
 
 // Sum over chunks (fixed order) -> bf16 hi (and lo = bf16(s - hi) when split).
+// zpart / zout (optional): block 0 also sums the normaliser's n_z partials (reduce_chunks_kernel's
+// order, one launch fewer).
 template <int D>
-__global__ void reduce_sv_kernel(const float* __restrict__ part, bf16* __restrict__ out, int64_t n_chunk, bool split) {
+__global__ void reduce_sv_kernel(const float* __restrict__ part, bf16* __restrict__ out, int64_t n_chunk, bool split,
+                                 const float* __restrict__ zpart = nullptr, float* __restrict__ zout = nullptr,
+                                 int64_t n_z = 0) {
   const int64_t bh = blockIdx.y;
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (zout && blockIdx.x == 0) {
+    for (int ez = threadIdx.x; ez < D; ez += blockDim.x) {
+      float z = 0.f;
+      for (int64_t c = 0; c < n_z; ++c) z += zpart[(bh * n_z + c) * D + ez];
+      zout[bh * D + ez] = z;
+    }
+  }
   if (e >= D * D) return;
   float s = 0.f;
   for (int64_t c = 0; c < n_chunk; ++c) s += part[(bh * n_chunk + c) * D * D + e];
@@ -1704,7 +1719,8 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
         float s = 0.f;
 #pragma unroll
         for (int w = 0; w < NW; ++w) s += red[((i & 1) * NW + w) * D + d];
-        ksum[(bh * n64 + base / 64) * D + d] = s;
+        ksum[(bh * n64 + base / 64) * D + d] =
+            g.ksum_mean ? (0.f + s) / static_cast<float>(imin64(g.L, base + 64) - base) : s;
       }
     }
     wgmma_fence();
@@ -2147,21 +2163,21 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
   }
 }
 
+// zout (optional): a normaliser reduced in the same launch as the state, from zred's n_z partials
+// (default: the n_chunk partials the state kernel writes to zpart).
 template <int D, bool TRANSFORM>
 void state_mma(const LinArgs& g, const Plan& pl, const bf16* x, const int64_t* xs, const bf16* y, const int64_t* ys,
-               float* part, float* zpart, bf16* out, bool split, float* zout, cudaStream_t s) {
+               float* part, float* zpart, bf16* out, bool split, float* zout, cudaStream_t s,
+               const float* zred = nullptr, int64_t n_z = 0) {
   const size_t smem = sizeof(bf16) * 4 * kTT * D;
   set_smem_mma(state_mma_kernel<D, TRANSFORM>, smem);
   state_mma_kernel<D, TRANSFORM><<<dim3(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH)), kT, smem, s>>>(
       g, x, xs[0], xs[1], xs[2], y, ys[0], ys[1], ys[2], part, zpart);
   SALAD_LAUNCH_CHECK();
   reduce_sv_kernel<D><<<dim3((D * D + 255) / 256, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(part, out, pl.n_chunk,
-                                                                                           split);
+                                                                                           split, zred ? zred : zpart,
+                                                                                           zout, n_z ? n_z : pl.n_chunk);
   SALAD_LAUNCH_CHECK();
-  if (zout) {
-    reduce_chunks_kernel<<<dim3(1, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(zpart, zout, pl.n_chunk, D);
-    SALAD_LAUNCH_CHECK();
-  }
 }
 
 template <int D>
@@ -2173,14 +2189,12 @@ void fwd_state(const Params& p, const Plan& pl, const LinArgs& g, void* ws, cuda
       kernel<<<dim3(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH)), 2 * D, StateSmem<D>::kBytes, s>>>(
           g, static_cast<const bf16*>(p.k), static_cast<const bf16*>(p.v), at<float>(ws, pl.sv_part),
           at<float>(ws, pl.z_part), at<bf16>(ws, pl.kr),
-          pl.ksum ? at<float>(ws, pl.ksum) : nullptr);  // ksum: forward Top-K only
+          pl.ksum ? at<float>(ws, kmean_from_state(p, pl) ? pl.kmean : pl.ksum) : nullptr);  // forward Top-K only
       SALAD_LAUNCH_CHECK();
     });
     reduce_sv_kernel<D><<<dim3((D * D + 255) / 256, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(
-        at<float>(ws, pl.sv_part), at<bf16>(ws, pl.sv), pl.n_chunk, true);
-    SALAD_LAUNCH_CHECK();
-    reduce_chunks_kernel<<<dim3(1, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(at<float>(ws, pl.z_part),
-                                                                               at<float>(ws, pl.z), pl.n_chunk, D);
+        at<float>(ws, pl.sv_part), at<bf16>(ws, pl.sv), pl.n_chunk, true, at<float>(ws, pl.z_part), at<float>(ws, pl.z),
+        pl.n_chunk);
     SALAD_LAUNCH_CHECK();
     return;
   }
@@ -2237,11 +2251,9 @@ void bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaSt
     SALAD_LAUNCH_CHECK();
   }
   const int64_t cs[3] = {p.H * p.L * D, p.L * D, D};  // contiguous (B, H, L, D)
+  // The dSv reduction also sums dz's n_dz partials (written by the query side above).
   state_mma<D, false>(g, pl, as, cs, static_cast<const bf16*>(p.do_l), cs, at<float>(ws, pl.dsv_part), nullptr,
-                      at<bf16>(ws, pl.dsv), false, nullptr, s);
-  reduce_chunks_kernel<<<dim3(1, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(at<float>(ws, pl.dz_part),
-                                                                             at<float>(ws, pl.dz), n_dz, D);
-  SALAD_LAUNCH_CHECK();
+                      at<bf16>(ws, pl.dsv), false, at<float>(ws, pl.dz), s, at<float>(ws, pl.dz_part), n_dz);
   const char* ek = std::getenv("SALAD_LINEAR_BWD_K");  // "mma": the mma.sync key-side kernel
   if (!(ek && std::strcmp(ek, "mma") == 0)) {
     const dim3 gk(static_cast<unsigned>((g.L + kApplySpan - 1) / kApplySpan), static_cast<unsigned>(pl.BH));

@@ -603,6 +603,12 @@ Plan make_plan(const Params& p, bool backward) {
   return pl;
 }
 
+bool kmean_from_state(const Params& p, const Plan& pl) {
+  const char* e = std::getenv("SALAD_KMEAN");  // read per call: tests compare both settings
+  const bool off = e && std::strcmp(e, "kernel") == 0;
+  return pl.topk_select && pl.fuse_k && pl.ksum && p.opt.block_k == 64 && !off;
+}
+
 RopeInfo prepare_order_and_rope(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
   RopeInfo r;
   RopeSplit sp = rope_split(p.D);
@@ -812,7 +818,7 @@ void forward(const Params& p, void* workspace, void* stream) {
   if (pl.fuse_rotate) {
     launch_linear_fwd(p, pl, r, ws, s);  // writes qr (and, fuse_k, kr) and their tile sums too
     if (pl.topk_select) launch_tile_means(p, pl, ws, /*keys=*/false, s);
-    if (pl.topk_select && pl.fuse_k) launch_tile_means(p, pl, ws, /*keys=*/true, s);
+    if (pl.topk_select && pl.fuse_k && !kmean_from_state(p, pl)) launch_tile_means(p, pl, ws, /*keys=*/true, s);
   }
   if (!pl.dense && !p.blocks_given) launch_select(p, pl, ws, s);
   launch_attn_fwd(p, pl, r, ws, s);
