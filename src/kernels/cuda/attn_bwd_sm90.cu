@@ -112,6 +112,9 @@ struct BwdSm90Args {
   int dense;
   int num_work;
   float scale, scale_log2;
+  // The producer asks L2 for the item's extra rows once it has issued the item's last loads, so
+  // the epilogue reads them from L2 (SALAD_BWD_PREFETCH=0: off).
+  int prefetch_extra;
 };
 
 // %laneid read afresh (volatile): keeps `lane` from being held, or spilled, across the tile loops.
@@ -327,6 +330,9 @@ __global__ void __launch_bounds__(kThreads, 1)
             tma_load_3d(sO + hh * (kRows * 128) + r * (64 * 128), &tdo, hh * 64, row, bh, barQ);
           }
         for (int t = pre; t < it.ntiles; ++t) load_kv(t);
+        if (a.extra0 && a.prefetch_extra)
+          l2_prefetch(a.extra0 + (static_cast<int64_t>(bh) * L + it.row0) * D,
+                      static_cast<uint32_t>((it.row_end - it.row0) * D * 4));
         gt += it.ntiles;
         ++n;
       }
@@ -717,6 +723,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
         if (!kv) load_kv();
+        if (a.extra0 && a.prefetch_extra) {
+          const int64_t o = (static_cast<int64_t>(bh) * L + it.key0) * D;
+          const uint32_t bytes = static_cast<uint32_t>((min(it.key0 + S::kKeys, L) - it.key0) * D * 4);
+          l2_prefetch(a.extra0 + o, bytes);
+          l2_prefetch(a.extra1 + o, bytes);
+        }
         ++n;
       }
     }
@@ -949,6 +961,7 @@ BwdSm90Args base_args(const BwdParams& p, const Plan& pl, const RopeInfo& r, voi
   a.block_q = p.opt.block_q;
   a.block_k = p.opt.block_k;
   a.dense = pl.dense ? 1 : 0;
+  a.prefetch_extra = env_is("SALAD_BWD_PREFETCH", "0") ? 0 : 1;
   a.scale = static_cast<float>(p.softmax_scale());
   a.scale_log2 = static_cast<float>(p.softmax_scale() * 1.4426950408889634);
   return a;

@@ -223,6 +223,13 @@ __device__ __forceinline__ void wgmma_ss_tt(float* d, uint64_t da, uint64_t db, 
   else wgmma_m64n128k16_bf16_ss_tt(d, da, db, scale_d);
 }
 
+// Asks L2 to fetch `bytes` (a multiple of 16) from global memory at p (16-byte aligned); no data
+// comes to the SM and nothing waits for it.
+__device__ __forceinline__ void l2_prefetch(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(reinterpret_cast<uint64_t>(p)), "r"(bytes)
+               : "memory");
+}
+
 // 1-D TMA tile load (e.g. 64 floats of a flattened (BH * L) row vector).
 __device__ __forceinline__ void tma_load_1d(uint32_t dst, const CUtensorMap* map, int c0, uint32_t bar) {
   asm volatile(
