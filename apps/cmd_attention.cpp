@@ -139,7 +139,7 @@ double kept_pairs(const at::Tensor& idx_any, const at::Tensor& cnt_any, int64_t 
 
 int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64_t heads, int64_t dim,
                const std::string& device, const std::string& dtype_s, int iters, int warmup, bool backward,
-               const std::string& variants_s, int queued, const std::string& bwd_grad) {
+               const std::string& variants_s, int queued, const std::string& bwd_grad, const std::string& order) {
   Grid grid = a.to_grid();
   if (!shape.empty()) {
     auto it = named_shapes().find(shape);
@@ -153,6 +153,8 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
   if (device != "cpu" && device != "cuda") throw ArgumentError("--device: expected cpu | cuda, got '" + device + "'");
   if (bwd_grad != "output" && bwd_grad != "loss")
     throw ArgumentError("--bwd-grad: expected output | loss, got '" + bwd_grad + "'");
+  if (order != "interleaved" && order != "blocked")
+    throw ArgumentError("--order: expected interleaved | blocked, got '" + order + "'");
   if (device == "cuda" && !torch::cuda::is_available())
     throw ArgumentError("--device: cuda requested but no CUDA device is visible");
   const at::Device dev(device == "cuda" ? at::kCUDA : at::kCPU);
@@ -184,6 +186,8 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
   if (backward)
     std::printf("backward: %s\n", bwd_grad == "loss" ? "of the loss sum(o * dO) over the outputs"
                                                       : "autograd from a given dO for every output");
+  std::printf("order: %s\n", order == "blocked" ? "blocked (each variant's iterations back to back)"
+                                                : "interleaved (the variants take turns within each iteration)");
   struct Row {
     std::string name;
     double fwd = 0, fb = 0;
@@ -217,13 +221,32 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
     }
     rows.push_back(r);
   }
-  // Variants take turns within each iteration, so a busy machine slows all of them alike.
+  // interleaved: the variants take turns within each iteration, so a busy machine slows all of them
+  // alike (and each runs right after the others, in the power and clock state they leave). blocked:
+  // each variant's warm-up and iterations back to back, as FlashAttention-style benchmarks time one
+  // function at a time.
+  const bool blocked = order == "blocked";
+  auto for_each_call = [&](int n, const std::function<void(size_t)>& body) {
+    if (blocked) {
+      for (size_t i = 0; i < rows.size(); ++i)
+        for (int it = 0; it < n; ++it) body(i);
+    } else {
+      for (int it = 0; it < n; ++it)
+        for (size_t i = 0; i < rows.size(); ++i) body(i);
+    }
+  };
   auto time_all = [&](const std::function<void(size_t)>& fn, double Row::*field) {
-    for (int w = 0; w < warmup; ++w)
-      for (size_t i = 0; i < rows.size(); ++i) fn(i);
     std::vector<std::vector<double>> t(rows.size());
-    for (int it = 0; it < iters; ++it)
-      for (size_t i = 0; i < rows.size(); ++i) t[i].push_back(median_ms([&] { fn(i); }, dev, 0, 1));
+    if (blocked) {
+      for (size_t i = 0; i < rows.size(); ++i) {
+        for (int w = 0; w < warmup; ++w) fn(i);
+        for (int it = 0; it < iters; ++it) t[i].push_back(median_ms([&] { fn(i); }, dev, 0, 1));
+      }
+    } else {
+      for (int w = 0; w < warmup; ++w)
+        for (size_t i = 0; i < rows.size(); ++i) fn(i);
+      for_each_call(iters, [&](size_t i) { t[i].push_back(median_ms([&] { fn(i); }, dev, 0, 1)); });
+    }
     for (size_t i = 0; i < rows.size(); ++i) {
       std::sort(t[i].begin(), t[i].end());
       rows[i].*field = t[i][t[i].size() / 2];
@@ -233,15 +256,14 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
     // when the host runs ahead (as in a model), and the host's time to enqueue one call.
     const bool fwd_field = field == &Row::fwd;
     std::vector<std::vector<double>> tq(rows.size()), th(rows.size());
-    for (int it = 0; it < iters; ++it)
-      for (size_t i = 0; i < rows.size(); ++i) {
-        sync_device(dev);
-        const auto t0 = std::chrono::steady_clock::now();
-        for (int r = 0; r < queued; ++r) fn(i);
-        th[i].push_back(ms_since(t0) / queued);
-        sync_device(dev);
-        tq[i].push_back(ms_since(t0) / queued);
-      }
+    for_each_call(iters, [&](size_t i) {
+      sync_device(dev);
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int r = 0; r < queued; ++r) fn(i);
+      th[i].push_back(ms_since(t0) / queued);
+      sync_device(dev);
+      tq[i].push_back(ms_since(t0) / queued);
+    });
     for (size_t i = 0; i < rows.size(); ++i) {
       (fwd_field ? rows[i].q_fwd : rows[i].q_fb) = median(tq[i]);
       (fwd_field ? rows[i].h_fwd : rows[i].h_fb) = median(th[i]);
@@ -341,7 +363,7 @@ void add_attention_commands(CLI::App& app, Commands& cmds) {
                   }});
 
   static AttnArgs bench_args;
-  static std::string shape, device = "cpu", dtype, bwd_grad = "output";
+  static std::string shape, device = "cpu", dtype, bwd_grad = "output", order = "interleaved";
   static int64_t batch = 1, heads = 2, dim = 64;
   static int iters = 10, warmup = 2, queued = 0;
   static bool backward = false;
@@ -372,11 +394,15 @@ void add_attention_commands(CLI::App& app, Commands& cmds) {
                     "output: autograd backward from a given dO for every output (the attention's own backward); "
                     "loss: backward of sum(o * dO) over the outputs, which adds two elementwise passes per output")
       ->capture_default_str();
+  bench->add_option("--order", order,
+                    "interleaved: the variants take turns within each iteration; blocked: each variant's warm-up "
+                    "and iterations back to back")
+      ->capture_default_str();
   bench->add_option("--variants", variants, "comma list of sdpa,dense,sparse,salad; the first is the baseline")
       ->capture_default_str();
   cmds.push_back({bench, [] {
                     return bench_attn(bench_args, shape, batch, heads, dim, device, dtype, iters, warmup, backward,
-                                      variants, queued, bwd_grad);
+                                      variants, queued, bwd_grad, order);
                   }});
 
   static AttnArgs sel_args;

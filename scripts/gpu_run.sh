@@ -2,7 +2,7 @@
 # Run on the GPU machine (device tool, carry [".devdeps", ".cutlass"]): build
 # against the machine's own PyTorch, run every test (CUDA ones included), then
 # the benchmarks. Logs go to $OUT; a short table is printed last.
-#   scripts/gpu_run.sh [test] [sanitize] [prof] [clock] [lines] [bench] [bwdloss] [ab] [ncuab] [dit] [ditprof] [dit14] [world]   (default: test bench sanitize)
+#   scripts/gpu_run.sh [test] [sanitize] [prof] [clock] [lines] [bench] [bwdloss] [ab] [ncuab] [order] [dit] [ditprof] [dit14] [world]   (default: test bench sanitize)
 # Env TARGETS: ninja targets to build (default: all), e.g. salad_cli; `none` as the
 # only stage just builds.
 set -uo pipefail
@@ -53,6 +53,7 @@ if has lines; then
       build-gpu/salad bench-attn --shape wan1.3b-480p --device cuda --iters 1 --warmup 0 --backward --variants salad \
       >/dev/null 2>&1 || echo "lines: ncu failed for $k"
     ncu -i /tmp/lines_$k.ncu-rep --page source --csv --print-source sass >"$OUT/${k}_sass.csv" 2>/dev/null
+    ncu -i /tmp/lines_$k.ncu-rep --page details >"$OUT/${k}_details.txt" 2>/dev/null
   done
 fi
 if has bench; then
@@ -75,6 +76,32 @@ if has ab; then
     env "${env_set[@]}" timeout 120 build-gpu/salad bench-attn --shape wan1.3b-480p --device cuda --iters 20 --warmup 5 \
       --backward --variants sdpa,salad 2>&1 | tail -4
   done
+fi
+if has order; then
+  # The Wan1.3B-480p bench in both orders (--order interleaved | blocked), then SDPA alone and SALAD
+  # alone for ~2 s each, with the SM clock and the board power sampled every 20 ms (nvidia-smi):
+  # does the dense baseline's power draw lower the clock that the next variant runs at?
+  run_clocked() {  # name, bench-attn arguments...
+    local name=$1; shift
+    nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 20 >/tmp/clk_$name.csv &
+    local smi=$!
+    timeout 180 build-gpu/salad bench-attn --shape wan1.3b-480p --device cuda "$@" 2>&1 | tail -${TAIL:-12}
+    kill $smi; wait $smi 2>/dev/null
+    python3 - /tmp/clk_$name.csv "$name" <<'PY'
+import sys, statistics as st
+rows = [l.split(",") for l in open(sys.argv[1]) if l.count(",") == 1]
+clk = [float(a) for a, b in rows if a.strip().replace(".", "").isdigit()]
+pw = [float(b) for a, b in rows if b.strip().replace(".", "").isdigit()]
+busy = [c for c, p in zip(clk, pw) if p > 200]
+print(f"clocks {sys.argv[2]}: {len(clk)} samples, SM MHz median {st.median(clk):.0f} (min {min(clk):.0f}); "
+      f"under load (>200 W) median {st.median(busy) if busy else 0:.0f} MHz, power median {st.median(pw):.0f} W, max {max(pw):.0f} W")
+PY
+  }
+  for o in interleaved blocked; do
+    run_clocked $o --iters 20 --warmup 5 --backward --queued 3 --order $o --variants sdpa,sparse,salad
+  done
+  TAIL=3 run_clocked sdpa_alone --iters 150 --warmup 20 --variants sdpa
+  TAIL=3 run_clocked salad_alone --iters 1200 --warmup 100 --variants salad
 fi
 if has ncuab; then
   # Kernel-level A/B at the card's clock: the launches of kernels matching KERNELS (a regex) in one

@@ -154,6 +154,23 @@ def test_cli_bench_attn_queued_times_back_to_back_calls(salad_cli):
     assert res.returncode != 0 and "--queued" in res.stderr
 
 
+def test_cli_bench_attn_times_the_variants_interleaved_or_blocked(salad_cli):
+    base = [salad_cli, "bench-attn", "--grid", "2,8,16", "--heads", "1", "--iters", "2", "--warmup", "1",
+            "--block-q", "64", "--block-k", "32", "--queued", "2", "--variants", "sdpa,sparse,salad"]
+    for order, says in (("interleaved", "the variants take turns"), ("blocked", "back to back")):
+        out = subprocess.run(base + ["--order", order], capture_output=True, text=True, check=True).stdout
+        assert f"order: {order} (" in out and says in out
+        # every variant timed in both tables (synchronised and queued), the baseline's own ratio 1.00x
+        sync, queued = out.split("(speed-up vs", 1)[1].split("calls queued per synchronisation", 1)
+        for table in (sync, queued):
+            rows = {l.split()[0]: l.split() for l in table.splitlines()[1:]
+                    if l.strip() and not l.startswith(("(", "variant", "3 ", "2 "))}
+            assert set(rows) == {"sdpa(cpu)", "sparse", "salad"}, table
+            assert all(float(r[2 if table is sync else 1]) > 0 for r in rows.values())  # fwd ms
+    res = subprocess.run(base + ["--order", "random"], capture_output=True, text=True)
+    assert res.returncode != 0 and "--order: expected interleaved | blocked, got 'random'" in res.stderr
+
+
 def test_cli_bench_attn_backward_from_given_grad_or_from_a_loss(salad_cli):
     base = [salad_cli, "bench-attn", "--grid", "2,8,16", "--heads", "1", "--iters", "2", "--warmup", "0",
             "--block-q", "64", "--block-k", "32", "--backward", "--variants", "sdpa,salad"]
