@@ -1409,7 +1409,23 @@ __device__ __forceinline__ void load_mat_sw128(uint32_t dst, const bf16* src) {
   }
 }
 
-template <int D, FeatureMap F, bool ROPE>
+// Sums of one value over the 8 lanes of a warp that share lane % 4, for two sets at once (a, b; two
+// components each), halving the exchanges: the lane whose bit m / 4 is set keeps b and sends a, the
+// other keeps a and sends b, so each lane ends with one set summed over the lane pair (lane, lane ^ m).
+// Applied with m = 4, 8, 16 this adds in the order of three xor-shuffle butterflies (own value first,
+// then the partner's), so the sums are bit-identical to them.
+__device__ __forceinline__ void pair_reduce(const float (&a)[2], const float (&b)[2], int lane, int m, float (&out)[2]) {
+  const bool hi = lane & m;
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const float keep = hi ? b[c] : a[c], send = hi ? a[c] : b[c];
+    out[c] = keep + __shfl_xor_sync(0xffffffffu, send, m);
+  }
+}
+
+// QSUM_PAIRS (default; SALAD_APPLY_QSUM=shfl the earlier code, for A/B): the 16-row sums of qr
+// (Top-K query block means) by pair_reduce, 3.5 exchanges per pair instead of 6, stored by every lane.
+template <int D, FeatureMap F, bool ROPE, bool QSUM_PAIRS>
 __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g, const bf16* __restrict__ q,
                                                                       const bf16* __restrict__ svhl,
                                                                       const float* __restrict__ zv,
@@ -1473,8 +1489,12 @@ __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g,
       xrow[r] = X + (gq + 8 * r) * D + 2 * tq;
     }
     const float* zq = zs + 2 * tq;
-    float* qsrow = g.qsum && gq == 0 && base < t1 ? g.qsum + (bh * n16 + base / 16) * D + 2 * tq : nullptr;
+    float* qsrow = g.qsum && (QSUM_PAIRS || gq == 0) && base < t1 ? g.qsum + (bh * n16 + base / 16) * D + 2 * tq
+                                                                    : nullptr;
     float dz[2] = {0.f, 0.f};
+    // QSUM_PAIRS: pair j's sums over rows (gq, gq + 8), then over lanes 4 apart (pair_reduce at m = 4
+    // per kk, 8 per kk pair, 16 per kk quad); lane gq ends with pairs 8 n + gq (n < KS / 4).
+    float sj[2][2], q1[KS][2], q2[KS / 2][2], q3[KS / 4][2];
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
 #pragma unroll
@@ -1494,6 +1514,8 @@ __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g,
           *reinterpret_cast<uint32_t*>(xrow[r] + ((j ^ gq) << 3)) = Elem<bf16>::pack(r0, r1);
           if (r == 0) {
             c0 = r0, c1 = r1;
+          } else if (QSUM_PAIRS) {  // rows past the end are zero
+            sj[hj][0] = c0 + r0, sj[hj][1] = c1 + r1;
           } else if (g.qsum) {  // rows past the end are zero; sum over the 8 row groups (lanes 4 apart)
             float s0 = c0 + r0, s1 = c1 + r1;
 #pragma unroll
@@ -1507,6 +1529,16 @@ __global__ void __launch_bounds__(kAW * 32, 3) apply_fwd_wgmma_kernel(LinArgs g,
           a[kk][e] = Elem<bf16>::pack(y0, y1);
         }
       }
+      if (QSUM_PAIRS && g.qsum) {
+        pair_reduce(sj[0], sj[1], lane, 4, q1[kk]);
+        if (kk & 1) pair_reduce(q1[kk - 1], q1[kk], lane, 8, q2[kk / 2]);
+        if ((kk & 3) == 3) pair_reduce(q2[kk / 2 - 1], q2[kk / 2], lane, 16, q3[kk / 4]);
+      }
+    }
+    if (QSUM_PAIRS && qsrow) {
+#pragma unroll
+      for (int n = 0; n < KS / 4; ++n)
+        *reinterpret_cast<float2*>(qsrow + 8 * (8 * n + gq)) = make_float2(q3[n][0], q3[n][1]);
     }
     float inv[2];
 #pragma unroll
@@ -1572,7 +1604,35 @@ struct StateSmem {
   static constexpr int kBytes = kRed + 2 * (D / 16) * D * 4 + 1024;  // + [2][warps][D] sums, + alignment
 };
 
-template <int D, FeatureMap F, bool ROPE>
+// Table row offsets (axis row x D / 2) of one raster token for the rope3d table, advanced 16 tokens
+// at a time without a division: 16 in the grid's mixed radix is (df, dh, dw) (frames, rows, columns),
+// added with one carry per digit (any grid; a digit plus its carry stays under twice its radix).
+struct RopeCursor {
+  int f, h, w;  // frame row, gf + grid row, gf + gh + column; each times half
+  int df, dh, dw, h_end, w_end, h_span, w_span;
+  __device__ __forceinline__ RopeCursor(const RopeInfo& r, uint32_t t, int half) {
+    const TokPos tp = tok_pos(r, t), d = tok_pos(r, 16u);
+    const int gf = static_cast<int>(r.gf), gh = static_cast<int>(r.gh), gw = static_cast<int>(r.gw);
+    f = static_cast<int>(tp.f) * half, h = (gf + static_cast<int>(tp.h)) * half;
+    w = (gf + gh + static_cast<int>(tp.w)) * half;
+    df = static_cast<int>(d.f) * half, dh = static_cast<int>(d.h) * half, dw = static_cast<int>(d.w) * half;
+    h_end = (gf + gh) * half, w_end = (gf + gh + gw) * half, h_span = gh * half, w_span = gw * half;
+  }
+  __device__ __forceinline__ void advance16(int half) {
+    w += dw;
+    const bool cw = w >= w_end;
+    w -= cw ? w_span : 0;
+    h += dh + (cw ? half : 0);
+    const bool ch = h >= h_end;
+    h -= ch ? h_span : 0;
+    f += df + (ch ? half : 0);
+  }
+};
+
+// LEAN (default; SALAD_STATE_LEAN=0 the earlier code, for A/B): 32-bit row bounds, the rope3d rows
+// of a thread's next row by RopeCursor instead of two divisions per row, the table read 16 bytes (two
+// pairs) at a time, and no zeroing pass for rows past the end where phi(0) = 0 (relu).
+template <int D, FeatureMap F, bool ROPE, bool LEAN>
 __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, const bf16* __restrict__ k,
                                                                    const bf16* __restrict__ v,
                                                                    float* __restrict__ part,
@@ -1638,6 +1698,17 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
   load_v(1);
   load_k(0, kc);
   const int64_t n64 = (g.L + 63) / 64;
+  // LEAN: the table rows of this thread's next row (t0 + rg, then 16 tokens further per pass), its
+  // 4 pairs as two 16-byte halves each read from the axis row of its first pair; a half whose second
+  // pair starts the next axis (an odd axis boundary: pair 43 at D 128) reads that pair again.
+  constexpr bool fix1 = pf % 4 == 1 || pfh % 4 == 1, fix3 = pf % 4 == 3 || pfh % 4 == 3;
+  RopeCursor cur(g.r, static_cast<uint32_t>(t0 + rg), D / 2);
+  const float2* tabc = tab + 4 * ch;
+  int ax_h[4], ax_w[4];  // pair i's axis is the row axis / the column axis
+#pragma unroll
+  for (int i = 0; i < 4; ++i) ax_h[i] = axis[i] == 1, ax_w[i] = axis[i] == 2;
+  const bool split1 = axis[1] != axis[0], split3 = axis[3] != axis[2];
+  const int t1i = static_cast<int>(t1);
   for (int i = 0; i < ntile; ++i) {
     const int64_t base = t0 + int64_t(i) * 64;
     load_k(i + 1, kn);
@@ -1650,7 +1721,7 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
     for (int p = 0; p < NP; ++p) {
       const int row = rg + RP * p;
       const int64_t t = base + row;
-      const bool ok = t < t1;
+      const bool ok = LEAN ? static_cast<int>(base) + row < t1i : t < t1;
       float x[8], y[8];
       {
         const uint32_t w[4] = {kc[p].x, kc[p].y, kc[p].z, kc[p].w};
@@ -1678,20 +1749,49 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
 #pragma unroll
         for (int c = 0; c < 8; ++c) y[c] = phi_y(F, x[c], 0.f, 1.f);
       }
-      if (!ok) {
-#pragma unroll
-        for (int c = 0; c < 8; ++c) y[c] = 0.f;
-      }
-#pragma unroll
-      for (int c = 0; c < 8; ++c) zacc[c] += y[c];
-      const Rows rw = ok ? tok_rows(g.r, t, D / 2) : Rows{0, 0, 0};
       float xr[8];
+      if constexpr (LEAN) {
+        // Rows past the end: k is zero, so kr and the block sums get zeros whatever the table row; v is
+        // zero-filled, so c^T v gets nothing from them; only z must skip phi(0) (1 for elu+1, 1 / D for
+        // softmax; 0 for relu). y * 1 + z and y * 0 + z round as z + y and z (z >= 0, y finite).
+        if constexpr (F == FeatureMap::Relu) {
 #pragma unroll
-      for (int i2 = 0; i2 < 4; ++i2) {
-        const int off = axis[i2] == 0 ? rw.f : (axis[i2] == 1 ? rw.h : rw.w);
-        const float2 cs = __ldg(tab + off + 4 * ch + i2);
-        rot_pair(cs, x[2 * i2], x[2 * i2 + 1], xr[2 * i2], xr[2 * i2 + 1]);
-        if (ROPE) rot_pair(cs, y[2 * i2], y[2 * i2 + 1], y[2 * i2], y[2 * i2 + 1]);
+          for (int c = 0; c < 8; ++c) zacc[c] += y[c];
+        } else {
+          const float okf = ok ? 1.f : 0.f;
+#pragma unroll
+          for (int c = 0; c < 8; ++c) zacc[c] = fmaf(y[c], okf, zacc[c]);
+        }
+        // Row of axis a = f + (a == 1) (h - f) + (a == 2) (w - f), table row 0 past the end.
+        const int dh = cur.h - cur.f, dw = cur.w - cur.f, okm = ok ? -1 : 0;
+        auto row_of = [&](int i) { return (cur.f + ax_h[i] * dh + ax_w[i] * dw) & okm; };
+        const float4 c01 = __ldg(reinterpret_cast<const float4*>(tabc + row_of(0)));
+        const float4 c23 = __ldg(reinterpret_cast<const float4*>(tabc + row_of(2) + 2));
+        float2 cs[4] = {make_float2(c01.x, c01.y), make_float2(c01.z, c01.w), make_float2(c23.x, c23.y),
+                        make_float2(c23.z, c23.w)};
+        if (fix1 && split1) cs[1] = __ldg(tabc + row_of(1) + 1);
+        if (fix3 && split3) cs[3] = __ldg(tabc + row_of(3) + 3);
+        cur.advance16(D / 2);
+#pragma unroll
+        for (int i2 = 0; i2 < 4; ++i2) {
+          rot_pair(cs[i2], x[2 * i2], x[2 * i2 + 1], xr[2 * i2], xr[2 * i2 + 1]);
+          if (ROPE) rot_pair(cs[i2], y[2 * i2], y[2 * i2 + 1], y[2 * i2], y[2 * i2 + 1]);
+        }
+      } else {
+        if (!ok) {
+#pragma unroll
+          for (int c = 0; c < 8; ++c) y[c] = 0.f;
+        }
+#pragma unroll
+        for (int c = 0; c < 8; ++c) zacc[c] += y[c];
+        const Rows rw = ok ? tok_rows(g.r, t, D / 2) : Rows{0, 0, 0};
+#pragma unroll
+        for (int i2 = 0; i2 < 4; ++i2) {
+          const int off = axis[i2] == 0 ? rw.f : (axis[i2] == 1 ? rw.h : rw.w);
+          const float2 cs = __ldg(tab + off + 4 * ch + i2);
+          rot_pair(cs, x[2 * i2], x[2 * i2 + 1], xr[2 * i2], xr[2 * i2 + 1]);
+          if (ROPE) rot_pair(cs, y[2 * i2], y[2 * i2 + 1], y[2 * i2], y[2 * i2 + 1]);
+        }
       }
 #pragma unroll
       for (int c = 0; c < 8; ++c) ks[c] += xr[c];
@@ -1776,13 +1876,20 @@ void with_feature_rope(FeatureMap f, bool rope, Fn&& fn) {
   else go(std::integral_constant<FeatureMap, FeatureMap::Softmax>{});
 }
 
+// SALAD_APPLY_QSUM=shfl: the apply kernel's earlier query-sum butterflies (A/B; read per call).
+bool apply_qsum_pairs_enabled() {
+  const char* e = std::getenv("SALAD_APPLY_QSUM");
+  return !(e && std::strcmp(e, "shfl") == 0);
+}
+
 // g.qr must be set (fuse_rotate): the kernel always writes qr.
 template <int D>
 void apply_fwd_wgmma(const LinArgs& g, const Plan& pl, const bf16* q, const bf16* svhl, const float* z, bf16* o,
                      cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>((g.L + kApplySpan - 1) / kApplySpan), static_cast<unsigned>(pl.BH));
   with_feature_rope(g.feature, g.rope, [&](auto fc, auto rc) {
-    auto kernel = apply_fwd_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value>;
+    auto kernel = apply_qsum_pairs_enabled() ? apply_fwd_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value, true>
+                                             : apply_fwd_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value, false>;
     set_smem_mma(kernel, ApplySmem<D>::kBytes);
     kernel<<<grid, kAW * 32, ApplySmem<D>::kBytes, s>>>(g, q, svhl, z, o);
     SALAD_LAUNCH_CHECK();
@@ -2180,11 +2287,18 @@ void state_mma(const LinArgs& g, const Plan& pl, const bf16* x, const int64_t* x
   SALAD_LAUNCH_CHECK();
 }
 
+// SALAD_STATE_LEAN=0: the state kernel's earlier per-row code (A/B; read per call).
+bool state_lean_enabled() {
+  const char* e = std::getenv("SALAD_STATE_LEAN");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+
 template <int D>
 void fwd_state(const Params& p, const Plan& pl, const LinArgs& g, void* ws, cudaStream_t s) {
   if (pl.fuse_k) {
     with_feature_rope(g.feature, g.rope, [&](auto fc, auto rc) {
-      auto kernel = state_fwd_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value>;
+      auto kernel = state_lean_enabled() ? state_fwd_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value, true>
+                                         : state_fwd_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value, false>;
       set_smem_mma(kernel, StateSmem<D>::kBytes);
       kernel<<<dim3(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH)), 2 * D, StateSmem<D>::kBytes, s>>>(
           g, static_cast<const bf16*>(p.k), static_cast<const bf16*>(p.v), at<float>(ws, pl.sv_part),
