@@ -1425,10 +1425,10 @@ __device__ __forceinline__ void pair_reduce(const float (&a)[2], const float (&b
 
 // QSUM_PAIRS (default; SALAD_APPLY_QSUM=shfl the earlier code, for A/B): the 16-row sums of qr
 // (Top-K query block means) by pair_reduce, 3.5 exchanges per pair instead of 6, stored by every lane.
-// MINB: CTAs per SM the registers are capped for (3: 168 registers, 32 bytes spilled at D 128,
-// whose reloads are the kernel's top stall; 2: 237 registers, none spilled, 8 warps per SM;
-// SALAD_APPLY_MINB=2 for A/B).
-template <int D, FeatureMap F, bool ROPE, bool QSUM_PAIRS, int MINB = 3>
+// MINB: CTAs per SM the registers are capped for (2, the default: 237 registers at D 128, none
+// spilled, 8 warps per SM; 3 (SALAD_APPLY_MINB=3, A/B): 168 registers, 32 bytes spilled, whose
+// reloads were the kernel's top stall; H200, Wan1.3B-480p: 105.9-109.8 -> 101.3-104.2 us).
+template <int D, FeatureMap F, bool ROPE, bool QSUM_PAIRS, int MINB = 2>
 __global__ void __launch_bounds__(kAW * 32, MINB) apply_fwd_wgmma_kernel(LinArgs g, const bf16* __restrict__ q,
                                                                       const bf16* __restrict__ svhl,
                                                                       const float* __restrict__ zv,
@@ -1894,8 +1894,8 @@ void apply_fwd_wgmma(const LinArgs& g, const Plan& pl, const bf16* q, const bf16
     constexpr FeatureMap fv = decltype(fc)::value;
     constexpr bool rv = decltype(rc)::value;
     const char* mb = std::getenv("SALAD_APPLY_MINB");
-    auto kernel = !apply_qsum_pairs_enabled()       ? apply_fwd_wgmma_kernel<D, fv, rv, false>
-                  : mb && std::strcmp(mb, "2") == 0 ? apply_fwd_wgmma_kernel<D, fv, rv, true, 2>
+    auto kernel = !apply_qsum_pairs_enabled()       ? apply_fwd_wgmma_kernel<D, fv, rv, false, 3>
+                  : mb && std::strcmp(mb, "3") == 0 ? apply_fwd_wgmma_kernel<D, fv, rv, true, 3>
                                                     : apply_fwd_wgmma_kernel<D, fv, rv, true>;
     set_smem_mma(kernel, ApplySmem<D>::kBytes);
     kernel<<<grid, kAW * 32, ApplySmem<D>::kBytes, s>>>(g, q, svhl, z, o);
