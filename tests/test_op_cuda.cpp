@@ -9,6 +9,7 @@
 
 #include <array>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -23,6 +24,27 @@ using namespace salad::testing;
 namespace {
 
 bool have_cuda() { return torch::cuda::is_available() && cuda_kernels_compiled(); }
+
+// Sets environment variables for a scope and restores what was there before (set or unset), so a
+// caller's own setting (e.g. of a kernel switch, for a control run) survives the test.
+class ScopedEnv {
+ public:
+  explicit ScopedEnv(std::vector<std::pair<std::string, std::string>> vars) {
+    for (auto& [k, v] : vars) {
+      const char* old = std::getenv(k.c_str());
+      saved_.push_back({k, old ? std::optional<std::string>(old) : std::nullopt});
+      setenv(k.c_str(), v.c_str(), 1);
+    }
+  }
+  ~ScopedEnv() {
+    for (auto& [k, v] : saved_) v ? setenv(k.c_str(), v->c_str(), 1) : unsetenv(k.c_str());
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::vector<std::pair<std::string, std::optional<std::string>>> saved_;
+};
 
 double max_err(const at::Tensor& a, const at::Tensor& ref) {
   return (a.to(at::kDouble).cpu() - ref.to(at::kDouble).cpu()).abs().max().item<double>();
@@ -339,13 +361,14 @@ static void expect_lean_linear_equals_earlier(const Grid& g) {
     const at::Tensor q = at::randn({2, 3, g.size(), D}, opt), k = at::randn_like(q), v = at::randn_like(q);
     const at::Tensor gs = at::randn(q.sizes(), opt), gl = at::randn_like(gs);
     auto run = [&](bool earlier) {
-      if (earlier) setenv("SALAD_STATE_LEAN", "0", 1), setenv("SALAD_APPLY_QSUM", "shfl", 1);
+      std::vector<std::pair<std::string, std::string>> vars;
+      if (earlier) vars = {{"SALAD_STATE_LEAN", "0"}, {"SALAD_APPLY_QSUM", "shfl"}};
+      const ScopedEnv env(vars);
       at::Tensor qq = q.clone().requires_grad_(), kk = k.clone().requires_grad_(), vv = v.clone().requires_grad_();
       const AttentionOutput out = attention(qq, kk, vv, g, o);
       torch::cuda::synchronize();  // a fault names its pass
       torch::autograd::backward({out.o_s, out.o_l}, {gs, gl});
       torch::cuda::synchronize();
-      unsetenv("SALAD_STATE_LEAN"), unsetenv("SALAD_APPLY_QSUM");
       return std::vector<at::Tensor>{out.block_idx, out.block_cnt, out.o_s, out.o_l, out.lse,
                                      qq.grad(),     kk.grad(),     vv.grad()};
     };
