@@ -1082,6 +1082,9 @@ bool try_launch_attn_dq_sm90(const BwdParams& p, const Plan& pl, const RopeInfo&
 bool try_launch_attn_dkv_sm90(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
   if (env_is("SALAD_BWD_DKV", "mma") || !supported(p, pl, r)) return false;
   if (reinterpret_cast<uintptr_t>(p.lse) % 16 != 0) return false;  // lse is read by 1-D TMA
+  // ... from float bh * L + row (rows step by block_q and 64): a box that starts off a 16-byte
+  // boundary faults ("illegal instruction", H200, L 245: LeanLinearEqualsEarlierCodeOnShortRows).
+  if (p.L % 4 != 0 || p.opt.block_q % 4 != 0) return false;
   bool ok;
   if (p.dtype == DType::BF16)
     ok = p.D == 128 ? launch_dkv<__nv_bfloat16, 128>(p, pl, r, ws, s)
