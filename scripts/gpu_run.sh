@@ -53,7 +53,7 @@ if has lines; then
       build-gpu/salad bench-attn --shape wan1.3b-480p --device cuda --iters 1 --warmup 0 --backward --variants salad \
       >/dev/null 2>&1 || echo "lines: ncu failed for $k"
     ncu -i /tmp/lines_$k.ncu-rep --page source --csv --print-source sass >"$OUT/${k}_sass.csv" 2>/dev/null
-    ncu -i /tmp/lines_$k.ncu-rep --page details >"$OUT/${k}_details.txt" 2>/dev/null
+    ncu -i /tmp/lines_$k.ncu-rep --page details >>"$OUT/lines_details.txt" 2>/dev/null
   done
 fi
 if has bench; then
