@@ -386,7 +386,7 @@ static void expect_lean_linear_equals_earlier(const Grid& g) {
 }
 
 TEST(SM90_Attention, LeanLinearEqualsEarlierCodeOnWanLikeGrid) { expect_lean_linear_equals_earlier(Grid{3, 30, 46}); }
-// Rows of 7 tokens: the cursor's column carry wraps twice per 16-token step.
+// Rows of 7 tokens: a 16-token step of the rope cursor is 2 rows and 2 columns (L 245, odd).
 TEST(SM90_Attention, LeanLinearEqualsEarlierCodeOnShortRows) { expect_lean_linear_equals_earlier(Grid{7, 5, 7}); }
 // Frames of 6 tokens: a 16-token step crosses two frames.
 TEST(SM90_Attention, LeanLinearEqualsEarlierCodeOnShortFrames) { expect_lean_linear_equals_earlier(Grid{40, 2, 3}); }
