@@ -411,6 +411,52 @@ TEST(SM90_Attention, DeterministicRepeatsAndNoQuadraticMemory) {
   EXPECT_LT(peak - before, 64 * q.numel() * 2) << "peak extra bytes " << (peak - before);
 }
 
+// The sparse forward's split tail (attn_fwd_sm90.cu, tail_split): the items of the persistent grid's
+// last, partial round run as pieces of their key tiles, merged by fwd_combine_kernel. Against whole
+// items (SALAD_SM90_SPLIT=0) on the same grid: equal tables, lse within fp32 rounding, o_s within a
+// bf16 step per row; and the outputs differ somewhere (the split path ran). Grid caps of 50 CTAs (50
+// whole items, then 16 items in 3 pieces) and 200 (every item in 2 pieces, one slot per SM); L 4140
+// has a 44-row last query block and a 44-key last key block; poisoned outputs; token-major stores
+// equal head-major ones bit for bit.
+TEST(SM90_Attention, SplitTailMatchesWholeItems) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
+  const ScopedEnv poison(std::vector<std::pair<std::string, std::string>>{{"SALAD_POISON", "1"}});
+  torch::manual_seed(6);
+  torch::NoGradGuard ng;
+  const Grid g{3, 30, 46};
+  for (int64_t D : {64, 128}) {
+    for (Mode m : {Mode::Sparse, Mode::Dense}) {
+      for (const char* cap : {"50", "200"}) {
+        SCOPED_TRACE("D " + std::to_string(D) + " " + to_string(m) + " grid " + cap);
+        auto bf = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+        const at::Tensor q = at::randn({1, 2, g.size(), D}, bf), k = at::randn_like(q), v = at::randn_like(q);
+        Options o;
+        o.mode = m, o.keep = 0.25;
+        std::optional<AttentionOutput> whole, split, split_tm;
+        {
+          const ScopedEnv e({{"SALAD_SM90_GRID", cap}, {"SALAD_SM90_SPLIT", "0"}});
+          whole = attention(q, k, v, g, o);
+        }
+        {
+          const ScopedEnv e(std::vector<std::pair<std::string, std::string>>{{"SALAD_SM90_GRID", cap}});
+          split = attention(q, k, v, g, o);
+          split_tm = attention(q, k, v, g, o, Impl::Auto, /*token_major=*/true);
+        }
+        const at::Tensor a = whole->o_s.to(at::kFloat), b = split->o_s.to(at::kFloat);
+        EXPECT_FALSE(at::isnan(b).any().item<bool>());
+        EXPECT_FALSE(at::isnan(split->lse).any().item<bool>());
+        if (m != Mode::Dense) EXPECT_TRUE(at::equal(split->block_idx, whole->block_idx));
+        EXPECT_LE((split->lse - whole->lse).abs().max().item<double>(), 1e-4);
+        const at::Tensor rel = (b - a).abs().amax(-1) / a.abs().amax(-1).clamp_min(1e-6);
+        EXPECT_LE(rel.max().item<double>(), 1.0 / 64);
+        EXPECT_FALSE(at::equal(split->o_s, whole->o_s)) << "no output differs: the split path did not run";
+        EXPECT_TRUE(at::equal(split_tm->o_s, split->o_s));
+        EXPECT_TRUE(at::equal(split_tm->lse, split->lse));
+      }
+    }
+  }
+}
+
 // token_major: the same kernels store o_s / o_l into (B, L, H, D) memory, so the values equal the
 // default (B, H, L, D) outputs bit for bit, on every case (Hopper, mma.sync tile order, fp16, the
 // generic and mma linear kernels), and the projection rows are a view. Poisoned outputs: a row the

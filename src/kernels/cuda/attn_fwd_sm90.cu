@@ -60,9 +60,32 @@ struct Sm90Args {
   int64_t o_sb, o_sh, o_st;  // output strides (batch, head, token), Params::out_strides
   int sub_q, halves_per_block, dense, v_swap;  // halves: 64-key rows of a key block
   int early_rescale;  // O's rescale between the QK^T and PV issues (SALAD_SM90_RESCALE=late: after the softmax)
-  int num_work;  // work items: (b*h, query block, 128-row part), head-major
+  int num_work;  // entries: the items before `full`, then `split` pieces of each later item
+  int full, split;  // see tail_split(); split 1: no pieces
+  float* part;      // split > 1: per piece 128 x D normalised outputs, then 128 log2-sum-exps
   float scale_log2;
 };
+
+// The items' last round of CTAs is partial when the item count is not a multiple of the grid
+// (Wan1.3B-480p: 3,072 items on 132 SMs, 24 rounds where 23.3 would do, ~3% of the kernel). The
+// items of that round (`rem` of them) are split by key tiles into `split` pieces each, so they fill
+// the grid; each piece writes its normalised output and log-sum-exp, and fwd_combine_kernel merges
+// them. Returns {full, split}: entries below `full` are whole items.
+struct TailSplit {
+  int64_t full = 0, split = 1;
+};
+TailSplit tail_split(int64_t work, int64_t grid, int64_t tiles_per_item, int64_t slots) {
+  TailSplit t;
+  t.full = work;
+  if (grid <= 0 || work <= 0) return t;
+  const int64_t rem = work % grid;
+  if (rem == 0) return t;
+  const int64_t sp = imin64(imin64(grid / rem, slots / rem), imin64(8, tiles_per_item / 2));
+  if (sp < 2) return t;
+  t.full = work - rem;
+  t.split = sp;
+  return t;
+}
 
 // Shared memory (1024-byte aligned): two Q buffers [D/64][128 rows][128 B] (the
 // item's Q stays there for the SS QK^T while the next item's Q loads into the
@@ -113,10 +136,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     int64_t bh, row0, row_end;
     const int32_t* list;
     int nhalf, ntiles;
+    int t0, t1;  // key tiles of this entry (a piece: part of them)
+    int piece;   // -1: a whole item; else the piece's slot in a.part
   };
   const int64_t per_bh = a.n_q * a.sub_q;
-  auto item = [&](int w) {
+  auto item = [&](int e) {
     Item it;
+    int w = e, k = 0;
+    it.piece = -1;
+    if (e >= a.full) {
+      w = a.full + (e - a.full) / a.split, k = (e - a.full) % a.split;
+      it.piece = e - a.full;
+    }
     it.bh = w / per_bh;
     const int64_t x = w % per_bh, qi = x / a.sub_q, sub = x % a.sub_q;
     it.row0 = qi * a.block_q + sub * kM;
@@ -125,6 +156,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     it.list = a.dense ? nullptr : a.idx + (it.bh * a.n_q + qi) * a.max_k;
     it.nhalf = static_cast<int>(nblk) * a.halves_per_block;
     it.ntiles = (it.nhalf + HT - 1) / HT;
+    it.t0 = 0, it.t1 = it.ntiles;
+    if (it.piece >= 0) {
+      it.t0 = static_cast<int>(int64_t(it.ntiles) * k / a.split);
+      it.t1 = static_cast<int>(int64_t(it.ntiles) * (k + 1) / a.split);
+    }
     return it;
   };
 
@@ -165,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int r = 0; r < 2; ++r)
             tma_load_3d(sQb(qb) + hh * (kM * 128) + r * (64 * 128), &tq, hh * 64, static_cast<int>(it.row0 + r * 64),
                         bh, barQ(qb));
-        for (int t = 0; t < it.ntiles; ++t, ++gt) {
+        for (int t = it.t0; t < it.t1; ++t, ++gt) {
           const int s = gt % kStages;
           const uint32_t ph = ((gt / kStages) & 1) ^ 1;
           int rows[HT];  // first key row of each half (the item's last tile may lack its second half)
@@ -349,7 +385,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       m0 = m1 = -INFINITY;
       l0 = l1 = 0.f;
 
-      if (ntiles > 0) {
+      const int t0 = it.t0, nt = it.t1 - it.t0;  // this entry's tiles (all of the item's, or a piece's)
+      if (nt > 0) {
         float c0 = 1.f, c1 = 1.f;
         {
           const int s0 = gt % kStages;
@@ -361,7 +398,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           wgmma_wait<0>();
           fence_regs<KN / 2>(sacc);
           arrive(emptyK(s0));
-          softmax(valid_at(0), c0, c1);
+          softmax(valid_at(t0), c0, c1);
           pack_p();
         }
         // Tile t: QK_t and PV_{t-1} issued together, then the softmax of S_t (ptxas places the PV
@@ -370,7 +407,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // two issues, where the warps wait for the tensor cores anyway (FA3's order), not after the
         // softmax on the critical path; SALAD_SM90_RESCALE=late keeps them after it.
         const bool early = a.early_rescale != 0;
-        for (int t = 1; t < ntiles; ++t) {
+        for (int t = 1; t < nt; ++t) {
           const int u = gt + t;
           const int s = u % kStages, ps = (u - 1) % kStages;
           mbar_wait(fullK(s), (u / kStages) & 1);
@@ -393,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           wgmma_wait<1>();
           fence_regs<KN / 2>(sacc);
           arrive(emptyK(s));
-          softmax(valid_at(t), c0, c1);
+          softmax(valid_at(t0 + t), c0, c1);
           wgmma_wait<0>();
           fence_regs<D / 2>(o);
           fence_regs_u<KN / 4>(&pf[0][0]);
@@ -401,7 +438,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           pack_p();
           if (!early) rescale(c0, c1);
         }
-        const int lu = gt + ntiles - 1, ls = lu % kStages;
+        const int lu = gt + nt - 1, ls = lu % kStages;
         if (early) rescale(c0, c1);
         mbar_wait(fullV(ls), (lu / kStages) & 1);
         fence_regs<D / 2>(o);
@@ -413,7 +450,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_regs<D / 2>(o);
         fence_regs_u<KN / 4>(&pf[0][0]);
         arrive(emptyV(ls));
-        gt += ntiles;
+        gt += nt;
       }
 
       // ---- epilogue: normalise, stage this warp's 16 rows in its own rows of the
@@ -423,6 +460,26 @@ __global__ void __launch_bounds__(kThreads, 1)
       l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
       l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
       const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+      if (it.piece >= 0) {
+        // A piece of a split item: its normalised output (fp32) and log2-sum-exp (-inf where it saw
+        // no key) to its slot, for fwd_combine_kernel; rows past the item's end are never read.
+        float* po = a.part + int64_t(it.piece) * (kM * (D + 1));
+        const int r0 = wrow + g, r1 = r0 + 8;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+          const int col = 8 * i + 2 * tq4;
+          *reinterpret_cast<float2*>(po + r0 * D + col) = make_float2(o[4 * i] * inv0, o[4 * i + 1] * inv0);
+          *reinterpret_cast<float2*>(po + r1 * D + col) = make_float2(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
+        }
+        if (tq4 == 0) {
+          po[kM * D + r0] = l0 > 0.f ? m0 + log2f(l0) : -INFINITY;
+          po[kM * D + r1] = l1 > 0.f ? m1 + log2f(l1) : -INFINITY;
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(barQfree(qb));
+        ++n;
+        continue;
+      }
 #pragma unroll
       for (int i = 0; i < D / 8; ++i) {
         const int hh = i / 8, ch = i % 8;
@@ -462,6 +519,44 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (gr1 < it.row_end) a.lse[it.bh * a.L + gr1] = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : INFINITY;
       }
     }
+  }
+}
+
+// Merges the pieces of the split items (tail_split): per row, the pieces' outputs weighted by
+// 2^(lse2_k - max) in piece order (deterministic), written as the kernel's epilogue writes o and lse.
+// Grid (split items, kM / 8), 8 warps: one warp per row.
+template <class T, int D>
+__global__ void __launch_bounds__(256) fwd_combine_kernel(const Sm90Args a) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row = blockIdx.y * 8 + warp;
+  const int64_t w = a.full + blockIdx.x, per_bh = a.n_q * a.sub_q;
+  const int64_t bh = w / per_bh, x = w % per_bh, qi = x / a.sub_q, sub = x % a.sub_q;
+  const int64_t row0 = qi * a.block_q + sub * kM;
+  const int64_t row_end = imin64(imin64(row0 + kM, (qi + 1) * a.block_q), a.L);
+  if (row0 + row >= row_end) return;
+  constexpr int kSlot = kM * (D + 1), C = D / 32;
+  const float* base = a.part + int64_t(blockIdx.x) * a.split * kSlot;
+  float mx = -INFINITY;
+  for (int k = 0; k < a.split; ++k) mx = fmaxf(mx, base[k * kSlot + kM * D + row]);
+  float acc[C] = {}, wsum = 0.f;
+  for (int k = 0; k < a.split; ++k) {
+    const float lk = base[k * kSlot + kM * D + row];
+    if (lk == -INFINITY) continue;
+    const float wk = exp2f(lk - mx);
+    wsum += wk;
+    const float* src = base + k * kSlot + row * D + lane * C;
+#pragma unroll
+    for (int c = 0; c < C; ++c) acc[c] = fmaf(wk, src[c], acc[c]);
+  }
+  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+  const int64_t ob = bh / a.H;
+  T* out = static_cast<T*>(a.o) + ob * a.o_sb + (bh - ob * a.H) * a.o_sh + (row0 + row) * a.o_st + lane * C;
+#pragma unroll
+  for (int c = 0; c < C; c += 2)
+    *reinterpret_cast<uint32_t*>(out + c) = Elem<T>::pack(acc[c] * inv, acc[c + 1] * inv);
+  if (lane == 0) {
+    constexpr float kLn2 = 0.6931471805599453f;
+    a.lse[bh * a.L + row0 + row] = wsum > 0.f ? (mx + log2f(wsum)) * kLn2 : INFINITY;
   }
 }
 
@@ -509,7 +604,6 @@ bool launch(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
   auto kernel = attn_fwd_sm90_kernel<T, D>;
   SALAD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int64_t work = pl.n_q * a.sub_q * pl.BH;
-  a.num_work = static_cast<int>(work);
   int dev = 0, sms = 0;
   SALAD_CUDA_CHECK(cudaGetDevice(&dev));
   SALAD_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
@@ -517,9 +611,26 @@ bool launch(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
   const bool persistent = !(pe && std::strcmp(pe, "0") == 0);
   int64_t cap = sms;
   if (const char* g = std::getenv("SALAD_SM90_GRID")) cap = imax64(1, std::atoll(g));  // testing: fewer CTAs
-  const unsigned grid = static_cast<unsigned>(persistent ? imin64(work, cap) : work);
+  // The last round's items in pieces (persistent grid only; SALAD_SM90_SPLIT=0 turns it off).
+  const char* sp = std::getenv("SALAD_SM90_SPLIT");
+  TailSplit ts;
+  ts.full = work;
+  if (persistent && pl.split_slots > 0 && !(sp && std::strcmp(sp, "0") == 0)) {
+    const int64_t blocks = pl.dense ? pl.n_k : pl.max_k;
+    ts = tail_split(work, cap, (blocks * a.halves_per_block + 1) / 2, pl.split_slots);
+  }
+  const int64_t rem = work - ts.full, entries = ts.full + rem * ts.split;
+  a.full = static_cast<int>(ts.full);
+  a.split = static_cast<int>(ts.split);
+  a.num_work = static_cast<int>(entries);
+  a.part = ts.split > 1 ? at<float>(ws, pl.fwd_split) : nullptr;
+  const unsigned grid = static_cast<unsigned>(persistent ? imin64(entries, cap) : work);
   kernel<<<grid, kThreads, smem, s>>>(mq, mk, mv, a);
   SALAD_LAUNCH_CHECK();
+  if (ts.split > 1) {
+    fwd_combine_kernel<T, D><<<dim3(static_cast<unsigned>(rem), kM / 8), 256, 0, s>>>(a);
+    SALAD_LAUNCH_CHECK();
+  }
   return true;
 }
 

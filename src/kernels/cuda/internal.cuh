@@ -29,6 +29,10 @@ struct Plan {
   bool fuse_k = false;
   size_t rope = 0, perm = 0, qr = 0, kr = 0, qmean = 0, kmean = 0, qsum = 0, ksum = 0;
   size_t sv_part = 0, z_part = 0, sv = 0, z = 0;
+  // Forward: the Hopper sparse kernel's split tail (attn_fwd_sm90.cu): up to split_slots pieces of
+  // 128 rows, each D + 1 floats per row (the piece's normalised output and its log2-sum-exp).
+  size_t fwd_split = 0;
+  int64_t split_slots = 0;
   // backward only
   size_t delta = 0, inv_off = 0, inv_rows = 0;
   size_t dnum = 0, dden = 0, dsv_part = 0, dz_part = 0, dsv = 0, dz = 0;

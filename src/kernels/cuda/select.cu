@@ -574,6 +574,16 @@ Plan make_plan(const Params& p, bool backward) {
     if (pl.fuse_rotate) pl.qsum = take(sizeof(float) * pl.BH * ((p.L + 15) / 16) * p.D);
     if (pl.fuse_k) pl.ksum = take(sizeof(float) * pl.BH * ((p.L + 63) / 64) * p.D);
   }
+  if (!backward) {
+    // One slot per SM: the sm90 forward splits the items of its last, partial round of CTAs into at
+    // most that many pieces.
+    int dev = 0, sms = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess)
+      pl.split_slots = sms;
+    else
+      (void)cudaGetLastError();
+    if (pl.split_slots > 0) pl.fwd_split = take(sizeof(float) * pl.split_slots * 128 * (p.D + 1));
+  }
   if (pl.linear) {
     pl.sv_part = take(sizeof(float) * pl.BH * pl.n_chunk * p.D * p.D);
     pl.z_part = take(sizeof(float) * pl.BH * pl.n_chunk * p.D);
