@@ -1604,7 +1604,8 @@ template <int D>
 struct StateSmem {
   static constexpr int kTile = 64 * D * 2;  // one 64-token tile: D / 64 sub-tiles of 64 rows x 128 B
   static constexpr int kV = 0, kC = 3 * kTile, kRed = 5 * kTile;
-  static constexpr int kBytes = kRed + 2 * (D / 16) * D * 4 + 1024;  // + [2][warps][D] sums, + alignment
+  static constexpr int kK = kRed + 2 * (D / 16) * D * 4;  // after the [2][warps][D] sums: 3 k stages (LEAN)
+  static constexpr int kBytes = kK + 3 * kTile + 1024;    // + alignment
 };
 
 // Table row offsets (axis row x D / 2) of one raster token for the rope3d table, advanced 16 tokens
@@ -1634,7 +1635,11 @@ struct RopeCursor {
 
 // LEAN (default; SALAD_STATE_LEAN=0 the earlier code, for A/B): 32-bit row bounds, the rope3d rows
 // of a thread's next row by RopeCursor instead of two divisions per row, the table read 16 bytes (two
-// pairs) at a time, and no zeroing pass for rows past the end where phi(0) = 0 (relu).
+// pairs) at a time, no zeroing pass for rows past the end where phi(0) = 0 (relu), and k through
+// cp.async into three shared-memory stages with v (unswizzled rows: each thread reads back the 16-byte
+// chunks it copied). The earlier code loads k one tile ahead into registers; ptxas sinks those loads
+// to the end of the iteration, next to their use, and the wait on them was 22% of the kernel's stall
+// samples (ncu, H200, Wan1.3B-480p).
 template <int D, FeatureMap F, bool ROPE, bool LEAN>
 __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, const bf16* __restrict__ k,
                                                                    const bf16* __restrict__ v,
@@ -1651,7 +1656,7 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
   extern __shared__ __align__(16) unsigned char smraw[];
   const uint32_t raw = smem_addr(smraw), s0 = (raw + 1023u) & ~1023u;
   float* red = reinterpret_cast<float*>(smraw + (s0 - raw) + StateSmem<D>::kRed);  // [2][NW][D]
-  const uint32_t sV = s0 + StateSmem<D>::kV, sC = s0 + StateSmem<D>::kC;
+  const uint32_t sV = s0 + StateSmem<D>::kV, sC = s0 + StateSmem<D>::kC, sK = s0 + StateSmem<D>::kK;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, ch = tid % CH, rg = tid / CH, wg = tid >> 7;
   const int64_t bh = blockIdx.y, b = bh / g.H, h = bh % g.H;
   const int64_t t0 = blockIdx.x * g.chunk, t1 = imin64(g.L, t0 + g.chunk);
@@ -1679,6 +1684,15 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
         const bool ok = row < lim;
         cp_async16(dst + row * 128, ok ? src : vb, ok ? 16 : 0);
       }
+      if constexpr (LEAN) {  // k of the same rows, rows past the end zero-filled
+        const uint32_t kdst = sK + (i % 3) * kTile + rg * (D * 2) + ch * 16;
+        const bf16* ksrc = kb + (base + rg) * g.k_st;
+#pragma unroll
+        for (int p = 0; p < NP; ++p, ksrc += RP * g.k_st) {
+          const bool ok = rg + RP * p < lim;
+          cp_async16(kdst + RP * p * (D * 2), ok ? ksrc : kb, ok ? 16 : 0);
+        }
+      }
     }
     cp_async_commit();
   };
@@ -1699,7 +1713,7 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
   uint4 kc[NP], kn[NP];
   load_v(0);
   load_v(1);
-  load_k(0, kc);
+  if constexpr (!LEAN) load_k(0, kc);
   const int64_t n64 = (g.L + 63) / 64;
   // LEAN: the table rows of this thread's next row (t0 + rg, then 16 tokens further per pass), its
   // 4 pairs as two 16-byte halves each read from the axis row of its first pair; a half whose second
@@ -1714,7 +1728,14 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
   const int t1i = static_cast<int>(t1);
   for (int i = 0; i < ntile; ++i) {
     const int64_t base = t0 + int64_t(i) * 64;
-    load_k(i + 1, kn);
+    if constexpr (LEAN) {
+      cp_async_wait<1>();  // this thread's copies of tile i (k and v) landed; tile i + 1's may not have
+      const unsigned char* ksm = smraw + (sK - raw) + (i % 3) * kTile + rg * (D * 2) + ch * 16;
+#pragma unroll
+      for (int p = 0; p < NP; ++p) kc[p] = *reinterpret_cast<const uint4*>(ksm + RP * p * (D * 2));
+    } else {
+      load_k(i + 1, kn);
+    }
     float ks[8];
 #pragma unroll
     for (int c = 0; c < 8; ++c) ks[c] = 0.f;
@@ -1832,8 +1853,10 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
       wgmma_ss_tt<D>(acc, desc_sw128(sC + (i & 1) * kTile + wg * kSub + kk * 2048, kSub, 1024),
                      desc_sw128(sV + (i % 3) * kTile + kk * 2048, kSub, 1024), 1);
     wgmma_commit();
+    if constexpr (!LEAN) {
 #pragma unroll
-    for (int p = 0; p < NP; ++p) kc[p] = kn[p];
+      for (int p = 0; p < NP; ++p) kc[p] = kn[p];
+    }
   }
   wgmma_wait<0>();
   fence_regs<D / 2>(acc);
