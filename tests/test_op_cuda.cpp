@@ -45,6 +45,7 @@ class ScopedEnv {
  private:
   std::vector<std::pair<std::string, std::optional<std::string>>> saved_;
 };
+using EnvVars = std::vector<std::pair<std::string, std::string>>;
 
 double max_err(const at::Tensor& a, const at::Tensor& ref) {
   return (a.to(at::kDouble).cpu() - ref.to(at::kDouble).cpu()).abs().max().item<double>();
@@ -94,63 +95,67 @@ std::vector<CudaCase> cases() {
 
 }  // namespace
 
+// One case against the float64 formula: outputs and the gradients of a random loss within twice the
+// error of the same naive math in the case's precision (plus a small floor); the table as the CPU
+// reference's up to near-ties. Callers poison the outputs (SALAD_POISON).
+static void expect_matches_float64(const CudaCase& c) {
+  SCOPED_TRACE(label(c));
+  const int64_t L = c.g.size();
+  auto f64 = at::TensorOptions().dtype(at::kDouble).device(at::kCUDA);
+  const at::Tensor q64 = at::randn({c.B, c.H, L, c.D}, f64), k64 = at::randn_like(q64), v64 = at::randn_like(q64);
+  const at::Tensor gs = at::randn_like(q64), gl = at::randn_like(q64);
+  at::Tensor q = q64.to(c.dt).requires_grad_(), k = k64.to(c.dt).requires_grad_(), v = v64.to(c.dt).requires_grad_();
+  AttentionOutput out = attention(q, k, v, c.g, c.o);
+  at::Tensor mask;
+  if (c.o.mode != Mode::Dense) {
+    mask = mask_from_table(out.block_idx, out.block_cnt, c.g, c.o);
+    // The GPU's table equals the CPU reference's on the same (rounded) inputs, up to near-ties.
+    const auto [ridx, rcnt] =
+        select_blocks(q.detach().to(at::kDouble).cpu(), k.detach().to(at::kDouble).cpu(), c.g, c.o);
+    const double same_rows = ridx.eq(out.block_idx.cpu()).all(-1).to(at::kDouble).mean().item<double>();
+    EXPECT_GE(same_rows, 0.98);
+    EXPECT_TRUE(at::equal(rcnt, out.block_cnt.cpu()));
+  }
+  // Reference in float64 (from the same rounded inputs) and the naive formula in c.dt.
+  at::Tensor qr = q.detach().to(at::kDouble).requires_grad_(), kr = k.detach().to(at::kDouble).requires_grad_(),
+             vr = v.detach().to(at::kDouble).requires_grad_();
+  const Naive ref = naive(qr, kr, vr, c.g, c.o, mask);
+  at::Tensor qn = q.detach().clone().requires_grad_(), kn = k.detach().clone().requires_grad_(),
+             vn = v.detach().clone().requires_grad_();
+  const Naive low = naive(qn, kn, vn, c.g, c.o, mask);
+  const double floor = 2e-3;
+  EXPECT_LE(max_err(out.o_s, ref.o_s), 2 * max_err(low.o_s, ref.o_s) + floor);
+  EXPECT_LE(max_err(out.lse, ref.lse), 2 * max_err(low.lse.to(at::kFloat), ref.lse) + floor);
+  EXPECT_FALSE(at::isnan(out.o_s).any().item<bool>());
+  if (c.o.mode == Mode::Salad) {
+    EXPECT_LE(max_err(out.o_l, ref.o_l), 2 * max_err(low.o_l, ref.o_l) + floor);
+    EXPECT_FALSE(at::isnan(out.o_l).any().item<bool>());
+  }
+  // Gradients: our backward against autograd through the naive formulas.
+  auto loss = [&](const at::Tensor& o_s, const at::Tensor& o_l) {
+    at::Tensor l = (o_s.to(at::kDouble) * gs).sum();
+    if (c.o.mode == Mode::Salad) l = l + (o_l.to(at::kDouble) * gl).sum();
+    return l;
+  };
+  loss(out.o_s, out.o_l).backward();
+  loss(ref.o_s, ref.o_l).backward();
+  loss(low.o_s, low.o_l).backward();
+  const at::Tensor got[3] = {q.grad(), k.grad(), v.grad()}, want[3] = {qr.grad(), kr.grad(), vr.grad()},
+                   base[3] = {qn.grad(), kn.grad(), vn.grad()};
+  for (int i = 0; i < 3; ++i) {
+    SCOPED_TRACE(std::string("grad ") + "qkv"[i]);
+    EXPECT_FALSE(at::isnan(got[i]).any().item<bool>());
+    EXPECT_LE(max_err(got[i], want[i]), 2 * max_err(base[i], want[i]) + 4 * floor);
+  }
+}
+
 TEST(SM90_Attention, ForwardAndBackwardMatchFloat64WithinTwiceNaiveError) {
   if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
-  setenv("SALAD_POISON", "1", 1);  // outputs start as NaN: an unwritten element fails
+  const ScopedEnv poison(EnvVars{{"SALAD_POISON", "1"}});  // outputs start as NaN: unwritten elements fail
   torch::manual_seed(0);
   std::vector<CudaCase> all = cases();
   if (std::getenv("SALAD_TEST_QUICK")) all.resize(3);  // under compute-sanitizer: dense, sparse, salad at D 64
-  for (const CudaCase& c : all) {
-    SCOPED_TRACE(label(c));
-    const int64_t L = c.g.size();
-    auto f64 = at::TensorOptions().dtype(at::kDouble).device(at::kCUDA);
-    const at::Tensor q64 = at::randn({c.B, c.H, L, c.D}, f64), k64 = at::randn_like(q64), v64 = at::randn_like(q64);
-    const at::Tensor gs = at::randn_like(q64), gl = at::randn_like(q64);
-    at::Tensor q = q64.to(c.dt).requires_grad_(), k = k64.to(c.dt).requires_grad_(), v = v64.to(c.dt).requires_grad_();
-    AttentionOutput out = attention(q, k, v, c.g, c.o);
-    at::Tensor mask;
-    if (c.o.mode != Mode::Dense) {
-      mask = mask_from_table(out.block_idx, out.block_cnt, c.g, c.o);
-      // The GPU's table equals the CPU reference's on the same (rounded) inputs, up to near-ties.
-      const auto [ridx, rcnt] =
-          select_blocks(q.detach().to(at::kDouble).cpu(), k.detach().to(at::kDouble).cpu(), c.g, c.o);
-      const double same_rows = ridx.eq(out.block_idx.cpu()).all(-1).to(at::kDouble).mean().item<double>();
-      EXPECT_GE(same_rows, 0.98);
-      EXPECT_TRUE(at::equal(rcnt, out.block_cnt.cpu()));
-    }
-    // Reference in float64 (from the same rounded inputs) and the naive formula in c.dt.
-    at::Tensor qr = q.detach().to(at::kDouble).requires_grad_(), kr = k.detach().to(at::kDouble).requires_grad_(),
-               vr = v.detach().to(at::kDouble).requires_grad_();
-    const Naive ref = naive(qr, kr, vr, c.g, c.o, mask);
-    at::Tensor qn = q.detach().clone().requires_grad_(), kn = k.detach().clone().requires_grad_(),
-               vn = v.detach().clone().requires_grad_();
-    const Naive low = naive(qn, kn, vn, c.g, c.o, mask);
-    const double floor = 2e-3;
-    EXPECT_LE(max_err(out.o_s, ref.o_s), 2 * max_err(low.o_s, ref.o_s) + floor);
-    EXPECT_LE(max_err(out.lse, ref.lse), 2 * max_err(low.lse.to(at::kFloat), ref.lse) + floor);
-    EXPECT_FALSE(at::isnan(out.o_s).any().item<bool>());
-    if (c.o.mode == Mode::Salad) {
-      EXPECT_LE(max_err(out.o_l, ref.o_l), 2 * max_err(low.o_l, ref.o_l) + floor);
-      EXPECT_FALSE(at::isnan(out.o_l).any().item<bool>());
-    }
-    // Gradients: our backward against autograd through the naive formulas.
-    auto loss = [&](const at::Tensor& o_s, const at::Tensor& o_l) {
-      at::Tensor l = (o_s.to(at::kDouble) * gs).sum();
-      if (c.o.mode == Mode::Salad) l = l + (o_l.to(at::kDouble) * gl).sum();
-      return l;
-    };
-    loss(out.o_s, out.o_l).backward();
-    loss(ref.o_s, ref.o_l).backward();
-    loss(low.o_s, low.o_l).backward();
-    const at::Tensor got[3] = {q.grad(), k.grad(), v.grad()}, want[3] = {qr.grad(), kr.grad(), vr.grad()},
-                     base[3] = {qn.grad(), kn.grad(), vn.grad()};
-    for (int i = 0; i < 3; ++i) {
-      SCOPED_TRACE(std::string("grad ") + "qkv"[i]);
-      EXPECT_FALSE(at::isnan(got[i]).any().item<bool>());
-      EXPECT_LE(max_err(got[i], want[i]), 2 * max_err(base[i], want[i]) + 4 * floor);
-    }
-  }
-  unsetenv("SALAD_POISON");
+  for (const CudaCase& c : all) expect_matches_float64(c);
 }
 
 // The Hopper backward (attn_bwd_sm90.cu, wgmma/TMA) against the mma.sync one
@@ -340,56 +345,30 @@ TEST(SM90_Attention, KeyMeansFromStateKernelEqualTileMeans) {
     }
 }
 
-// The state kernel's lean per-row code (RopeCursor, 16-byte table reads, no zeroing pass for relu)
-// and the apply kernel's paired query-sum reduction change how values are indexed and exchanged, not
-// how they are rounded: every output and gradient equals the earlier code's (SALAD_STATE_LEAN=0,
-// SALAD_APPLY_QSUM=shfl) bit for bit, on each feature map, both D, with and without the linear
-// branch's RoPE, short last blocks.
-static void expect_lean_linear_equals_earlier(const Grid& g) {
+// The linear kernels' index arithmetic on grids whose rows and frames are short against the state
+// kernel's 16-token rope-cursor step (carries into two digits at once), against float64 as above: each
+// feature map, both D, with and without the linear branch's RoPE, short last blocks. (Sessions 12-13
+// compared these kernels bit for bit with their earlier versions on the same grids before those were
+// removed.)
+static void expect_linear_matches_float64_on(const Grid& g) {
   if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
+  const ScopedEnv poison(EnvVars{{"SALAD_POISON", "1"}});
   torch::manual_seed(13);
   for (const auto& [D, f, rope] : {std::tuple<int64_t, FeatureMap, bool>{128, FeatureMap::Relu, true},
                                    std::tuple<int64_t, FeatureMap, bool>{128, FeatureMap::Elu1, false},
                                    std::tuple<int64_t, FeatureMap, bool>{64, FeatureMap::Softmax, true},
                                    std::tuple<int64_t, FeatureMap, bool>{64, FeatureMap::Relu, false}}) {
-    const std::string what = "D" + std::to_string(D) + " " + to_string(f) + (rope ? " rope" : "");
-    SCOPED_TRACE(what);
-    torch::AutoGradMode ag(true);
-    Options o;
-    o.mode = Mode::Salad, o.keep = 0.2, o.block_q = 128, o.block_k = 64, o.feature = f, o.linear_rope = rope;
-    auto opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
-    const at::Tensor q = at::randn({2, 3, g.size(), D}, opt), k = at::randn_like(q), v = at::randn_like(q);
-    const at::Tensor gs = at::randn(q.sizes(), opt), gl = at::randn_like(gs);
-    auto run = [&](bool earlier) {
-      std::vector<std::pair<std::string, std::string>> vars;
-      if (earlier) vars = {{"SALAD_STATE_LEAN", "0"}, {"SALAD_APPLY_QSUM", "shfl"}};
-      const ScopedEnv env(vars);
-      at::Tensor qq = q.clone().requires_grad_(), kk = k.clone().requires_grad_(), vv = v.clone().requires_grad_();
-      const AttentionOutput out = attention(qq, kk, vv, g, o);
-      torch::cuda::synchronize();  // a fault names its pass
-      torch::autograd::backward({out.o_s, out.o_l}, {gs, gl});
-      torch::cuda::synchronize();
-      return std::vector<at::Tensor>{out.block_idx, out.block_cnt, out.o_s, out.o_l, out.lse,
-                                     qq.grad(),     kk.grad(),     vv.grad()};
-    };
-    std::vector<at::Tensor> ref, got;
-    try {
-      ref = run(true), got = run(false);
-    } catch (const std::exception& e) {
-      FAIL() << what << ": " << std::string(e.what()).substr(0, 200);
-    }
-    for (size_t i = 0; i < ref.size(); ++i) {
-      SCOPED_TRACE(std::string("output ") + std::to_string(i) + " (idx, cnt, o_s, o_l, lse, dq, dk, dv)");
-      EXPECT_TRUE(got[i].equal(ref[i]));
-    }
+    CudaCase c{2, 3, D, g, {}, at::kBFloat16};
+    c.o.mode = Mode::Salad, c.o.keep = 0.2, c.o.feature = f, c.o.linear_rope = rope;
+    expect_matches_float64(c);
   }
 }
 
-TEST(SM90_Attention, LeanLinearEqualsEarlierCodeOnWanLikeGrid) { expect_lean_linear_equals_earlier(Grid{3, 30, 46}); }
+TEST(SM90_Attention, LinearMatchesFloat64OnWanLikeGrid) { expect_linear_matches_float64_on(Grid{3, 30, 46}); }
 // Rows of 7 tokens: a 16-token step of the rope cursor is 2 rows and 2 columns (L 245, odd).
-TEST(SM90_Attention, LeanLinearEqualsEarlierCodeOnShortRows) { expect_lean_linear_equals_earlier(Grid{7, 5, 7}); }
+TEST(SM90_Attention, LinearMatchesFloat64OnShortRows) { expect_linear_matches_float64_on(Grid{7, 5, 7}); }
 // Frames of 6 tokens: a 16-token step crosses two frames.
-TEST(SM90_Attention, LeanLinearEqualsEarlierCodeOnShortFrames) { expect_lean_linear_equals_earlier(Grid{40, 2, 3}); }
+TEST(SM90_Attention, LinearMatchesFloat64OnShortFrames) { expect_linear_matches_float64_on(Grid{40, 2, 3}); }
 
 TEST(SM90_Attention, DeterministicRepeatsAndNoQuadraticMemory) {
   if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
@@ -420,7 +399,7 @@ TEST(SM90_Attention, DeterministicRepeatsAndNoQuadraticMemory) {
 // equal head-major ones bit for bit.
 TEST(SM90_Attention, SplitTailMatchesWholeItems) {
   if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
-  const ScopedEnv poison(std::vector<std::pair<std::string, std::string>>{{"SALAD_POISON", "1"}});
+  const ScopedEnv poison(EnvVars{{"SALAD_POISON", "1"}});
   torch::manual_seed(6);
   torch::NoGradGuard ng;
   const Grid g{3, 30, 46};
@@ -438,7 +417,7 @@ TEST(SM90_Attention, SplitTailMatchesWholeItems) {
           whole = attention(q, k, v, g, o);
         }
         {
-          const ScopedEnv e(std::vector<std::pair<std::string, std::string>>{{"SALAD_SM90_GRID", cap}});
+          const ScopedEnv e(EnvVars{{"SALAD_SM90_GRID", cap}});
           split = attention(q, k, v, g, o);
           split_tm = attention(q, k, v, g, o, Impl::Auto, /*token_major=*/true);
         }

@@ -1423,13 +1423,12 @@ __device__ __forceinline__ void pair_reduce(const float (&a)[2], const float (&b
   }
 }
 
-// QSUM_PAIRS (default; SALAD_APPLY_QSUM=shfl the earlier code, for A/B): the 16-row sums of qr
-// (Top-K query block means) by pair_reduce, 3.5 exchanges per pair instead of 6, stored by every lane.
-// MINB: CTAs per SM the registers are capped for (2, the default: 237 registers at D 128, none
-// spilled, 8 warps per SM; 3 (SALAD_APPLY_MINB=3, A/B): 168 registers, 32 bytes spilled, whose
-// reloads were the kernel's top stall; H200, Wan1.3B-480p: 105.9-109.8 -> 101.3-104.2 us).
-template <int D, FeatureMap F, bool ROPE, bool QSUM_PAIRS, int MINB = 2>
-__global__ void __launch_bounds__(kAW * 32, MINB) apply_fwd_wgmma_kernel(LinArgs g, const bf16* __restrict__ q,
+// The 16-row sums of qr (Top-K query block means) by pair_reduce: 3.5 exchanges per pair instead of a
+// butterfly's 6, stored by every lane (H200, Wan1.3B-480p: 116.5-121.9 -> 105.9-109.8 us). Registers
+// capped for 2 CTAs per SM (237 at D 128, none spilled, 8 warps per SM): the cap for 3 (168) spilled
+// 32 bytes, whose reloads were the kernel's top stall (105.9-109.8 -> 101.3-104.2 us).
+template <int D, FeatureMap F, bool ROPE>
+__global__ void __launch_bounds__(kAW * 32, 2) apply_fwd_wgmma_kernel(LinArgs g, const bf16* __restrict__ q,
                                                                       const bf16* __restrict__ svhl,
                                                                       const float* __restrict__ zv,
                                                                       bf16* __restrict__ o) {
@@ -1492,10 +1491,10 @@ __global__ void __launch_bounds__(kAW * 32, MINB) apply_fwd_wgmma_kernel(LinArgs
       xrow[r] = X + (gq + 8 * r) * D + 2 * tq;
     }
     const float* zq = zs + 2 * tq;
-    float* qsrow = g.qsum && (QSUM_PAIRS || gq == 0) && base < t1 ? g.qsum + (bh * n16 + base / 16) * D + 2 * tq
+    float* qsrow = g.qsum && base < t1 ? g.qsum + (bh * n16 + base / 16) * D + 2 * tq
                                                                     : nullptr;
     float dz[2] = {0.f, 0.f};
-    // QSUM_PAIRS: pair j's sums over rows (gq, gq + 8), then over lanes 4 apart (pair_reduce at m = 4
+    // Pair j's sums over rows (gq, gq + 8), then over lanes 4 apart (pair_reduce at m = 4
     // per kk, 8 per kk pair, 16 per kk quad); lane gq ends with pairs 8 n + gq (n < KS / 4).
     float sj[2][2], q1[KS][2], q2[KS / 2][2], q3[KS / 4][2];
 #pragma unroll
@@ -1517,28 +1516,20 @@ __global__ void __launch_bounds__(kAW * 32, MINB) apply_fwd_wgmma_kernel(LinArgs
           *reinterpret_cast<uint32_t*>(xrow[r] + ((j ^ gq) << 3)) = Elem<bf16>::pack(r0, r1);
           if (r == 0) {
             c0 = r0, c1 = r1;
-          } else if (QSUM_PAIRS) {  // rows past the end are zero
+          } else {  // rows past the end are zero
             sj[hj][0] = c0 + r0, sj[hj][1] = c1 + r1;
-          } else if (g.qsum) {  // rows past the end are zero; sum over the 8 row groups (lanes 4 apart)
-            float s0 = c0 + r0, s1 = c1 + r1;
-#pragma unroll
-            for (int sh = 4; sh < 32; sh <<= 1) {
-              s0 += __shfl_xor_sync(0xffffffffu, s0, sh);
-              s1 += __shfl_xor_sync(0xffffffffu, s1, sh);
-            }
-            if (qsrow) *reinterpret_cast<float2*>(qsrow + 8 * j) = make_float2(s0, s1);
           }
           if (ROPE) rot_pair(cs, y0, y1, y0, y1);
           a[kk][e] = Elem<bf16>::pack(y0, y1);
         }
       }
-      if (QSUM_PAIRS && g.qsum) {
+      if (g.qsum) {
         pair_reduce(sj[0], sj[1], lane, 4, q1[kk]);
         if (kk & 1) pair_reduce(q1[kk - 1], q1[kk], lane, 8, q2[kk / 2]);
         if ((kk & 3) == 3) pair_reduce(q2[kk / 2 - 1], q2[kk / 2], lane, 16, q3[kk / 4]);
       }
     }
-    if (QSUM_PAIRS && qsrow) {
+    if (qsrow) {
 #pragma unroll
       for (int n = 0; n < KS / 4; ++n)
         *reinterpret_cast<float2*>(qsrow + 8 * (8 * n + gq)) = make_float2(q3[n][0], q3[n][1]);
@@ -1593,8 +1584,8 @@ __global__ void __launch_bounds__(kAW * 32, MINB) apply_fwd_wgmma_kernel(LinArgs
 
 // ---------------------------------------------------------------- forward state (wgmma, sm_90a), k rotation fused
 // CTA = D / 64 warpgroups over one chunk (make_plan's, whole 64-token tiles) of one (b, h). Per tile,
-// each thread transforms 8 channels of 4 key rows, read from global memory one tile ahead into
-// registers: kr = R k (the sparse branch's rotated keys) with its 64-token sums (block means),
+// each thread transforms 8 channels of 4 key rows, copied with v (cp.async, three stages) into shared
+// memory: kr = R k (the sparse branch's rotated keys) with its 64-token sums (block means),
 // z += phi(k), and c = R phi(k) (bf16) into shared memory in the V-tile layout; then warpgroup w
 // accumulates Sv[64 w .. 64 w + 63][:] += c^T v on wgmma with both operands MN-major (v tiles by
 // cp.async, three stages; c double-buffered, so the product of tile i runs under the transform of
@@ -1604,7 +1595,7 @@ template <int D>
 struct StateSmem {
   static constexpr int kTile = 64 * D * 2;  // one 64-token tile: D / 64 sub-tiles of 64 rows x 128 B
   static constexpr int kV = 0, kC = 3 * kTile, kRed = 5 * kTile;
-  static constexpr int kK = kRed + 2 * (D / 16) * D * 4;  // after the [2][warps][D] sums: 3 k stages (LEAN)
+  static constexpr int kK = kRed + 2 * (D / 16) * D * 4;  // after the [2][warps][D] sums: 3 k stages
   static constexpr int kBytes = kK + 3 * kTile + 1024;    // + alignment
 };
 
@@ -1633,14 +1624,13 @@ struct RopeCursor {
   }
 };
 
-// LEAN (default; SALAD_STATE_LEAN=0 the earlier code, for A/B): 32-bit row bounds, the rope3d rows
-// of a thread's next row by RopeCursor instead of two divisions per row, the table read 16 bytes (two
-// pairs) at a time, no zeroing pass for rows past the end where phi(0) = 0 (relu), and k through
-// cp.async into three shared-memory stages with v (unswizzled rows: each thread reads back the 16-byte
-// chunks it copied). The earlier code loads k one tile ahead into registers; ptxas sinks those loads
-// to the end of the iteration, next to their use, and the wait on them was 22% of the kernel's stall
-// samples (ncu, H200, Wan1.3B-480p).
-template <int D, FeatureMap F, bool ROPE, bool LEAN>
+// Per row: 32-bit bounds; the rope3d table rows of a thread's next row by RopeCursor (no divisions),
+// the table read 16 bytes (two pairs) at a time; no zeroing pass for rows past the end where phi(0) = 0
+// (relu). k goes through cp.async into three shared-memory stages with v (unswizzled rows: each thread
+// reads back the 16-byte chunks it copied); loaded one tile ahead into registers instead, ptxas sank
+// those loads to the end of the iteration, next to their use, and the wait on them was 22% of the
+// kernel's stall samples (ncu, H200, Wan1.3B-480p: 107.5-111.3 -> 100.2-100.6 us).
+template <int D, FeatureMap F, bool ROPE>
 __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, const bf16* __restrict__ k,
                                                                    const bf16* __restrict__ v,
                                                                    float* __restrict__ part,
@@ -1684,7 +1674,7 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
         const bool ok = row < lim;
         cp_async16(dst + row * 128, ok ? src : vb, ok ? 16 : 0);
       }
-      if constexpr (LEAN) {  // k of the same rows, rows past the end zero-filled
+      {  // k of the same rows, rows past the end zero-filled
         const uint32_t kdst = sK + (i % 3) * kTile + rg * (D * 2) + ch * 16;
         const bf16* ksrc = kb + (base + rg) * g.k_st;
 #pragma unroll
@@ -1696,26 +1686,16 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
     }
     cp_async_commit();
   };
-  auto load_k = [&](int i, uint4 (&kx)[NP]) {
-    const int64_t base = t0 + int64_t(i) * 64;
-    const int lim = i < ntile ? static_cast<int>(imin64(t1 - base, 64)) : 0;  // rows present
-    const bf16* src = kb + (base + rg) * g.k_st;
-#pragma unroll
-    for (int p = 0; p < NP; ++p, src += RP * g.k_st)
-      kx[p] = rg + RP * p < lim ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
-  };
   float acc[D / 2];
 #pragma unroll
   for (int n = 0; n < D / 2; ++n) acc[n] = 0.f;
   float zacc[8];
 #pragma unroll
   for (int c = 0; c < 8; ++c) zacc[c] = 0.f;
-  uint4 kc[NP], kn[NP];
   load_v(0);
   load_v(1);
-  if constexpr (!LEAN) load_k(0, kc);
   const int64_t n64 = (g.L + 63) / 64;
-  // LEAN: the table rows of this thread's next row (t0 + rg, then 16 tokens further per pass), its
+  // The table rows of this thread's next row (t0 + rg, then 16 tokens further per pass), its
   // 4 pairs as two 16-byte halves each read from the axis row of its first pair; a half whose second
   // pair starts the next axis (an odd axis boundary: pair 43 at D 128) reads that pair again.
   constexpr bool fix1 = pf % 4 == 1 || pfh % 4 == 1, fix3 = pf % 4 == 3 || pfh % 4 == 3;
@@ -1728,13 +1708,12 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
   const int t1i = static_cast<int>(t1);
   for (int i = 0; i < ntile; ++i) {
     const int64_t base = t0 + int64_t(i) * 64;
-    if constexpr (LEAN) {
-      cp_async_wait<1>();  // this thread's copies of tile i (k and v) landed; tile i + 1's may not have
+    cp_async_wait<1>();  // this thread's copies of tile i (k and v) landed; tile i + 1's may not have
+    uint4 kc[NP];
+    {
       const unsigned char* ksm = smraw + (sK - raw) + (i % 3) * kTile + rg * (D * 2) + ch * 16;
 #pragma unroll
       for (int p = 0; p < NP; ++p) kc[p] = *reinterpret_cast<const uint4*>(ksm + RP * p * (D * 2));
-    } else {
-      load_k(i + 1, kn);
     }
     float ks[8];
 #pragma unroll
@@ -1744,8 +1723,7 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
 #pragma unroll
     for (int p = 0; p < NP; ++p) {
       const int row = rg + RP * p;
-      const int64_t t = base + row;
-      const bool ok = LEAN ? static_cast<int>(base) + row < t1i : t < t1;
+      const bool ok = static_cast<int>(base) + row < t1i;
       float x[8], y[8];
       {
         const uint32_t w[4] = {kc[p].x, kc[p].y, kc[p].z, kc[p].w};
@@ -1774,48 +1752,31 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
         for (int c = 0; c < 8; ++c) y[c] = phi_y(F, x[c], 0.f, 1.f);
       }
       float xr[8];
-      if constexpr (LEAN) {
-        // Rows past the end: k is zero, so kr and the block sums get zeros whatever the table row; v is
-        // zero-filled, so c^T v gets nothing from them; only z must skip phi(0) (1 for elu+1, 1 / D for
-        // softmax; 0 for relu). y * 1 + z and y * 0 + z round as z + y and z (z >= 0, y finite).
-        if constexpr (F == FeatureMap::Relu) {
-#pragma unroll
-          for (int c = 0; c < 8; ++c) zacc[c] += y[c];
-        } else {
-          const float okf = ok ? 1.f : 0.f;
-#pragma unroll
-          for (int c = 0; c < 8; ++c) zacc[c] = fmaf(y[c], okf, zacc[c]);
-        }
-        // Row of axis a = f + (a == 1) (h - f) + (a == 2) (w - f), table row 0 past the end.
-        const int dh = cur.h - cur.f, dw = cur.w - cur.f, okm = ok ? -1 : 0;
-        auto row_of = [&](int i) { return (cur.f + ax_h[i] * dh + ax_w[i] * dw) & okm; };
-        const float4 c01 = __ldg(reinterpret_cast<const float4*>(tabc + row_of(0)));
-        const float4 c23 = __ldg(reinterpret_cast<const float4*>(tabc + row_of(2) + 2));
-        float2 cs[4] = {make_float2(c01.x, c01.y), make_float2(c01.z, c01.w), make_float2(c23.x, c23.y),
-                        make_float2(c23.z, c23.w)};
-        if (fix1 && split1) cs[1] = __ldg(tabc + row_of(1) + 1);
-        if (fix3 && split3) cs[3] = __ldg(tabc + row_of(3) + 3);
-        cur.advance16(D / 2);
-#pragma unroll
-        for (int i2 = 0; i2 < 4; ++i2) {
-          rot_pair(cs[i2], x[2 * i2], x[2 * i2 + 1], xr[2 * i2], xr[2 * i2 + 1]);
-          if (ROPE) rot_pair(cs[i2], y[2 * i2], y[2 * i2 + 1], y[2 * i2], y[2 * i2 + 1]);
-        }
-      } else {
-        if (!ok) {
-#pragma unroll
-          for (int c = 0; c < 8; ++c) y[c] = 0.f;
-        }
+      // Rows past the end: k is zero, so kr and the block sums get zeros whatever the table row; v is
+      // zero-filled, so c^T v gets nothing from them; only z must skip phi(0) (1 for elu+1, 1 / D for
+      // softmax; 0 for relu). y * 1 + z and y * 0 + z round as z + y and z (z >= 0, y finite).
+      if constexpr (F == FeatureMap::Relu) {
 #pragma unroll
         for (int c = 0; c < 8; ++c) zacc[c] += y[c];
-        const Rows rw = ok ? tok_rows(g.r, t, D / 2) : Rows{0, 0, 0};
+      } else {
+        const float okf = ok ? 1.f : 0.f;
 #pragma unroll
-        for (int i2 = 0; i2 < 4; ++i2) {
-          const int off = axis[i2] == 0 ? rw.f : (axis[i2] == 1 ? rw.h : rw.w);
-          const float2 cs = __ldg(tab + off + 4 * ch + i2);
-          rot_pair(cs, x[2 * i2], x[2 * i2 + 1], xr[2 * i2], xr[2 * i2 + 1]);
-          if (ROPE) rot_pair(cs, y[2 * i2], y[2 * i2 + 1], y[2 * i2], y[2 * i2 + 1]);
-        }
+        for (int c = 0; c < 8; ++c) zacc[c] = fmaf(y[c], okf, zacc[c]);
+      }
+      // Row of axis a = f + (a == 1) (h - f) + (a == 2) (w - f), table row 0 past the end.
+      const int dh = cur.h - cur.f, dw = cur.w - cur.f, okm = ok ? -1 : 0;
+      auto row_of = [&](int i) { return (cur.f + ax_h[i] * dh + ax_w[i] * dw) & okm; };
+      const float4 c01 = __ldg(reinterpret_cast<const float4*>(tabc + row_of(0)));
+      const float4 c23 = __ldg(reinterpret_cast<const float4*>(tabc + row_of(2) + 2));
+      float2 cs[4] = {make_float2(c01.x, c01.y), make_float2(c01.z, c01.w), make_float2(c23.x, c23.y),
+                      make_float2(c23.z, c23.w)};
+      if (fix1 && split1) cs[1] = __ldg(tabc + row_of(1) + 1);
+      if (fix3 && split3) cs[3] = __ldg(tabc + row_of(3) + 3);
+      cur.advance16(D / 2);
+#pragma unroll
+      for (int i2 = 0; i2 < 4; ++i2) {
+        rot_pair(cs[i2], x[2 * i2], x[2 * i2 + 1], xr[2 * i2], xr[2 * i2 + 1]);
+        if (ROPE) rot_pair(cs[i2], y[2 * i2], y[2 * i2 + 1], y[2 * i2], y[2 * i2 + 1]);
       }
 #pragma unroll
       for (int c = 0; c < 8; ++c) ks[c] += xr[c];
@@ -1853,10 +1814,6 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
       wgmma_ss_tt<D>(acc, desc_sw128(sC + (i & 1) * kTile + wg * kSub + kk * 2048, kSub, 1024),
                      desc_sw128(sV + (i % 3) * kTile + kk * 2048, kSub, 1024), 1);
     wgmma_commit();
-    if constexpr (!LEAN) {
-#pragma unroll
-      for (int p = 0; p < NP; ++p) kc[p] = kn[p];
-    }
   }
   wgmma_wait<0>();
   fence_regs<D / 2>(acc);
@@ -1902,12 +1859,6 @@ void with_feature_rope(FeatureMap f, bool rope, Fn&& fn) {
   else go(std::integral_constant<FeatureMap, FeatureMap::Softmax>{});
 }
 
-// SALAD_APPLY_QSUM=shfl: the apply kernel's earlier query-sum butterflies (A/B; read per call).
-bool apply_qsum_pairs_enabled() {
-  const char* e = std::getenv("SALAD_APPLY_QSUM");
-  return !(e && std::strcmp(e, "shfl") == 0);
-}
-
 // g.qr must be set (fuse_rotate): the kernel always writes qr.
 template <int D>
 void apply_fwd_wgmma(const LinArgs& g, const Plan& pl, const bf16* q, const bf16* svhl, const float* z, bf16* o,
@@ -1916,10 +1867,7 @@ void apply_fwd_wgmma(const LinArgs& g, const Plan& pl, const bf16* q, const bf16
   with_feature_rope(g.feature, g.rope, [&](auto fc, auto rc) {
     constexpr FeatureMap fv = decltype(fc)::value;
     constexpr bool rv = decltype(rc)::value;
-    const char* mb = std::getenv("SALAD_APPLY_MINB");
-    auto kernel = !apply_qsum_pairs_enabled()       ? apply_fwd_wgmma_kernel<D, fv, rv, false, 3>
-                  : mb && std::strcmp(mb, "3") == 0 ? apply_fwd_wgmma_kernel<D, fv, rv, true, 3>
-                                                    : apply_fwd_wgmma_kernel<D, fv, rv, true>;
+    auto kernel = apply_fwd_wgmma_kernel<D, fv, rv>;
     set_smem_mma(kernel, ApplySmem<D>::kBytes);
     kernel<<<grid, kAW * 32, ApplySmem<D>::kBytes, s>>>(g, q, svhl, z, o);
     SALAD_LAUNCH_CHECK();
@@ -2317,18 +2265,11 @@ void state_mma(const LinArgs& g, const Plan& pl, const bf16* x, const int64_t* x
   SALAD_LAUNCH_CHECK();
 }
 
-// SALAD_STATE_LEAN=0: the state kernel's earlier per-row code (A/B; read per call).
-bool state_lean_enabled() {
-  const char* e = std::getenv("SALAD_STATE_LEAN");
-  return !(e && std::strcmp(e, "0") == 0);
-}
-
 template <int D>
 void fwd_state(const Params& p, const Plan& pl, const LinArgs& g, void* ws, cudaStream_t s) {
   if (pl.fuse_k) {
     with_feature_rope(g.feature, g.rope, [&](auto fc, auto rc) {
-      auto kernel = state_lean_enabled() ? state_fwd_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value, true>
-                                         : state_fwd_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value, false>;
+      auto kernel = state_fwd_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value>;
       set_smem_mma(kernel, StateSmem<D>::kBytes);
       kernel<<<dim3(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH)), 2 * D, StateSmem<D>::kBytes, s>>>(
           g, static_cast<const bf16*>(p.k), static_cast<const bf16*>(p.v), at<float>(ws, pl.sv_part),
