@@ -2002,7 +2002,7 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_k_wgmma_kernel(LinArgs 
           *reinterpret_cast<float2*>(out + 8 * ni) = make_float2(dva[4 * ni + 2 * r], dva[4 * ni + 2 * r + 1]);
       }
     // dk = phi'(R^T dc + dz), accumulator element (ni, e): row gq + 8 (e >> 1), channels 8 ni + 2 tq + {0, 1}
-    float2 rcs[D / 8];  // BATCH: row r's table entries, loaded before its stores
+    float2 rcs[D / 8] = {};  // BATCH: row r's table entries, loaded before its stores
     auto grad = [&](int r, int ni) {  // R^T dc + dz at (row gq + 8 r, channel pair of group ni)
       float g0 = dc[4 * ni + 2 * r], g1 = dc[4 * ni + 2 * r + 1];
       if (ROPE) {
@@ -2170,7 +2170,7 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
       const float2 av = Elem<bf16>::unpack(pa);
       dot[r] = fmaf(av.x, acc[4 * j + 2 * r], fmaf(av.y, acc[4 * j + 2 * r + 1], dot[r]));
     };
-    float2 rcs[D / 8];  // BATCH: one row's table entries
+    float2 rcs[D / 8] = {};  // BATCH: one row's table entries
     if constexpr (BATCH) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
