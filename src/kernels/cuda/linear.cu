@@ -1893,11 +1893,11 @@ struct BwdKSmem {
   static constexpr int kBytes = kM + kW + D * 4 + 1024;
 };
 
-// BATCH (default; SALAD_LINEAR_BWD_BATCH=0 the earlier code, A/B): the epilogue's rope-table reloads of
-// a row issued together before the row's first store. Interleaved with the dv / dk stores (which may
-// alias the table for the compiler) each reload waited for its own L1/L2 round trip: long-scoreboard
-// stalls were 66% of this kernel's samples (ncu, H200, Wan1.3B-480p).
-template <int D, FeatureMap F, bool ROPE, bool BATCH>
+// The epilogue's rope-table reloads of a row are issued together before the row's first store.
+// Interleaved with the dv / dk stores (which may alias the table for the compiler) each reload waited
+// for its own L1/L2 round trip: long-scoreboard stalls were 66% of this kernel's samples (ncu, H200,
+// Wan1.3B-480p: 269.8 -> 198.3 us, the gradients bit-identical).
+template <int D, FeatureMap F, bool ROPE>
 __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_k_wgmma_kernel(LinArgs g, const bf16* __restrict__ kin,
                                                                         const bf16* __restrict__ vin,
                                                                         const bf16* __restrict__ dsv,
@@ -2002,11 +2002,11 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_k_wgmma_kernel(LinArgs 
           *reinterpret_cast<float2*>(out + 8 * ni) = make_float2(dva[4 * ni + 2 * r], dva[4 * ni + 2 * r + 1]);
       }
     // dk = phi'(R^T dc + dz), accumulator element (ni, e): row gq + 8 (e >> 1), channels 8 ni + 2 tq + {0, 1}
-    float2 rcs[D / 8] = {};  // BATCH: row r's table entries, loaded before its stores
+    float2 rcs[D / 8] = {};  // row r's table entries, loaded before its stores
     auto grad = [&](int r, int ni) {  // R^T dc + dz at (row gq + 8 r, channel pair of group ni)
       float g0 = dc[4 * ni + 2 * r], g1 = dc[4 * ni + 2 * r + 1];
       if (ROPE) {
-        const float2 cs = BATCH ? rcs[ni] : pair_cs(r, ni, true);  // inverse rotation
+        const float2 cs = rcs[ni];  // inverse rotation
         const float a0 = g0 * cs.x + g1 * cs.y, a1 = -g0 * cs.y + g1 * cs.x;
         g0 = a0, g1 = a1;
       }
@@ -2015,7 +2015,7 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_k_wgmma_kernel(LinArgs 
     };
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      if (ROPE && BATCH) {
+      if (ROPE) {
 #pragma unroll
         for (int ni = 0; ni < D / 8; ++ni) rcs[ni] = pair_cs(r, ni, true);
       }
@@ -2064,10 +2064,11 @@ struct BwdQSmem {
   static constexpr int kBytes = 2 * kM + kW + D * 4 + kAW * D * 4 + 1024;  // + z, per-warp dz, alignment
 };
 
-// BATCH: as in the key side, each row's table entries loaded together before the row's stores, in the
-// as pass (one row at a time, same order of the dot's terms) and in the epilogue (long-scoreboard
-// stalls: 69% of the samples with the loads interleaved with the stores).
-template <int D, FeatureMap F, bool ROPE, bool BATCH>
+// As in the key side, each row's table entries are loaded together before the row's stores, in the as
+// pass (one row at a time, the dot's terms in the same order) and in the epilogue (long-scoreboard
+// stalls: 69% of the samples with the loads interleaved with the stores; 294.6 -> 187.2 us, same
+// card and shape, the gradients bit-identical).
+template <int D, FeatureMap F, bool ROPE>
 __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs g, const bf16* __restrict__ q,
                                                                         const bf16* __restrict__ dol,
                                                                         const bf16* __restrict__ svhl,
@@ -2170,25 +2171,15 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
       const float2 av = Elem<bf16>::unpack(pa);
       dot[r] = fmaf(av.x, acc[4 * j + 2 * r], fmaf(av.y, acc[4 * j + 2 * r + 1], dot[r]));
     };
-    float2 rcs[D / 8] = {};  // BATCH: one row's table entries
-    if constexpr (BATCH) {
+    float2 rcs[D / 8] = {};  // one row's table entries
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        if (ROPE) {
+    for (int r = 0; r < 2; ++r) {
+      if (ROPE) {
 #pragma unroll
-          for (int j = 0; j < D / 8; ++j) rcs[j] = __ldg(rope_pair_entry<D>(tp[r], j, tq));
-        }
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) as_term(r, j, rcs[j]);
+        for (int j = 0; j < D / 8; ++j) rcs[j] = __ldg(rope_pair_entry<D>(tp[r], j, tq));
       }
-    } else {
 #pragma unroll
-      for (int kk = 0; kk < KS; ++kk)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e & 1, j = 2 * kk + (e >> 1);
-          as_term(r, j, ROPE ? __ldg(rope_pair_entry<D>(tp[r], j, tq)) : make_float2(1.f, 0.f));
-        }
+      for (int j = 0; j < D / 8; ++j) as_term(r, j, rcs[j]);
     }
     // The fragments are in registers (the wgmmas read gf, the loop above read qf): this warp's tile
     // buffers take the next tile now, behind the epilogue.
@@ -2211,7 +2202,7 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
     auto grad = [&](int r, int ni) {
       float g0 = acc[4 * ni + 2 * r] * id[r], g1 = acc[4 * ni + 2 * r + 1] * id[r];
       if (ROPE) {
-        const float2 cs = BATCH ? rcs[ni] : *rope_pair_entry<D>(tp[r], ni, tq);  // inverse rotation
+        const float2 cs = rcs[ni];  // inverse rotation
         const float a0 = g0 * cs.x + g1 * cs.y, a1 = -g0 * cs.y + g1 * cs.x;
         g0 = a0, g1 = a1;
       }
@@ -2221,7 +2212,7 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       fence_regs<D / 2>(acc);  // one row at a time (interleaving both rows' epilogues spilled)
-      if (ROPE && BATCH) {  // plain loads: after the as stores, so not merged with the __ldg ones above
+      if (ROPE) {  // plain loads: after the as stores, so not merged with the __ldg ones above
 #pragma unroll
         for (int ni = 0; ni < D / 8; ++ni) rcs[ni] = *rope_pair_entry<D>(tp[r], ni, tq);
       }
@@ -2340,12 +2331,6 @@ void fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStrea
   SALAD_LAUNCH_CHECK();
 }
 
-// SALAD_LINEAR_BWD_BATCH=0: the backward apply kernels' earlier table reloads (A/B; read per call).
-bool linear_bwd_batch() {
-  const char* e = std::getenv("SALAD_LINEAR_BWD_BATCH");
-  return !(e && std::strcmp(e, "0") == 0);
-}
-
 template <int D>
 void bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
   LinArgs g = make_args(p, pl, r);
@@ -2358,8 +2343,7 @@ void bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaSt
     n_dz = (g.L + kApplySpan - 1) / kApplySpan;  // one per span (make_plan sizes dz_part for either)
     const dim3 gq(static_cast<unsigned>(n_dz), static_cast<unsigned>(pl.BH));
     with_feature_rope(g.feature, g.rope, [&](auto fc, auto rc) {
-      auto kernel = linear_bwd_batch() ? apply_bwd_q_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value, true>
-                                       : apply_bwd_q_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value, false>;
+      auto kernel = apply_bwd_q_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value>;
       set_smem_mma(kernel, BwdQSmem<D>::kBytes);
       kernel<<<gq, kAW * 32, BwdQSmem<D>::kBytes, s>>>(g, static_cast<const bf16*>(p.q), static_cast<const bf16*>(p.do_l),
                                                        at<bf16>(ws, pl.sv), at<float>(ws, pl.z), as,
@@ -2382,8 +2366,7 @@ void bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaSt
   if (!(ek && std::strcmp(ek, "mma") == 0)) {
     const dim3 gk(static_cast<unsigned>((g.L + kApplySpan - 1) / kApplySpan), static_cast<unsigned>(pl.BH));
     with_feature_rope(g.feature, g.rope, [&](auto fc, auto rc) {
-      auto kernel = linear_bwd_batch() ? apply_bwd_k_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value, true>
-                                       : apply_bwd_k_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value, false>;
+      auto kernel = apply_bwd_k_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value>;
       set_smem_mma(kernel, BwdKSmem<D>::kBytes);
       kernel<<<gk, kAW * 32, BwdKSmem<D>::kBytes, s>>>(g, static_cast<const bf16*>(p.k), static_cast<const bf16*>(p.v),
                                                        at<bf16>(ws, pl.dsv), at<float>(ws, pl.dz),
