@@ -30,7 +30,8 @@
 // in place by TMA, which cannot gather through the tile-order permutation).
 // env SALAD_FWD_KERNEL=mma forces the mma.sync kernel; SALAD_SM90_PERSISTENT=0
 // launches one CTA per work item; SALAD_SM90_GRID=N caps the persistent grid
-// (testing); SALAD_SM90_VSWAP=1 swaps the V descriptor's LBO/SBO (debugging).
+// (testing); SALAD_SM90_VSWAP=1 swaps the V descriptor's LBO/SBO (debugging); SALAD_SM90_SPLIT=0
+// keeps the last, partial round of items whole (see tail_split).
 #include <climits>
 #include <cuda.h>
 #include <cudaTypedefs.h>
