@@ -902,11 +902,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ================================================================== host side
-bool env_is(const char* name, const char* value) {
-  const char* e = std::getenv(name);
-  return e && std::strcmp(e, value) == 0;
-}
-
 // What both kernels need of the call (besides the environment).
 bool supported(const BwdParams& p, const Plan& pl, const RopeInfo& r) {
   if (env_is("SALAD_BWD_KERNEL", "mma")) return false;

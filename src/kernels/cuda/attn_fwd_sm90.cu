@@ -596,29 +596,22 @@ bool launch(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
   a.sub_q = static_cast<int>((p.opt.block_q + kM - 1) / kM);
   a.halves_per_block = static_cast<int>(p.opt.block_k / 64);
   a.dense = pl.dense ? 1 : 0;
-  const char* sw = std::getenv("SALAD_SM90_VSWAP");
-  a.v_swap = sw && std::strcmp(sw, "1") == 0;
-  const char* rs = std::getenv("SALAD_SM90_RESCALE");
-  a.early_rescale = !(rs && std::strcmp(rs, "late") == 0);
+  a.v_swap = env_is("SALAD_SM90_VSWAP", "1");
+  a.early_rescale = !env_is("SALAD_SM90_RESCALE", "late");
   a.scale_log2 = static_cast<float>(p.softmax_scale() * 1.4426950408889634);
   constexpr int smem = Smem<D>::kAlloc;
   auto kernel = attn_fwd_sm90_kernel<T, D>;
   SALAD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int64_t work = pl.n_q * a.sub_q * pl.BH;
-  int dev = 0, sms = 0;
-  SALAD_CUDA_CHECK(cudaGetDevice(&dev));
-  SALAD_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  const char* pe = std::getenv("SALAD_SM90_PERSISTENT");  // "0": one CTA per work item
-  const bool persistent = !(pe && std::strcmp(pe, "0") == 0);
-  int64_t cap = sms;
+  const bool persistent = !env_is("SALAD_SM90_PERSISTENT", "0");  // "0": one CTA per work item
+  int64_t cap = pl.sms;
   if (const char* g = std::getenv("SALAD_SM90_GRID")) cap = imax64(1, std::atoll(g));  // testing: fewer CTAs
   // The last round's items in pieces (persistent grid only; SALAD_SM90_SPLIT=0 turns it off).
-  const char* sp = std::getenv("SALAD_SM90_SPLIT");
   TailSplit ts;
   ts.full = work;
-  if (persistent && pl.split_slots > 0 && !(sp && std::strcmp(sp, "0") == 0)) {
+  if (persistent && !env_is("SALAD_SM90_SPLIT", "0")) {
     const int64_t blocks = pl.dense ? pl.n_k : pl.max_k;
-    ts = tail_split(work, cap, (blocks * a.halves_per_block + 1) / 2, pl.split_slots);
+    ts = tail_split(work, cap, (blocks * a.halves_per_block + 1) / 2, pl.sms);
   }
   const int64_t rem = work - ts.full, entries = ts.full + rem * ts.split;
   a.full = static_cast<int>(ts.full);
@@ -638,8 +631,7 @@ bool launch(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
 }  // namespace
 
 bool sm90_fwd_disabled() {
-  const char* e = std::getenv("SALAD_FWD_KERNEL");
-  return e && std::strcmp(e, "mma") == 0;
+  return env_is("SALAD_FWD_KERNEL", "mma");
 }
 
 bool try_launch_attn_fwd_sm90(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {

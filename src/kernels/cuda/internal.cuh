@@ -6,6 +6,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "common.cuh"
 #include "salad/params.h"
@@ -29,10 +31,10 @@ struct Plan {
   bool fuse_k = false;
   size_t rope = 0, perm = 0, qr = 0, kr = 0, qmean = 0, kmean = 0, qsum = 0, ksum = 0;
   size_t sv_part = 0, z_part = 0, sv = 0, z = 0;
-  // Forward: the Hopper sparse kernel's split tail (attn_fwd_sm90.cu): up to split_slots pieces of
-  // 128 rows, each D + 1 floats per row (the piece's normalised output and its log2-sum-exp).
+  // Forward: the current device's SMs, and the Hopper sparse kernel's split tail (attn_fwd_sm90.cu):
+  // one slot per SM, 128 rows of D + 1 floats (a piece's normalised output and its log2-sum-exp).
+  int64_t sms = 0;
   size_t fwd_split = 0;
-  int64_t split_slots = 0;
   // backward only
   size_t delta = 0, inv_off = 0, inv_rows = 0;
   size_t dnum = 0, dden = 0, dsv_part = 0, dz_part = 0, dsv = 0, dz = 0;
@@ -40,6 +42,12 @@ struct Plan {
   size_t total = 0;
 };
 Plan make_plan(const Params& p, bool backward);
+
+// True when environment variable `name` is set to `value` (kernel switches, read per call).
+inline bool env_is(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e && std::strcmp(e, value) == 0;
+}
 // Forward with Top-K, the k rotation fused into the state kernel and 64-key blocks: that kernel stores
 // the key block means itself (its 64-token kr sums divided as tile_means_kernel does), so no key
 // tile_means launch. SALAD_KMEAN=kernel keeps the launch (A/B).

@@ -1491,8 +1491,7 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_fwd_wgmma_kernel(LinArgs g,
       xrow[r] = X + (gq + 8 * r) * D + 2 * tq;
     }
     const float* zq = zs + 2 * tq;
-    float* qsrow = g.qsum && base < t1 ? g.qsum + (bh * n16 + base / 16) * D + 2 * tq
-                                                                    : nullptr;
+    float* qsrow = g.qsum && base < t1 ? g.qsum + (bh * n16 + base / 16) * D + 2 * tq : nullptr;
     float dz[2] = {0.f, 0.f};
     // Pair j's sums over rows (gq, gq + 8), then over lanes 4 apart (pair_reduce at m = 4
     // per kk, 8 per kk pair, 16 per kk quad); lane gq ends with pairs 8 n + gq (n < KS / 4).
@@ -1794,7 +1793,9 @@ __global__ void __launch_bounds__(D * 2, 1) state_fwd_wgmma_kernel(LinArgs g, co
         *reinterpret_cast<float4*>(dst + 4) = make_float4(ks[4], ks[5], ks[6], ks[7]);
       }
     }
-    cp_async_wait<1>();                                              // v tile i (this thread's part)
+    // (Already satisfied by the wait at the top of the iteration; kept because removing it reschedules
+    // the whole kernel, and the machine code measured on the GPU is this one.)
+    cp_async_wait<1>();
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // c and v visible to wgmma
     wgmma_wait<0>();                                                 // tile i - 1's product done
     __syncthreads();
@@ -1865,9 +1866,7 @@ void apply_fwd_wgmma(const LinArgs& g, const Plan& pl, const bf16* q, const bf16
                      cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>((g.L + kApplySpan - 1) / kApplySpan), static_cast<unsigned>(pl.BH));
   with_feature_rope(g.feature, g.rope, [&](auto fc, auto rc) {
-    constexpr FeatureMap fv = decltype(fc)::value;
-    constexpr bool rv = decltype(rc)::value;
-    auto kernel = apply_fwd_wgmma_kernel<D, fv, rv>;
+    auto kernel = apply_fwd_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value>;
     set_smem_mma(kernel, ApplySmem<D>::kBytes);
     kernel<<<grid, kAW * 32, ApplySmem<D>::kBytes, s>>>(g, q, svhl, z, o);
     SALAD_LAUNCH_CHECK();

@@ -578,11 +578,10 @@ Plan make_plan(const Params& p, bool backward) {
     // One slot per SM: the sm90 forward splits the items of its last, partial round of CTAs into at
     // most that many pieces.
     int dev = 0, sms = 0;
-    if (cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess)
-      pl.split_slots = sms;
-    else
-      (void)cudaGetLastError();
-    if (pl.split_slots > 0) pl.fwd_split = take(sizeof(float) * pl.split_slots * 128 * (p.D + 1));
+    SALAD_CUDA_CHECK(cudaGetDevice(&dev));
+    SALAD_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    pl.sms = sms;
+    pl.fwd_split = take(sizeof(float) * pl.sms * 128 * (p.D + 1));
   }
   if (pl.linear) {
     pl.sv_part = take(sizeof(float) * pl.BH * pl.n_chunk * p.D * p.D);
@@ -614,9 +613,7 @@ Plan make_plan(const Params& p, bool backward) {
 }
 
 bool kmean_from_state(const Params& p, const Plan& pl) {
-  const char* e = std::getenv("SALAD_KMEAN");  // read per call: tests compare both settings
-  const bool off = e && std::strcmp(e, "kernel") == 0;
-  return pl.topk_select && pl.fuse_k && pl.ksum && p.opt.block_k == 64 && !off;
+  return pl.topk_select && pl.fuse_k && pl.ksum && p.opt.block_k == 64 && !env_is("SALAD_KMEAN", "kernel");
 }
 
 RopeInfo prepare_order_and_rope(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
