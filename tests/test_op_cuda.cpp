@@ -370,6 +370,42 @@ TEST(SM90_Attention, LinearMatchesFloat64OnShortRows) { expect_linear_matches_fl
 // Frames of 6 tokens: a 16-token step crosses two frames.
 TEST(SM90_Attention, LinearMatchesFloat64OnShortFrames) { expect_linear_matches_float64_on(Grid{40, 2, 3}); }
 
+// The backward's q rotation written by the query-side linear kernel (fuse_q_backward, default) instead
+// of the rotation pass (SALAD_FUSE_Q_BWD=0): the same arithmetic on the same values, so every gradient
+// is bit-identical; relu and elu+1 (where it applies), softmax (where it does not), both D, on a Wan-like
+// grid and on an odd L with short rows, B 2 and H 3.
+TEST(SM90_Attention, FusedBackwardQRotationEqualsRotationPass) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
+  const ScopedEnv poison(EnvVars{{"SALAD_POISON", "1"}});
+  torch::manual_seed(15);
+  for (const Grid& g : {Grid{3, 30, 46}, Grid{7, 5, 7}})
+    for (const auto& [D, f] : {std::pair<int64_t, FeatureMap>{128, FeatureMap::Relu},
+                               std::pair<int64_t, FeatureMap>{128, FeatureMap::Elu1},
+                               std::pair<int64_t, FeatureMap>{64, FeatureMap::Relu},
+                               std::pair<int64_t, FeatureMap>{64, FeatureMap::Softmax}}) {
+      SCOPED_TRACE("L" + std::to_string(g.size()) + " D" + std::to_string(D) + " " + to_string(f));
+      Options o;
+      o.mode = Mode::Salad, o.keep = 0.2, o.feature = f;
+      auto opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+      const at::Tensor q = at::randn({2, 3, g.size(), D}, opt), k = at::randn_like(q), v = at::randn_like(q);
+      const at::Tensor gs = at::randn(q.sizes(), opt), gl = at::randn_like(gs);
+      auto run = [&](const char* fuse) {
+        const ScopedEnv env(EnvVars{{"SALAD_FUSE_Q_BWD", fuse}});
+        at::Tensor qq = q.clone().requires_grad_(), kk = k.clone().requires_grad_(), vv = v.clone().requires_grad_();
+        const AttentionOutput out = attention(qq, kk, vv, g, o);
+        torch::autograd::backward({out.o_s, out.o_l}, {gs, gl});
+        torch::cuda::synchronize();  // a fault names its pass
+        return std::vector<at::Tensor>{qq.grad(), kk.grad(), vv.grad()};
+      };
+      const std::vector<at::Tensor> ref = run("0"), got = run("1");
+      for (size_t i = 0; i < ref.size(); ++i) {
+        SCOPED_TRACE(std::string("grad ") + "qkv"[i]);
+        EXPECT_FALSE(at::isnan(got[i]).any().item<bool>());
+        EXPECT_TRUE(got[i].equal(ref[i]));
+      }
+    }
+}
+
 TEST(SM90_Attention, DeterministicRepeatsAndNoQuadraticMemory) {
   if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
   torch::manual_seed(1);

@@ -338,6 +338,15 @@ std::tuple<at::Tensor, at::Tensor> select_cpu(const at::Tensor& q_in, const at::
 }
 
 #ifdef SALAD_WITH_CUDA
+// The CUDA kernels' workspace; under SALAD_POISON every byte is 0xFF (NaN as bf16 / fp16 / fp32, -1 as
+// int32), so a temporary that a kernel reads before it is written fails the tests instead of reusing
+// a previous call's values from the caching allocator.
+at::Tensor workspace(size_t bytes, const at::TensorOptions& like) {
+  at::Tensor ws = at::empty({static_cast<int64_t>(bytes) + 1}, like.dtype(at::kByte));
+  if (std::getenv("SALAD_POISON")) ws.fill_(255);
+  return ws;
+}
+
 void check_cuda_dtype(const at::Tensor& q) {
   if (q.scalar_type() != at::kBFloat16 && q.scalar_type() != at::kHalf)
     fail("dtype: expected bfloat16 or float16 for CUDA tensors, got ", q.scalar_type());
@@ -363,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   set_input(q, &p.q, p.q_stride), set_input(k, &p.k, p.k_stride), set_input(v, &p.v, p.v_stride);
   Outputs o = allocate(p, q.options(), token_major);
   bind_outputs(&p, o);
-  at::Tensor ws = at::empty({static_cast<int64_t>(cuda::forward_workspace_bytes(p)) + 1}, q.options().dtype(at::kByte));
+  at::Tensor ws = workspace(cuda::forward_workspace_bytes(p), q.options());
   cuda::forward(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
   return o.tuple();
 }
@@ -401,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda_lowp(
              dv = at::empty_like(v, at::MemoryFormat::Contiguous);
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.deterministic = deterministic;
-  at::Tensor ws = at::empty({static_cast<int64_t>(cuda::backward_workspace_bytes(p)) + 1}, q.options().dtype(at::kByte));
+  at::Tensor ws = workspace(cuda::backward_workspace_bytes(p), q.options());
   cuda::backward(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
   return {dq, dk, dv};
 }
@@ -438,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor> select_cuda(const at::Tensor& q_in0, const at
   set_input(q, &p.q, p.q_stride), set_input(k, &p.k, p.k_stride), set_input(q, &p.v, p.v_stride);
   Outputs o = allocate(p, q.options());
   bind_outputs(&p, o);
-  at::Tensor ws = at::empty({static_cast<int64_t>(cuda::forward_workspace_bytes(p)) + 1}, q.options().dtype(at::kByte));
+  at::Tensor ws = workspace(cuda::forward_workspace_bytes(p), q.options());
   cuda::select_blocks(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
   return {o.idx, o.cnt};
 }

@@ -112,6 +112,17 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// 32-bit shared-memory addresses (no 64-bit generic pointer per access); volatile, so their order
+// among each other and around __syncwarp stays as written.
+__device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v));
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+
 // Tile of rows x D 16-bit elements in shared memory, 16-byte chunks XOR-swizzled
 // by (row & 7) so that ldmatrix over 8 rows of one chunk column hits 8 bank groups.
 template <int D>

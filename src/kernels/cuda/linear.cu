@@ -2066,8 +2066,10 @@ struct BwdQSmem {
 // As in the key side, each row's table entries are loaded together before the row's stores, in the as
 // pass (one row at a time, the dot's terms in the same order) and in the epilogue (long-scoreboard
 // stalls: 69% of the samples with the loads interleaved with the stores; 294.6 -> 187.2 us, same
-// card and shape, the gradients bit-identical).
-template <int D, FeatureMap F, bool ROPE>
+// card and shape, the gradients bit-identical). as leaves through the dO tile's shared-memory place in
+// 16-byte chunks (193.6-195.5 -> 174.0 us), and with QR the rotated q for the sparse backward through
+// the q tile's place: 201.8 us against 174.0 us plus the rotation pass's 81.1 us (H200, Wan1.3B-480p).
+template <int D, FeatureMap F, bool ROPE, bool QR>
 __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs g, const bf16* __restrict__ q,
                                                                         const bf16* __restrict__ dol,
                                                                         const bf16* __restrict__ svhl,
@@ -2095,6 +2097,7 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
   const bf16* gb = dol + bh * g.L * D;
   bf16* Qt = Wall + warp * 2 * 16 * D;
   bf16* Gt = Qt + 16 * D;
+  const uint32_t sQt = smem_addr(Qt), sGt = smem_addr(Gt);
   load_rows<D, 16, 32>(Qt, qb, g.q_st, t0 + 16 * warp, t1, lane);
   load_rows<D, 16, 32>(Gt, gb, D, t0 + 16 * warp, t1, lane);
   cp_async_commit();
@@ -2107,7 +2110,12 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
 #pragma unroll
   for (int c = 0; c < D / 4; ++c) dzacc[c] = 0.f;
   float* dqb = dq + bh * g.L * D + 2 * tq;
-  bf16* asb = as_out + bh * g.L * D + 2 * tq;
+  bf16* asb = as_out + bh * g.L * D;
+  // QR (fuse_q_backward; ROPE, not softmax, whose registers it would spill): qr = R q into g.qr for the
+  // sparse backward, from the as pass's table entries. A compile-time switch: with a run-time one ptxas
+  // spilled 304 bytes (dz's accumulators) at D 128 under relu.
+  static_assert(!QR || (ROPE && F != FeatureMap::Softmax), "qr needs the linear RoPE, not softmax");
+  bf16* qrb = QR ? g.qr + bh * g.L * D : nullptr;
   for (int i = 0; i < ntile; ++i) {
     const int64_t base = t0 + int64_t(i) * 64 + 16 * warp;  // this warp's first row
     cp_async_wait<0>();
@@ -2163,10 +2171,16 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
     float dot[2] = {0.f, 0.f};
     auto as_term = [&](int r, int j, float2 cs) {
       const float2 x = Elem<bf16>::unpack(qf[j / 2][2 * (j & 1) + r]);
+      const uint32_t at = 2u * static_cast<uint32_t>(swz<D>(gq + 8 * r, 8 * j + 2 * tq));  // the pair's place
+      if (QR) {  // the rotation pass's arithmetic (rotate_kernel), into the q tile's place
+        float r0, r1;
+        rot_pair(cs, x.x, x.y, r0, r1);
+        st_shared_b32(sQt + at, Elem<bf16>::pack(r0, r1));
+      }
       float y0 = phi_y(F, x.x, mx[r], iv[r]), y1 = phi_y(F, x.y, mx[r], iv[r]);
       if (ROPE) rot_pair(cs, y0, y1, y0, y1);
       const uint32_t pa = Elem<bf16>::pack(y0 * id[r], y1 * id[r]);
-      if (ok[r]) *reinterpret_cast<uint32_t*>(asb + (base + gq + 8 * r) * D + 8 * j) = pa;
+      st_shared_b32(sGt + at, pa);  // into the dO tile's place (gf holds dO)
       const float2 av = Elem<bf16>::unpack(pa);
       dot[r] = fmaf(av.x, acc[4 * j + 2 * r], fmaf(av.y, acc[4 * j + 2 * r + 1], dot[r]));
     };
@@ -2180,8 +2194,23 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) as_term(r, j, rcs[j]);
     }
-    // The fragments are in registers (the wgmmas read gf, the loop above read qf): this warp's tile
-    // buffers take the next tile now, behind the epilogue.
+    // as (and qr) leave from the tile buffers in whole 16-byte chunks, 16 lanes per 256-byte row (the
+    // 4-byte stores of the fragment layout fill half a sector each); then the fragments are in registers
+    // (the wgmmas read gf, the loop above read qf) and the buffers take the next tile, behind the epilogue.
+    __syncwarp();
+    {
+      constexpr int CH = D / 8;
+#pragma unroll 1
+      for (int c = lane; c < 16 * CH; c += 32) {
+        const int row = c / CH, ch = c % CH;
+        if (base + row < t1) {
+          const int64_t o = (base + row) * D + 8 * ch;
+          const uint32_t at = 2u * static_cast<uint32_t>(swz<D>(row, 8 * ch));
+          *reinterpret_cast<uint4*>(asb + o) = ld_shared_v4(sGt + at);
+          if (QR) *reinterpret_cast<uint4*>(qrb + o) = ld_shared_v4(sQt + at);
+        }
+      }
+    }
     __syncwarp();
     if (i + 1 < ntile) {
       load_rows<D, 16, 32>(Qt, qb, g.q_st, base + 64, t1, lane);
@@ -2341,10 +2370,16 @@ void bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaSt
   if (!(eq && std::strcmp(eq, "mma") == 0)) {
     n_dz = (g.L + kApplySpan - 1) / kApplySpan;  // one per span (make_plan sizes dz_part for either)
     const dim3 gq(static_cast<unsigned>(n_dz), static_cast<unsigned>(pl.BH));
+    LinArgs ga = g;
+    if (fuse_q_backward(p, pl)) ga.qr = at<bf16>(ws, pl.qr);  // this kernel writes qr (no rotation pass for q)
     with_feature_rope(g.feature, g.rope, [&](auto fc, auto rc) {
-      auto kernel = apply_bwd_q_wgmma_kernel<D, decltype(fc)::value, decltype(rc)::value>;
+      constexpr FeatureMap F = decltype(fc)::value;
+      constexpr bool R = decltype(rc)::value;
+      auto kernel = apply_bwd_q_wgmma_kernel<D, F, R, false>;
+      if constexpr (R && F != FeatureMap::Softmax)
+        if (ga.qr) kernel = apply_bwd_q_wgmma_kernel<D, F, R, true>;
       set_smem_mma(kernel, BwdQSmem<D>::kBytes);
-      kernel<<<gq, kAW * 32, BwdQSmem<D>::kBytes, s>>>(g, static_cast<const bf16*>(p.q), static_cast<const bf16*>(p.do_l),
+      kernel<<<gq, kAW * 32, BwdQSmem<D>::kBytes, s>>>(ga, static_cast<const bf16*>(p.q), static_cast<const bf16*>(p.do_l),
                                                        at<bf16>(ws, pl.sv), at<float>(ws, pl.z), as,
                                                        at<float>(ws, pl.dz_part), at<float>(ws, pl.dq_l));
       SALAD_LAUNCH_CHECK();
@@ -2404,6 +2439,14 @@ void launch_linear_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void*
     if (p.D == 64) fwd<__half, 64>(p, pl, r, ws, s);
     else fwd<__half, 128>(p, pl, r, ws, s);
   }
+}
+
+bool fuse_q_backward(const BwdParams& p, const Plan& pl) {
+  const char* e = std::getenv("SALAD_FUSE_Q_BWD");
+  const char* eq = std::getenv("SALAD_LINEAR_BWD_Q");
+  return pl.linear && p.do_l && !pl.tile_order && linear_uses_mma(p.dtype) && p.opt.linear_rope &&
+         p.opt.feature != FeatureMap::Softmax && !(eq && std::strcmp(eq, "mma") == 0) &&
+         !(e && std::strcmp(e, "0") == 0);
 }
 
 void launch_linear_bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {

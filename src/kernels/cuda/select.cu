@@ -843,12 +843,14 @@ void backward(const BwdParams& p, void* workspace, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   void* ws = aligned(workspace);
   Plan pl = make_plan(p, true);
-  // (No fused rotation here: writing qr from the query-side linear kernel measured 470 -> 740 us
-  // for that kernel against 94 us for the rotation pass, H100, Wan1.3B-480p.)
+  // (Writing qr from the earlier, mma.sync query-side linear kernel measured 470 -> 740 us for that
+  // kernel against 94 us for the rotation pass, H100, Wan1.3B-480p; the wgmma one has each row's
+  // table entries in registers at once, see fuse_q_backward.)
   RopeInfo r = prepare_order_and_rope(p, pl, ws, s);
   // (fuse_k: the linear branch's state pass writes kr, unless its incoming gradient is zero and it
   // does not run.)
-  launch_rotate(p, pl, r, ws, false, s, /*q_too=*/true, /*k_too=*/!(pl.fuse_k && p.do_l));
+  // (fuse_q_backward: the query-side linear kernel writes qr instead, from its table entries.)
+  launch_rotate(p, pl, r, ws, false, s, /*q_too=*/!fuse_q_backward(p, pl), /*k_too=*/!(pl.fuse_k && p.do_l));
   if (!pl.dense) launch_invert(p, pl, ws, s);
   if (pl.linear) launch_linear_bwd(p, pl, r, ws, s);
   launch_attn_bwd(p, pl, r, ws, s);
