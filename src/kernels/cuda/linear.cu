@@ -2442,11 +2442,8 @@ void launch_linear_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void*
 }
 
 bool fuse_q_backward(const BwdParams& p, const Plan& pl) {
-  const char* e = std::getenv("SALAD_FUSE_Q_BWD");
-  const char* eq = std::getenv("SALAD_LINEAR_BWD_Q");
   return pl.linear && p.do_l && !pl.tile_order && linear_uses_mma(p.dtype) && p.opt.linear_rope &&
-         p.opt.feature != FeatureMap::Softmax && !(eq && std::strcmp(eq, "mma") == 0) &&
-         !(e && std::strcmp(e, "0") == 0);
+         p.opt.feature != FeatureMap::Softmax && !env_is("SALAD_LINEAR_BWD_Q", "mma") && !env_is("SALAD_FUSE_Q_BWD", "0");
 }
 
 void launch_linear_bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
