@@ -2167,7 +2167,9 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
     fence_regs_u<KS * 4>(&gf[0][0]);
     fence_regs_u<KS * 4>(&qf[0][0]);  // unpack q again below rather than hold its fp32 values
     // as = R phi(q) / den (bf16: what the dSv pass reads) and, G being done, dden = -(as . G) / den
-    // per row (0 past the end: no dz contribution).
+    // per row (0 past the end: no dz contribution). as (and qr) overwrite the tiles that the warp's
+    // ldmatrix read: the __syncwarp orders those reads before the stores (compute-sanitizer racecheck).
+    __syncwarp();
     float dot[2] = {0.f, 0.f};
     auto as_term = [&](int r, int j, float2 cs) {
       const float2 x = Elem<bf16>::unpack(qf[j / 2][2 * (j & 1) + r]);
