@@ -82,8 +82,9 @@ bool linear_uses_mma(DType t);  // the bf16 tensor-core kernels (which can fuse 
 void launch_linear_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s);
 void launch_linear_bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s);
 // Backward in mode salad with the linear branch's RoPE on the bf16 wgmma kernels (raster order, a
-// linear gradient given, feature map relu or elu+1): the query-side kernel, which loads each row's rope3d table entries anyway,
-// also writes qr, so the rotation pass skips q (SALAD_FUSE_Q_BWD=0 keeps the pass, for A/B).
+// linear gradient given, feature map relu or elu+1): the query-side kernel, which loads each row's
+// rope3d table entries anyway, also writes qr, so the rotation pass skips q (SALAD_FUSE_Q_BWD=0 keeps
+// the pass, for A/B).
 bool fuse_q_backward(const BwdParams& p, const Plan& pl);
 
 }  // namespace salad::cuda::detail

@@ -2381,9 +2381,10 @@ void bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaSt
       if constexpr (R && F != FeatureMap::Softmax)
         if (ga.qr) kernel = apply_bwd_q_wgmma_kernel<D, F, R, true>;
       set_smem_mma(kernel, BwdQSmem<D>::kBytes);
-      kernel<<<gq, kAW * 32, BwdQSmem<D>::kBytes, s>>>(ga, static_cast<const bf16*>(p.q), static_cast<const bf16*>(p.do_l),
-                                                       at<bf16>(ws, pl.sv), at<float>(ws, pl.z), as,
-                                                       at<float>(ws, pl.dz_part), at<float>(ws, pl.dq_l));
+      kernel<<<gq, kAW * 32, BwdQSmem<D>::kBytes, s>>>(ga, static_cast<const bf16*>(p.q),
+                                                       static_cast<const bf16*>(p.do_l), at<bf16>(ws, pl.sv),
+                                                       at<float>(ws, pl.z), as, at<float>(ws, pl.dz_part),
+                                                       at<float>(ws, pl.dq_l));
       SALAD_LAUNCH_CHECK();
     });
   } else {
@@ -2445,7 +2446,8 @@ void launch_linear_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void*
 
 bool fuse_q_backward(const BwdParams& p, const Plan& pl) {
   return pl.linear && p.do_l && !pl.tile_order && linear_uses_mma(p.dtype) && p.opt.linear_rope &&
-         p.opt.feature != FeatureMap::Softmax && !env_is("SALAD_LINEAR_BWD_Q", "mma") && !env_is("SALAD_FUSE_Q_BWD", "0");
+         p.opt.feature != FeatureMap::Softmax && !env_is("SALAD_LINEAR_BWD_Q", "mma") &&
+         !env_is("SALAD_FUSE_Q_BWD", "0");
 }
 
 void launch_linear_bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
