@@ -2110,11 +2110,14 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
 #pragma unroll
   for (int c = 0; c < D / 4; ++c) dzacc[c] = 0.f;
   float* dqb = dq + bh * g.L * D + 2 * tq;
-  bf16* asb = as_out + bh * g.L * D;
+  // kStage: as (and qr) leave through shared memory in 16-byte chunks (below); not under softmax, whose
+  // registers it spills (48 bytes at D 128 with RoPE): there as is stored from the fragments, 4 bytes each.
+  constexpr bool kStage = F != FeatureMap::Softmax;
+  bf16* asb = as_out + bh * g.L * D + (kStage ? 0 : 2 * tq);
   // QR (fuse_q_backward; ROPE, not softmax, whose registers it would spill): qr = R q into g.qr for the
   // sparse backward, from the as pass's table entries. A compile-time switch: with a run-time one ptxas
   // spilled 304 bytes (dz's accumulators) at D 128 under relu.
-  static_assert(!QR || (ROPE && F != FeatureMap::Softmax), "qr needs the linear RoPE, not softmax");
+  static_assert(!QR || (ROPE && kStage), "qr needs the linear RoPE and the staged stores (not softmax)");
   bf16* qrb = QR ? g.qr + bh * g.L * D : nullptr;
   for (int i = 0; i < ntile; ++i) {
     const int64_t base = t0 + int64_t(i) * 64 + 16 * warp;  // this warp's first row
@@ -2169,7 +2172,7 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
     // as = R phi(q) / den (bf16: what the dSv pass reads) and, G being done, dden = -(as . G) / den
     // per row (0 past the end: no dz contribution). as (and qr) overwrite the tiles that the warp's
     // ldmatrix read: the __syncwarp orders those reads before the stores (compute-sanitizer racecheck).
-    __syncwarp();
+    if (kStage) __syncwarp();
     float dot[2] = {0.f, 0.f};
     auto as_term = [&](int r, int j, float2 cs) {
       const float2 x = Elem<bf16>::unpack(qf[j / 2][2 * (j & 1) + r]);
@@ -2182,7 +2185,10 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
       float y0 = phi_y(F, x.x, mx[r], iv[r]), y1 = phi_y(F, x.y, mx[r], iv[r]);
       if (ROPE) rot_pair(cs, y0, y1, y0, y1);
       const uint32_t pa = Elem<bf16>::pack(y0 * id[r], y1 * id[r]);
-      st_shared_b32(sGt + at, pa);  // into the dO tile's place (gf holds dO)
+      if (kStage)
+        st_shared_b32(sGt + at, pa);  // into the dO tile's place (gf holds dO)
+      else if (ok[r])
+        *reinterpret_cast<uint32_t*>(asb + (base + gq + 8 * r) * D + 8 * j) = pa;
       const float2 av = Elem<bf16>::unpack(pa);
       dot[r] = fmaf(av.x, acc[4 * j + 2 * r], fmaf(av.y, acc[4 * j + 2 * r + 1], dot[r]));
     };
@@ -2196,11 +2202,11 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) as_term(r, j, rcs[j]);
     }
-    // as (and qr) leave from the tile buffers in whole 16-byte chunks, 16 lanes per 256-byte row (the
-    // 4-byte stores of the fragment layout fill half a sector each); then the fragments are in registers
+    // kStage: as (and qr) leave from the tile buffers in whole 16-byte chunks, 16 lanes per 256-byte row
+    // (the 4-byte stores of the fragment layout fill half a sector each). Then the fragments are in registers
     // (the wgmmas read gf, the loop above read qf) and the buffers take the next tile, behind the epilogue.
-    __syncwarp();
-    {
+    if (kStage) {
+      __syncwarp();
       constexpr int CH = D / 8;
 #pragma unroll 1
       for (int c = lane; c < 16 * CH; c += 32) {
