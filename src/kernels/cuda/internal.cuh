@@ -29,6 +29,10 @@ struct Plan {
   // rotation pass skips k: forward with fuse_rotate and block_k % 64 == 0 (no rotation pass at all),
   // and the backward's state recomputation (SALAD_FUSE_K=0 turns it off).
   bool fuse_k = false;
+  // Backward with the linear branch's RoPE on the bf16 wgmma kernels, feature map relu or elu+1: the
+  // query-side kernel, which loads each row's rope3d table entries anyway, also writes qr, so the
+  // rotation pass skips q when the linear gradient is given (SALAD_FUSE_Q_BWD=0 keeps the pass, for A/B).
+  bool fuse_q = false;
   size_t rope = 0, perm = 0, qr = 0, kr = 0, qmean = 0, kmean = 0, qsum = 0, ksum = 0;
   size_t sv_part = 0, z_part = 0, sv = 0, z = 0;
   // Forward: the current device's SMs, and the Hopper sparse kernel's split tail (attn_fwd_sm90.cu):
@@ -81,10 +85,5 @@ void launch_attn_bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void
 bool linear_uses_mma(DType t);  // the bf16 tensor-core kernels (which can fuse the rotation)
 void launch_linear_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s);
 void launch_linear_bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s);
-// Backward in mode salad with the linear branch's RoPE on the bf16 wgmma kernels (raster order, a
-// linear gradient given, feature map relu or elu+1): the query-side kernel, which loads each row's
-// rope3d table entries anyway, also writes qr, so the rotation pass skips q (SALAD_FUSE_Q_BWD=0 keeps
-// the pass, for A/B).
-bool fuse_q_backward(const BwdParams& p, const Plan& pl);
 
 }  // namespace salad::cuda::detail

@@ -2114,7 +2114,7 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_bwd_q_wgmma_kernel(LinArgs 
   // registers it spills (48 bytes at D 128 with RoPE): there as is stored from the fragments, 4 bytes each.
   constexpr bool kStage = F != FeatureMap::Softmax;
   bf16* asb = as_out + bh * g.L * D + (kStage ? 0 : 2 * tq);
-  // QR (fuse_q_backward; ROPE, not softmax, whose registers it would spill): qr = R q into g.qr for the
+  // QR (Plan::fuse_q; ROPE, not softmax, whose registers it would spill): qr = R q into g.qr for the
   // sparse backward, from the as pass's table entries. A compile-time switch: with a run-time one ptxas
   // spilled 304 bytes (dz's accumulators) at D 128 under relu.
   static_assert(!QR || (ROPE && kStage), "qr needs the linear RoPE and the staged stores (not softmax)");
@@ -2379,7 +2379,7 @@ void bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaSt
     n_dz = (g.L + kApplySpan - 1) / kApplySpan;  // one per span (make_plan sizes dz_part for either)
     const dim3 gq(static_cast<unsigned>(n_dz), static_cast<unsigned>(pl.BH));
     LinArgs ga = g;
-    if (fuse_q_backward(p, pl)) ga.qr = at<bf16>(ws, pl.qr);  // this kernel writes qr (no rotation pass for q)
+    if (pl.fuse_q) ga.qr = at<bf16>(ws, pl.qr);  // this kernel writes qr (no rotation pass for q)
     with_feature_rope(g.feature, g.rope, [&](auto fc, auto rc) {
       constexpr FeatureMap F = decltype(fc)::value;
       constexpr bool R = decltype(rc)::value;
@@ -2448,12 +2448,6 @@ void launch_linear_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void*
     if (p.D == 64) fwd<__half, 64>(p, pl, r, ws, s);
     else fwd<__half, 128>(p, pl, r, ws, s);
   }
-}
-
-bool fuse_q_backward(const BwdParams& p, const Plan& pl) {
-  return pl.linear && p.do_l && !pl.tile_order && linear_uses_mma(p.dtype) && p.opt.linear_rope &&
-         p.opt.feature != FeatureMap::Softmax && !env_is("SALAD_LINEAR_BWD_Q", "mma") &&
-         !env_is("SALAD_FUSE_Q_BWD", "0");
 }
 
 void launch_linear_bwd(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {

@@ -556,6 +556,9 @@ Plan make_plan(const Params& p, bool backward) {
     // kernel, with block_k % 64 == 0 for the key block means from 64-token sums.
     pl.fuse_k = pl.linear && !pl.tile_order && linear_uses_mma(p.dtype) &&
                 (backward || (pl.fuse_rotate && p.opt.block_k % 64 == 0)) && !(ek && std::strcmp(ek, "0") == 0);
+    pl.fuse_q = backward && pl.linear && !pl.tile_order && linear_uses_mma(p.dtype) && p.opt.linear_rope &&
+                p.opt.feature != FeatureMap::Softmax && !env_is("SALAD_LINEAR_BWD_Q", "mma") &&
+                !env_is("SALAD_FUSE_Q_BWD", "0");
   }
   size_t cur = 0;
   auto take = [&](size_t bytes) {
@@ -845,12 +848,12 @@ void backward(const BwdParams& p, void* workspace, void* stream) {
   Plan pl = make_plan(p, true);
   // (Writing qr from the earlier, mma.sync query-side linear kernel measured 470 -> 740 us for that
   // kernel against 94 us for the rotation pass, H100, Wan1.3B-480p; the wgmma one has each row's
-  // table entries in registers at once, see fuse_q_backward.)
+  // table entries in registers at once, see Plan::fuse_q.)
   RopeInfo r = prepare_order_and_rope(p, pl, ws, s);
   // (fuse_k: the linear branch's state pass writes kr, unless its incoming gradient is zero and it
   // does not run.)
-  // (fuse_q_backward: the query-side linear kernel writes qr instead, from its table entries.)
-  launch_rotate(p, pl, r, ws, false, s, /*q_too=*/!fuse_q_backward(p, pl), /*k_too=*/!(pl.fuse_k && p.do_l));
+  // (fuse_q: likewise the query-side linear kernel writes qr, from its table entries.)
+  launch_rotate(p, pl, r, ws, false, s, /*q_too=*/!(pl.fuse_q && p.do_l), /*k_too=*/!(pl.fuse_k && p.do_l));
   if (!pl.dense) launch_invert(p, pl, ws, s);
   if (pl.linear) launch_linear_bwd(p, pl, r, ws, s);
   launch_attn_bwd(p, pl, r, ws, s);
