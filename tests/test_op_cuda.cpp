@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 
 #include <array>
+#include <cstdio>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -404,6 +405,43 @@ TEST(SM90_Attention, FusedBackwardQRotationEqualsRotationPass) {
         EXPECT_TRUE(got[i].equal(ref[i]));
       }
     }
+}
+
+// The tensor-core selection (select_mma_kernel, default: 3xTF32 scores, another sum order) against
+// the fp32 FMA kernel (SALAD_SELECT_KERNEL=fast) and the float64 reference: both tables equal the
+// reference's on at least 99% of rows (a single TF32 product would miss about a tenth) and the
+// tensor-core one does not agree less than the FMA one. Grids: Wan 1.3B 480p (512 key blocks, the
+// 16-keys-per-lane select), an odd small L (4 key blocks, short last blocks) and L 83025 at D 64
+// (1298 key blocks: the shared-memory select).
+TEST(SM90_Attention, TensorCoreSelectionMatchesFloat64) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
+  torch::manual_seed(16);
+  torch::NoGradGuard ng;
+  for (const auto& [g, D, H] : {std::tuple<Grid, int64_t, int64_t>{Grid{21, 30, 52}, 128, 2},
+                                std::tuple<Grid, int64_t, int64_t>{Grid{7, 5, 7}, 64, 3},
+                                std::tuple<Grid, int64_t, int64_t>{Grid{41, 45, 45}, 64, 1}}) {
+    SCOPED_TRACE("L" + std::to_string(g.size()) + " D" + std::to_string(D));
+    Options o;
+    auto opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+    const at::Tensor q = at::randn({1, H, g.size(), D}, opt), k = at::randn_like(q);
+    const auto [idx, cnt] = select_blocks(q, k, g, o);
+    at::Tensor fidx, fcnt;
+    {
+      const ScopedEnv env(EnvVars{{"SALAD_SELECT_KERNEL", "fast"}});
+      std::tie(fidx, fcnt) = select_blocks(q, k, g, o);
+    }
+    const auto [ridx, rcnt] = select_blocks(q.to(at::kDouble).cpu(), k.to(at::kDouble).cpu(), g, o);
+    auto same = [](const at::Tensor& a, const at::Tensor& b) {
+      return a.cpu().eq(b.cpu()).all(-1).to(at::kDouble).mean().item<double>();
+    };
+    const double mma = same(idx, ridx), fma = same(fidx, ridx);
+    std::printf("rows equal to float64: tensor cores %.4f, fp32 FMA %.4f\n", mma, fma);
+    EXPECT_GE(mma, 0.99);
+    EXPECT_GE(fma, 0.99);
+    EXPECT_GE(mma, fma - 0.005);
+    EXPECT_TRUE(at::equal(cnt.cpu(), rcnt));
+    EXPECT_TRUE(at::equal(fcnt.cpu(), rcnt));
+  }
 }
 
 TEST(SM90_Attention, DeterministicRepeatsAndNoQuadraticMemory) {

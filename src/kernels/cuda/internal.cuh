@@ -73,7 +73,9 @@ void launch_rotate(const Params& p, const Plan& pl, const RopeInfo& r, void* ws,
 // (plan.fuse_rotate), keys from the state kernel's 64-token sums (plan.fuse_k).
 void launch_tile_means(const Params& p, const Plan& pl, void* ws, bool keys, cudaStream_t s);
 // Top-K table (or window table) into p.block_idx / p.block_cnt.
-void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
+// from_qsum: the tensor-core kernel (mma_select) sums the query block means from pl.qsum itself.
+void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s, bool from_qsum = false);
+bool mma_select(const Params& p, const Plan& pl);
 // Inverse table for the backward.
 void launch_invert(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
 

@@ -151,6 +151,78 @@ __device__ void select_row_smem(const float* row, int64_t n_k, int k_keep, int64
   for (int64_t c = k_keep + lane; c < max_k; c += 32) out[c] = -1;
 }
 
+// One warp: the k_keep largest of row[0 .. nk) (shared memory, nk <= 32 KPL), as select_row_smem
+// (same table) but with the row's order keys, key[t] of j = lane + 32 t, in registers: bits
+// 31..16 of the threshold by one-bit passes over them, then the low halves of the keys that share
+// those 16 bits are compacted into the row's (now free) slots and bits 15..0 are found over those
+// alone. The row is overwritten.
+template <int KPL>
+__device__ void select_row_regs(float* row, int nk, int k_keep, int64_t max_k, int32_t* out, int lane) {
+  uint32_t key[KPL];
+#pragma unroll
+  for (int t = 0; t < KPL; ++t) key[t] = lane + 32 * t < nk ? order_key(row[lane + 32 * t]) : 0u;
+  // Padding keys (j >= n_k) are 0 and never reach a candidate (>= 1) nor exceed thr.
+  uint32_t thr = 0;
+#pragma unroll 1
+  for (int bit = 31; bit >= 16; --bit) {
+    const uint32_t cand = thr | (1u << bit);
+    int c = 0;
+#pragma unroll
+    for (int t = 0; t < KPL; ++t) c += key[t] >= cand;
+    if (__reduce_add_sync(0xffffffffu, c) >= k_keep) thr = cand;
+  }
+  // key >= (hi << 16 | low) <=> key >> 16 > hi, or key >> 16 == hi and its low half >= low.
+  const uint32_t hi = thr >> 16;
+  const uint32_t lt = (1u << lane) - 1u;
+  uint32_t* buf = reinterpret_cast<uint32_t*>(row);
+  int above = 0, n_eq = 0;
+  __syncwarp();  // every lane has read its scores before buf overwrites them
+#pragma unroll
+  for (int t = 0; t < KPL; ++t) {
+    above += (key[t] >> 16) > hi;
+    const bool match = lane + 32 * t < nk && (key[t] >> 16) == hi;
+    const uint32_t mm = __ballot_sync(0xffffffffu, match);
+    if (match) buf[n_eq + __popc(mm & lt)] = key[t] & 0xffffu;
+    n_eq += __popc(mm);
+  }
+  above = __reduce_add_sync(0xffffffffu, above);
+  __syncwarp();
+  uint32_t lo[4];
+#pragma unroll
+  for (int s = 0; s < 4; ++s) lo[s] = lane + 32 * s < n_eq ? buf[lane + 32 * s] : 0u;
+  uint32_t tl = 0;
+#pragma unroll 1
+  for (int bit = 15; bit >= 0; --bit) {
+    const uint32_t cand = tl | (1u << bit);
+    int c = 0;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) c += lo[s] >= cand;
+    for (int e = lane + 128; e < n_eq; e += 32) c += buf[e] >= cand;
+    if (__reduce_add_sync(0xffffffffu, c) + above >= k_keep) tl = cand;
+  }
+  thr = hi << 16 | tl;
+  int gt = 0;
+#pragma unroll
+  for (int t = 0; t < KPL; ++t) gt += key[t] > thr;
+  gt = __reduce_add_sync(0xffffffffu, gt);
+  const int need_eq = k_keep - gt;
+  int taken = 0, eq_seen = 0;
+#pragma unroll
+  for (int t = 0; t < KPL; ++t) {
+    const int j = lane + 32 * t;
+    const bool in = j < nk;
+    const bool is_gt = in && key[t] > thr, is_eq = in && key[t] == thr;
+    const uint32_t eq_mask = __ballot_sync(0xffffffffu, is_eq);
+    const int eq_rank = eq_seen + __popc(eq_mask & lt);
+    const bool take = is_gt || (is_eq && eq_rank < need_eq);
+    const uint32_t take_mask = __ballot_sync(0xffffffffu, take);
+    if (take) out[taken + __popc(take_mask & lt)] = j;
+    taken += __popc(take_mask);
+    eq_seen += __popc(eq_mask);
+  }
+  for (int64_t c = k_keep + lane; c < max_k; c += 32) out[c] = -1;
+}
+
 // CTA: kSelectRows query blocks of one (b, h). Scores S[i, j] = qmean_i . kmean_j * scale,
 // then per row (one warp) an exact radix select of the k largest, ties to the lower j.
 // The reference kernel (SALAD_SELECT_KERNEL=old); select_fast_kernel gives the same bits.
@@ -199,10 +271,7 @@ __host__ __device__ inline int select_stride(int n_k) { return (n_k + 31) / 32 *
 // Scores: lane l keeps qmean[q][l + 32 m] of the CTA's 8 rows in registers, slot r holding
 // row q = r ^ ((l >> 2) & 7), so the cross-lane sum of 8 rows is a 4 + 2 + 1 + 1 + 1 shuffle
 // transpose-reduce that adds the same pairs, in the same tree, as select_kernel's butterflies
-// (lane l ends with row (l >> 2) & 7). Selection (KPL > 0, n_k <= 32 KPL): the row's order
-// keys, key[t] of j = lane + 32 t, stay in registers; bits 31..16 of the threshold by one-bit
-// passes over them, then the low halves of the keys that share those 16 bits are compacted
-// into the row's (now free) score slots and bits 15..0 are found over those alone. KPL == 0:
+// (lane l ends with row (l >> 2) & 7). Selection: select_row_regs<KPL> (n_k <= 32 KPL), KPL == 0
 // select_row_smem. Shared memory: sc[kSelectRows][select_stride(n_k)] (= 4 mod 32: the 8 rows'
 // stores of one j fall in distinct banks).
 template <int D, int KPL>
@@ -272,69 +341,133 @@ __global__ void __launch_bounds__(32 * kSelectRows, 2)
     if constexpr (KPL == 0) {
       select_row_smem(row, n_k, k_keep, max_k, out, lane);
     } else {
-      uint32_t key[KPL];
+      select_row_regs<KPL>(row, nk, k_keep, max_k, out, lane);
+    }
+    if (lane == 0) cnt[bh * n_q + i0 + q] = k_keep;
+  }
+}
+
+// ---------------------------------------------------------------- selection on tensor cores
+constexpr int kMmaSelRows = 16;  // query blocks per select_mma_kernel CTA (one m16 tile), 8 warps
+
+// Row stride of the score tile: = 8 mod 32 floats, so the float2 stores of a half-warp's
+// accumulators (rows g = 0..3, columns 2t, 2t + 1) fall in distinct banks.
+__host__ __device__ inline int select_mma_stride(int n_k) { return (n_k + 31) / 32 * 32 + 8; }
+
+__device__ __forceinline__ uint32_t tf32_rna(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ void mma_tf32(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Same contract as select_kernel, scores on tensor cores: the table equals the float64
+// reference's up to near-ties, as select_kernel's does, but not bit for bit (a different sum
+// order). CTA: 16 query blocks of one (b, h), 8 warps. Scores by mma.sync m16n8k8 in 3xTF32
+// (x = hi + lo, both TF32; hi*hi + hi*lo + lo*hi keeps about 21 bits, fp32-like, where one TF32
+// product would swap near-threshold blocks in a tenth of the rows): the 16 rows' qmean split
+// once into shared memory (row stride D + 16 = 16 mod 32: the LDS.128 of rows g and g + 1 of a
+// quarter-warp hit distinct banks); each warp takes 32 key blocks at a time (4 n-tiles, the A
+// fragments reused 4x) and loads their kmean straight from global memory into B fragments.
+// Channel order: within 16 channels, lane t's float4 at 4t holds k-step 2s's k = t, t + 4 and
+// k-step 2s + 1's k = t, t + 4 (a permutation of the channels, the same for A and B, so each
+// lane loads whole float4s). qsum (forward with fuse_rotate): the query block means are summed
+// here from the apply kernel's 16-token sums instead of by a tile_means launch. Scaled scores to sc[16][select_mma_stride(n_k)], then each warp
+// selects 2 rows (select_row_regs<KPL>, KPL == 0: select_row_smem).
+template <int D, int KPL>
+__global__ void __launch_bounds__(256, 2)
+    select_mma_kernel(const float* __restrict__ qmean, const float* __restrict__ qsum, int64_t block_q, int64_t L,
+                      const float* __restrict__ kmean, int64_t n_q, int64_t n_k, float scale, int k_keep,
+                      int64_t max_k, int32_t* __restrict__ idx, int32_t* __restrict__ cnt) {
+  constexpr int LDA = D + 16;
+  constexpr int NT = 4;  // n-tiles per warp iteration
+  extern __shared__ float sm[];
+  float* a_hi = sm;              // [16][LDA]
+  float* a_lo = sm + 16 * LDA;   // [16][LDA]
+  float* sc = sm + 32 * LDA;     // [16][ld]
+  const int nk = static_cast<int>(n_k);  // L < 2^31
+  const int ld = select_mma_stride(nk);
+  const int64_t bh = blockIdx.y;
+  const int64_t i0 = blockIdx.x * int64_t(kMmaSelRows);
+  const int rows = static_cast<int>(imin64(kMmaSelRows, n_q - i0));
+#pragma unroll 2
+  for (int e = threadIdx.x; e < kMmaSelRows * D; e += blockDim.x) {
+    const int r = e / D, d = e % D;
+    float x = 0.f;
+    if (r < rows && qsum) {  // the query block mean from 16-token sums, as tile_means_kernel (same bits)
+      const int64_t n_tiles = (L + 15) / 16, t0 = (i0 + r) * block_q, t1 = imin64(L, t0 + block_q);
+      const float* src = qsum + bh * n_tiles * D + d;
+      float sum = 0.f;
+      for (int64_t j = t0 / 16; j < (t1 + 15) / 16; ++j) sum += src[j * D];
+      x = sum / static_cast<float>(t1 - t0);
+    } else if (r < rows) {
+      x = qmean[(bh * n_q + i0 + r) * D + d];
+    }
+    const float h = __uint_as_float(tf32_rna(x));
+    a_hi[r * LDA + d] = h;
+    a_lo[r * LDA + d] = __uint_as_float(tf32_rna(x - h));
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const float* kb = kmean + bh * n_k * D + 4 * t;
+  const int groups = (nk + 8 * NT - 1) / (8 * NT);
+  for (int grp = warp; grp < groups; grp += 8) {
+    float acc[NT][4];
 #pragma unroll
-      for (int t = 0; t < KPL; ++t) key[t] = lane + 32 * t < nk ? order_key(row[lane + 32 * t]) : 0u;
-      // Padding keys (j >= n_k) are 0 and never reach a candidate (>= 1) nor exceed thr.
-      uint32_t thr = 0;
-#pragma unroll 1
-      for (int bit = 31; bit >= 16; --bit) {
-        const uint32_t cand = thr | (1u << bit);
-        int c = 0;
+    for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 #pragma unroll
-        for (int t = 0; t < KPL; ++t) c += key[t] >= cand;
-        if (__reduce_add_sync(0xffffffffu, c) >= k_keep) thr = cand;
+    for (int s = 0; s < D / 16; ++s) {
+      const float4 h0 = *reinterpret_cast<const float4*>(a_hi + g * LDA + 16 * s + 4 * t);
+      const float4 h8 = *reinterpret_cast<const float4*>(a_hi + (g + 8) * LDA + 16 * s + 4 * t);
+      const float4 l0 = *reinterpret_cast<const float4*>(a_lo + g * LDA + 16 * s + 4 * t);
+      const float4 l8 = *reinterpret_cast<const float4*>(a_lo + (g + 8) * LDA + 16 * s + 4 * t);
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const int j = grp * 8 * NT + 8 * n + g;
+        const float4 b = j < nk ? __ldg(reinterpret_cast<const float4*>(kb + int64_t(j) * D + 16 * s))
+                                : make_float4(0.f, 0.f, 0.f, 0.f);
+        const uint32_t bx = tf32_rna(b.x), by = tf32_rna(b.y), bz = tf32_rna(b.z), bw = tf32_rna(b.w);
+        const uint32_t lx = tf32_rna(b.x - __uint_as_float(bx)), ly = tf32_rna(b.y - __uint_as_float(by));
+        const uint32_t lz = tf32_rna(b.z - __uint_as_float(bz)), lw = tf32_rna(b.w - __uint_as_float(bw));
+        // k-step 2s: a = (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4) = .x, .x, .y, .y
+        mma_tf32(acc[n], __float_as_uint(l0.x), __float_as_uint(l8.x), __float_as_uint(l0.y),
+                 __float_as_uint(l8.y), bx, by);
+        mma_tf32(acc[n], __float_as_uint(h0.x), __float_as_uint(h8.x), __float_as_uint(h0.y),
+                 __float_as_uint(h8.y), lx, ly);
+        mma_tf32(acc[n], __float_as_uint(h0.x), __float_as_uint(h8.x), __float_as_uint(h0.y),
+                 __float_as_uint(h8.y), bx, by);
+        // k-step 2s + 1: .z, .w
+        mma_tf32(acc[n], __float_as_uint(l0.z), __float_as_uint(l8.z), __float_as_uint(l0.w),
+                 __float_as_uint(l8.w), bz, bw);
+        mma_tf32(acc[n], __float_as_uint(h0.z), __float_as_uint(h8.z), __float_as_uint(h0.w),
+                 __float_as_uint(h8.w), lz, lw);
+        mma_tf32(acc[n], __float_as_uint(h0.z), __float_as_uint(h8.z), __float_as_uint(h0.w),
+                 __float_as_uint(h8.w), bz, bw);
       }
-      // key >= (hi << 16 | low) <=> key >> 16 > hi, or key >> 16 == hi and its low half >= low.
-      const uint32_t hi = thr >> 16;
-      const uint32_t lt = (1u << lane) - 1u;
-      uint32_t* buf = reinterpret_cast<uint32_t*>(row);
-      int above = 0, n_eq = 0;
-      __syncwarp();  // every lane has read its scores before buf overwrites them
+    }
+    // C: c0, c1 = row g, key blocks 2t, 2t + 1 of the n-tile; c2, c3 = row g + 8. Columns up to
+    // 32 * groups - 1 < ld: padding keys (scores 0) land inside the row and are never read.
 #pragma unroll
-      for (int t = 0; t < KPL; ++t) {
-        above += (key[t] >> 16) > hi;
-        const bool match = lane + 32 * t < nk && (key[t] >> 16) == hi;
-        const uint32_t mm = __ballot_sync(0xffffffffu, match);
-        if (match) buf[n_eq + __popc(mm & lt)] = key[t] & 0xffffu;
-        n_eq += __popc(mm);
-      }
-      above = __reduce_add_sync(0xffffffffu, above);
-      __syncwarp();
-      uint32_t lo[4];
-#pragma unroll
-      for (int s = 0; s < 4; ++s) lo[s] = lane + 32 * s < n_eq ? buf[lane + 32 * s] : 0u;
-      uint32_t tl = 0;
-#pragma unroll 1
-      for (int bit = 15; bit >= 0; --bit) {
-        const uint32_t cand = tl | (1u << bit);
-        int c = 0;
-#pragma unroll
-        for (int s = 0; s < 4; ++s) c += lo[s] >= cand;
-        for (int e = lane + 128; e < n_eq; e += 32) c += buf[e] >= cand;
-        if (__reduce_add_sync(0xffffffffu, c) + above >= k_keep) tl = cand;
-      }
-      thr = hi << 16 | tl;
-      int gt = 0;
-#pragma unroll
-      for (int t = 0; t < KPL; ++t) gt += key[t] > thr;
-      gt = __reduce_add_sync(0xffffffffu, gt);
-      const int need_eq = k_keep - gt;
-      int taken = 0, eq_seen = 0;
-#pragma unroll
-      for (int t = 0; t < KPL; ++t) {
-        const int j = lane + 32 * t;
-        const bool in = j < nk;
-        const bool is_gt = in && key[t] > thr, is_eq = in && key[t] == thr;
-        const uint32_t eq_mask = __ballot_sync(0xffffffffu, is_eq);
-        const int eq_rank = eq_seen + __popc(eq_mask & lt);
-        const bool take = is_gt || (is_eq && eq_rank < need_eq);
-        const uint32_t take_mask = __ballot_sync(0xffffffffu, take);
-        if (take) out[taken + __popc(take_mask & lt)] = j;
-        taken += __popc(take_mask);
-        eq_seen += __popc(eq_mask);
-      }
-      for (int64_t c = k_keep + lane; c < max_k; c += 32) out[c] = -1;
+    for (int n = 0; n < NT; ++n) {
+      const int col = grp * 8 * NT + 8 * n + 2 * t;
+      *reinterpret_cast<float2*>(sc + g * ld + col) = make_float2(acc[n][0] * scale, acc[n][1] * scale);
+      *reinterpret_cast<float2*>(sc + (g + 8) * ld + col) = make_float2(acc[n][2] * scale, acc[n][3] * scale);
+    }
+  }
+  __syncthreads();
+  for (int q = warp; q < rows; q += 8) {
+    float* row = sc + q * ld;
+    int32_t* out = idx + (bh * n_q + i0 + q) * max_k;
+    if constexpr (KPL == 0) {
+      select_row_smem(row, n_k, k_keep, max_k, out, lane);
+    } else {
+      select_row_regs<KPL>(row, nk, k_keep, max_k, out, lane);
     }
     if (lane == 0) cnt[bh * n_q + i0 + q] = k_keep;
   }
@@ -482,11 +615,14 @@ __global__ void __launch_bounds__(kInvThreads)
   }
 }
 
-// SALAD_SELECT_KERNEL=old: the reference select_kernel / invert_kernel (A/B timing).
-bool old_select_kernels() {
+// SALAD_SELECT_KERNEL=old: the reference select_kernel / invert_kernel; =fast: select_fast_kernel
+// (fp32 FMAs, select_kernel's bits); otherwise select_mma_kernel (A/B timing and tests).
+const char* select_kernel_env() {
   const char* e = std::getenv("SALAD_SELECT_KERNEL");
-  return e && std::strcmp(e, "old") == 0;
+  return e ? e : "";
 }
+bool old_select_kernels() { return std::strcmp(select_kernel_env(), "old") == 0; }
+bool fast_select_kernel() { return std::strcmp(select_kernel_env(), "fast") == 0; }
 
 using SelectFn = void (*)(const float*, const float*, int64_t, int64_t, float, int, int64_t, int32_t*, int32_t*);
 // Smallest keys-per-lane instantiation that holds n_k; 0 (keys in shared memory) past 32 * 40.
@@ -500,6 +636,19 @@ SelectFn pick_select(int64_t n_k) {
   if (kpl <= 32) return select_fast_kernel<D, 32>;
   if (kpl <= 40) return select_fast_kernel<D, 40>;
   return select_fast_kernel<D, 0>;
+}
+using SelectMmaFn = void (*)(const float*, const float*, int64_t, int64_t, const float*, int64_t, int64_t, float, int,
+                            int64_t, int32_t*, int32_t*);
+template <int D>
+SelectMmaFn pick_select_mma(int64_t n_k) {
+  const int64_t kpl = (n_k + 31) / 32;
+  if (kpl <= 4) return select_mma_kernel<D, 4>;
+  if (kpl <= 8) return select_mma_kernel<D, 8>;
+  if (kpl <= 16) return select_mma_kernel<D, 16>;
+  if (kpl <= 24) return select_mma_kernel<D, 24>;
+  if (kpl <= 32) return select_mma_kernel<D, 32>;
+  if (kpl <= 40) return select_mma_kernel<D, 40>;
+  return select_mma_kernel<D, 0>;
 }
 
 // Tiling of invert_tiled_kernel: up to 8 column tiles per (b, h) (about two CTAs per SM of an
@@ -695,7 +844,16 @@ void launch_rotate(const Params& p, const Plan& pl, const RopeInfo& r, void* ws,
     rotate_t<__half>(p, pl, r, ws, means, q_too, k_too, s);
 }
 
-void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
+size_t mma_select_smem(const Params& p, const Plan& pl) {
+  return sizeof(float) * kMmaSelRows * (2 * (p.D + 16) + select_mma_stride(static_cast<int>(pl.n_k)));
+}
+
+bool mma_select(const Params& p, const Plan& pl) {
+  return p.opt.pattern != Pattern::Window && !old_select_kernels() && !fast_select_kernel() &&
+         mma_select_smem(p, pl) <= 200 * 1024;
+}
+
+void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s, bool from_qsum) {
   if (p.opt.pattern == Pattern::Window) {
     std::vector<int32_t> idx, cnt;
     window_table(p.grid, p.opt, &idx, &cnt);
@@ -725,13 +883,22 @@ void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
                                                        pl.n_k, static_cast<int>(p.D), scale,
                                                        static_cast<int>(pl.max_k), pl.max_k, p.block_idx,
                                                        p.block_cnt);
+  } else if (mma_select(p, pl)) {
+    smem = mma_select_smem(p, pl);
+    grid.x = static_cast<unsigned>((pl.n_q + kMmaSelRows - 1) / kMmaSelRows);
+    SelectMmaFn fn = p.D == 64 ? pick_select_mma<64>(pl.n_k) : pick_select_mma<128>(pl.n_k);
+    if (smem > 48 * 1024)
+      SALAD_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    fn<<<grid, 256, smem, s>>>(at<float>(ws, pl.qmean), from_qsum ? at<float>(ws, pl.qsum) : nullptr, p.opt.block_q,
+                               p.L, at<float>(ws, pl.kmean), pl.n_q, pl.n_k, scale, static_cast<int>(pl.max_k),
+                               pl.max_k, p.block_idx, p.block_cnt);
   } else {
     smem = sizeof(float) * kSelectRows * select_stride(static_cast<int>(pl.n_k));
     SelectFn fn = p.D == 64 ? pick_select<64>(pl.n_k) : pick_select<128>(pl.n_k);
     if (smem > 48 * 1024)
       SALAD_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    fn<<<grid, 32 * kSelectRows, smem, s>>>(at<float>(ws, pl.qmean), at<float>(ws, pl.kmean), pl.n_q, pl.n_k, scale,
-                                            static_cast<int>(pl.max_k), pl.max_k, p.block_idx, p.block_cnt);
+    fn<<<grid, 256, smem, s>>>(at<float>(ws, pl.qmean), at<float>(ws, pl.kmean), pl.n_q, pl.n_k, scale,
+                               static_cast<int>(pl.max_k), pl.max_k, p.block_idx, p.block_cnt);
   }
   SALAD_LAUNCH_CHECK();
 }
@@ -825,12 +992,15 @@ void forward(const Params& p, void* workspace, void* stream) {
   Plan pl = make_plan(p, false);
   RopeInfo r = prepare_order_and_rope(p, pl, ws, s);
   launch_rotate(p, pl, r, ws, pl.topk_select, s, /*q_too=*/!pl.fuse_rotate, /*k_too=*/!pl.fuse_k);
+  bool qsum_in_select = false;
   if (pl.fuse_rotate) {
     launch_linear_fwd(p, pl, r, ws, s);  // writes qr (and, fuse_k, kr) and their tile sums too
-    if (pl.topk_select) launch_tile_means(p, pl, ws, /*keys=*/false, s);
+    // The tensor-core selection sums the query block means itself (SALAD_QMEAN=kernel keeps the launch).
+    qsum_in_select = pl.topk_select && !p.blocks_given && mma_select(p, pl) && !env_is("SALAD_QMEAN", "kernel");
+    if (pl.topk_select && !qsum_in_select) launch_tile_means(p, pl, ws, /*keys=*/false, s);
     if (pl.topk_select && pl.fuse_k && !kmean_from_state(p, pl)) launch_tile_means(p, pl, ws, /*keys=*/true, s);
   }
-  if (!pl.dense && !p.blocks_given) launch_select(p, pl, ws, s);
+  if (!pl.dense && !p.blocks_given) launch_select(p, pl, ws, s, qsum_in_select);
   launch_attn_fwd(p, pl, r, ws, s);
   if (pl.linear && !pl.fuse_rotate) launch_linear_fwd(p, pl, r, ws, s);
 }
