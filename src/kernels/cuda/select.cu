@@ -151,6 +151,13 @@ __device__ void select_row_smem(const float* row, int64_t n_k, int k_keep, int64
   for (int64_t c = k_keep + lane; c < max_k; c += 32) out[c] = -1;
 }
 
+// c + (key >= cand), cand >= 1: key + (2^32 - cand) carries out exactly then (two instructions, an add
+// with carry-out and an add of the carry, where the compare-and-increment takes three).
+__device__ __forceinline__ int add_ge(int c, uint32_t key, uint32_t neg_cand) {
+  asm("{\n\t.reg .u32 t;\n\tadd.cc.u32 t, %1, %2;\n\taddc.u32 %0, %0, 0;\n\t}" : "+r"(c) : "r"(key), "r"(neg_cand));
+  return c;
+}
+
 // One warp: the k_keep largest of row[0 .. nk) (shared memory, nk <= 32 KPL), as select_row_smem
 // (same table) but with the row's order keys, key[t] of j = lane + 32 t, in registers: bits
 // 31..16 of the threshold by one-bit passes over them, then the low halves of the keys that share
@@ -166,10 +173,10 @@ __device__ void select_row_regs(float* row, int nk, int k_keep, int64_t max_k, i
 #pragma unroll 1
   for (int bit = 31; bit >= 16; --bit) {
     const uint32_t cand = thr | (1u << bit);
-    int c = 0;
+    int c[2] = {0, 0};  // two chains
 #pragma unroll
-    for (int t = 0; t < KPL; ++t) c += key[t] >= cand;
-    if (__reduce_add_sync(0xffffffffu, c) >= k_keep) thr = cand;
+    for (int t = 0; t < KPL; ++t) c[t % 2] = add_ge(c[t % 2], key[t], 0u - cand);
+    if (__reduce_add_sync(0xffffffffu, c[0] + c[1]) >= k_keep) thr = cand;
   }
   // key >= (hi << 16 | low) <=> key >> 16 > hi, or key >> 16 == hi and its low half >= low.
   const uint32_t hi = thr >> 16;
@@ -196,8 +203,8 @@ __device__ void select_row_regs(float* row, int nk, int k_keep, int64_t max_k, i
     const uint32_t cand = tl | (1u << bit);
     int c = 0;
 #pragma unroll
-    for (int s = 0; s < 4; ++s) c += lo[s] >= cand;
-    for (int e = lane + 128; e < n_eq; e += 32) c += buf[e] >= cand;
+    for (int s = 0; s < 4; ++s) c = add_ge(c, lo[s], 0u - cand);
+    for (int e = lane + 128; e < n_eq; e += 32) c = add_ge(c, buf[e], 0u - cand);
     if (__reduce_add_sync(0xffffffffu, c) + above >= k_keep) tl = cand;
   }
   thr = hi << 16 | tl;
@@ -348,55 +355,56 @@ __global__ void __launch_bounds__(32 * kSelectRows, 2)
 }
 
 // ---------------------------------------------------------------- selection on tensor cores
-constexpr int kMmaSelRows = 16;  // query blocks per select_mma_kernel CTA (one m16 tile), 8 warps
+constexpr int kMmaSelRows = 16;  // query blocks per select_mma_kernel CTA (one m16 tile), a warp each
 
 // Row stride of the score tile: = 8 mod 32 floats, so the float2 stores of a half-warp's
 // accumulators (rows g = 0..3, columns 2t, 2t + 1) fall in distinct banks.
 __host__ __device__ inline int select_mma_stride(int n_k) { return (n_k + 31) / 32 * 32 + 8; }
 
-__device__ __forceinline__ uint32_t tf32_rna(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return r;
+// x = hi + lo exactly, hi = x with the low 13 mantissa bits cleared (a TF32 value; one LOP3 where
+// cvt.rna.tf32 costs several integer instructions on sm_90); the mma reads lo's top 19 bits, so
+// hi*hi + hi*lo + lo*hi is x*y to about 2^-20 relative.
+__device__ __forceinline__ void tf32_split(float x, uint32_t& hi, uint32_t& lo) {
+  hi = __float_as_uint(x) & 0xffffe000u;
+  lo = __float_as_uint(x - __uint_as_float(hi));
 }
-__device__ __forceinline__ void mma_tf32(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const float4& a, uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+      : "r"(__float_as_uint(a.x)), "r"(__float_as_uint(a.y)), "r"(__float_as_uint(a.z)), "r"(__float_as_uint(a.w)),
+        "r"(b0), "r"(b1));
 }
 
 // Same contract as select_kernel, scores on tensor cores: the table equals the float64
 // reference's up to near-ties, as select_kernel's does, but not bit for bit (a different sum
-// order). CTA: 16 query blocks of one (b, h), 8 warps. Scores by mma.sync m16n8k8 in 3xTF32
-// (x = hi + lo, both TF32; hi*hi + hi*lo + lo*hi keeps about 21 bits, fp32-like, where one TF32
-// product would swap near-threshold blocks in a tenth of the rows): the 16 rows' qmean split
-// once into shared memory (row stride D + 16 = 16 mod 32: the LDS.128 of rows g and g + 1 of a
-// quarter-warp hit distinct banks); each warp takes 32 key blocks at a time (4 n-tiles, the A
-// fragments reused 4x) and loads their kmean straight from global memory into B fragments.
-// Channel order: within 16 channels, lane t's float4 at 4t holds k-step 2s's k = t, t + 4 and
-// k-step 2s + 1's k = t, t + 4 (a permutation of the channels, the same for A and B, so each
-// lane loads whole float4s). qsum (forward with fuse_rotate): the query block means are summed
-// here from the apply kernel's 16-token sums instead of by a tile_means launch. Scaled scores to sc[16][select_mma_stride(n_k)], then each warp
-// selects 2 rows (select_row_regs<KPL>, KPL == 0: select_row_smem).
+// order). CTA: 16 query blocks of one (b, h), 16 warps, one wave at Wan1.3B-480p (192 CTAs, 2 per
+// SM). Scores by mma.sync m16n8k8 in 3xTF32 (tf32_split: fp32-like, where one TF32 product would
+// swap near-threshold blocks in a tenth of the rows): the 16 rows' qmean split once into shared
+// memory in fragment order (one conflict-free LDS.128 per A operand); each warp takes 32 key
+// blocks at a time (4 n-tiles, the A fragments reused 4x) and loads their kmean straight from
+// global memory into B fragments. Channel order: within 16 channels, lane t's float4 at 4t holds
+// k-step 2s's k = t, t + 4 and k-step 2s + 1's k = t, t + 4 (a permutation of the channels, the
+// same for A and B, so each lane loads whole float4s). qsum
+// (forward with fuse_rotate): the query block means are summed here from the apply kernel's
+// 16-token sums instead of by a tile_means launch. Scaled scores to sc[16][select_mma_stride(n_k)],
+// then each warp selects its row (select_row_regs<KPL>, KPL == 0: select_row_smem).
 template <int D, int KPL>
-__global__ void __launch_bounds__(256, 2)
+__global__ void __launch_bounds__(32 * kMmaSelRows, KPL <= 24 ? 2 : 1)
     select_mma_kernel(const float* __restrict__ qmean, const float* __restrict__ qsum, int64_t block_q, int64_t L,
                       const float* __restrict__ kmean, int64_t n_q, int64_t n_k, float scale, int k_keep,
                       int64_t max_k, int32_t* __restrict__ idx, int32_t* __restrict__ cnt) {
-  constexpr int LDA = D + 16;
   constexpr int NT = 4;  // n-tiles per warp iteration
   extern __shared__ float sm[];
-  float* a_hi = sm;              // [16][LDA]
-  float* a_lo = sm + 16 * LDA;   // [16][LDA]
-  float* sc = sm + 32 * LDA;     // [16][ld]
+  float* am = sm;                                        // [16][D + 1]: the means, then split
+  float4* fh = reinterpret_cast<float4*>(sm + 16 * (D + 4));  // [D / 8][32]: A fragments, hi
+  float4* fl = fh + D / 8 * 32;                          // [D / 8][32]: lo
+  float* sc = sm + 16 * (D + 4) + 2 * 16 * D;            // [16][ld]
   const int nk = static_cast<int>(n_k);  // L < 2^31
   const int ld = select_mma_stride(nk);
   const int64_t bh = blockIdx.y;
   const int64_t i0 = blockIdx.x * int64_t(kMmaSelRows);
   const int rows = static_cast<int>(imin64(kMmaSelRows, n_q - i0));
-#pragma unroll 2
   for (int e = threadIdx.x; e < kMmaSelRows * D; e += blockDim.x) {
     const int r = e / D, d = e % D;
     float x = 0.f;
@@ -404,51 +412,57 @@ __global__ void __launch_bounds__(256, 2)
       const int64_t n_tiles = (L + 15) / 16, t0 = (i0 + r) * block_q, t1 = imin64(L, t0 + block_q);
       const float* src = qsum + bh * n_tiles * D + d;
       float sum = 0.f;
+#pragma unroll 8
       for (int64_t j = t0 / 16; j < (t1 + 15) / 16; ++j) sum += src[j * D];
       x = sum / static_cast<float>(t1 - t0);
     } else if (r < rows) {
       x = qmean[(bh * n_q + i0 + r) * D + d];
     }
-    const float h = __uint_as_float(tf32_rna(x));
-    a_hi[r * LDA + d] = h;
-    a_lo[r * LDA + d] = __uint_as_float(tf32_rna(x - h));
+    am[r * (D + 1) + d] = x;
+  }
+  __syncthreads();
+  // Fragment order: slot (ks, lane) holds the lane's a0..a3 of k-step ks, so one LDS.128 is an A
+  // operand; k-step 2s + h, k = t is channel 16s + 4t + 2h and k = t + 4 the next one.
+  for (int e = threadIdx.x; e < D / 8 * 32; e += blockDim.x) {
+    const int ks = e / 32, gg = (e % 32) >> 2, tt = e & 3;
+    const int d0 = 16 * (ks >> 1) + 4 * tt + 2 * (ks & 1);
+    const float v[4] = {am[gg * (D + 1) + d0], am[(gg + 8) * (D + 1) + d0], am[gg * (D + 1) + d0 + 1],
+                        am[(gg + 8) * (D + 1) + d0 + 1]};
+    uint32_t h[4], l[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) tf32_split(v[c], h[c], l[c]);
+    fh[e] = make_float4(__uint_as_float(h[0]), __uint_as_float(h[1]), __uint_as_float(h[2]), __uint_as_float(h[3]));
+    fl[e] = make_float4(__uint_as_float(l[0]), __uint_as_float(l[1]), __uint_as_float(l[2]), __uint_as_float(l[3]));
   }
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  const float* kb = kmean + bh * n_k * D + 4 * t;
   const int groups = (nk + 8 * NT - 1) / (8 * NT);
-  for (int grp = warp; grp < groups; grp += 8) {
+  for (int grp = warp; grp < groups; grp += kMmaSelRows) {
     float acc[NT][4];
+    const float* kp[NT];
+    bool kin[NT];
 #pragma unroll
-    for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    for (int n = 0; n < NT; ++n) {
+      acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+      const int j = grp * 8 * NT + 8 * n + g;
+      kin[n] = j < nk;
+      kp[n] = kmean + (bh * n_k + (kin[n] ? j : 0)) * D + 4 * t;
+    }
 #pragma unroll
     for (int s = 0; s < D / 16; ++s) {
-      const float4 h0 = *reinterpret_cast<const float4*>(a_hi + g * LDA + 16 * s + 4 * t);
-      const float4 h8 = *reinterpret_cast<const float4*>(a_hi + (g + 8) * LDA + 16 * s + 4 * t);
-      const float4 l0 = *reinterpret_cast<const float4*>(a_lo + g * LDA + 16 * s + 4 * t);
-      const float4 l8 = *reinterpret_cast<const float4*>(a_lo + (g + 8) * LDA + 16 * s + 4 * t);
+      const float4 h0 = fh[(2 * s) * 32 + lane], h1 = fh[(2 * s + 1) * 32 + lane];
+      const float4 l0 = fl[(2 * s) * 32 + lane], l1 = fl[(2 * s + 1) * 32 + lane];
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
-        const int j = grp * 8 * NT + 8 * n + g;
-        const float4 b = j < nk ? __ldg(reinterpret_cast<const float4*>(kb + int64_t(j) * D + 16 * s))
-                                : make_float4(0.f, 0.f, 0.f, 0.f);
-        const uint32_t bx = tf32_rna(b.x), by = tf32_rna(b.y), bz = tf32_rna(b.z), bw = tf32_rna(b.w);
-        const uint32_t lx = tf32_rna(b.x - __uint_as_float(bx)), ly = tf32_rna(b.y - __uint_as_float(by));
-        const uint32_t lz = tf32_rna(b.z - __uint_as_float(bz)), lw = tf32_rna(b.w - __uint_as_float(bw));
-        // k-step 2s: a = (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4) = .x, .x, .y, .y
-        mma_tf32(acc[n], __float_as_uint(l0.x), __float_as_uint(l8.x), __float_as_uint(l0.y),
-                 __float_as_uint(l8.y), bx, by);
-        mma_tf32(acc[n], __float_as_uint(h0.x), __float_as_uint(h8.x), __float_as_uint(h0.y),
-                 __float_as_uint(h8.y), lx, ly);
-        mma_tf32(acc[n], __float_as_uint(h0.x), __float_as_uint(h8.x), __float_as_uint(h0.y),
-                 __float_as_uint(h8.y), bx, by);
-        // k-step 2s + 1: .z, .w
-        mma_tf32(acc[n], __float_as_uint(l0.z), __float_as_uint(l8.z), __float_as_uint(l0.w),
-                 __float_as_uint(l8.w), bz, bw);
-        mma_tf32(acc[n], __float_as_uint(h0.z), __float_as_uint(h8.z), __float_as_uint(h0.w),
-                 __float_as_uint(h8.w), lz, lw);
-        mma_tf32(acc[n], __float_as_uint(h0.z), __float_as_uint(h8.z), __float_as_uint(h0.w),
-                 __float_as_uint(h8.w), bz, bw);
+        const float4 b = kin[n] ? __ldg(reinterpret_cast<const float4*>(kp[n] + 16 * s)) : make_float4(0.f, 0.f, 0.f, 0.f);
+        uint32_t bx, by, bz, bw, lx, ly, lz, lw;
+        tf32_split(b.x, bx, lx), tf32_split(b.y, by, ly), tf32_split(b.z, bz, lz), tf32_split(b.w, bw, lw);
+        mma_tf32(acc[n], l0, bx, by);  // k-step 2s: b = .x, .y
+        mma_tf32(acc[n], h0, lx, ly);
+        mma_tf32(acc[n], h0, bx, by);
+        mma_tf32(acc[n], l1, bz, bw);  // k-step 2s + 1: .z, .w
+        mma_tf32(acc[n], h1, lz, lw);
+        mma_tf32(acc[n], h1, bz, bw);
       }
     }
     // C: c0, c1 = row g, key blocks 2t, 2t + 1 of the n-tile; c2, c3 = row g + 8. Columns up to
@@ -461,7 +475,8 @@ __global__ void __launch_bounds__(256, 2)
     }
   }
   __syncthreads();
-  for (int q = warp; q < rows; q += 8) {
+  if (warp < rows) {
+    const int q = warp;
     float* row = sc + q * ld;
     int32_t* out = idx + (bh * n_q + i0 + q) * max_k;
     if constexpr (KPL == 0) {
@@ -845,7 +860,7 @@ void launch_rotate(const Params& p, const Plan& pl, const RopeInfo& r, void* ws,
 }
 
 size_t mma_select_smem(const Params& p, const Plan& pl) {
-  return sizeof(float) * kMmaSelRows * (2 * (p.D + 16) + select_mma_stride(static_cast<int>(pl.n_k)));
+  return sizeof(float) * kMmaSelRows * (3 * p.D + 4 + select_mma_stride(static_cast<int>(pl.n_k)));
 }
 
 bool mma_select(const Params& p, const Plan& pl) {
@@ -889,7 +904,7 @@ void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s, bo
     SelectMmaFn fn = p.D == 64 ? pick_select_mma<64>(pl.n_k) : pick_select_mma<128>(pl.n_k);
     if (smem > 48 * 1024)
       SALAD_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    fn<<<grid, 256, smem, s>>>(at<float>(ws, pl.qmean), from_qsum ? at<float>(ws, pl.qsum) : nullptr, p.opt.block_q,
+    fn<<<grid, 32 * kMmaSelRows, smem, s>>>(at<float>(ws, pl.qmean), from_qsum ? at<float>(ws, pl.qsum) : nullptr, p.opt.block_q,
                                p.L, at<float>(ws, pl.kmean), pl.n_q, pl.n_k, scale, static_cast<int>(pl.max_k),
                                pl.max_k, p.block_idx, p.block_cnt);
   } else {
