@@ -71,7 +71,6 @@ struct Sm90Args {
   // start on it; else Q is the rotation pass's / apply kernel's qr (3-D map).
   int rotq;
   RopeInfo rope;
-  int q_early;  // the next item's Q after this item's first two tiles (SALAD_SM90_QEARLY=0: after all)
 };
 
 // The items' last round of CTAs is partial when the item count is not a multiple of the grid
@@ -149,31 +148,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     int piece;   // -1: a whole item; else the piece's slot in a.part
   };
   const int64_t per_bh = a.n_q * a.sub_q;
-  // Entry e's (b*h, rows) without memory loads (the producer's Q issue and the rotating warps need
-  // no more); item() adds the kept list.
-  struct Pos {
-    int64_t bh, row0, row_end, qi;
-    int k;
-  };
-  auto pos = [&](int e) {
-    Pos ps;
-    int w = e;
-    ps.k = 0;
-    if (e >= a.full) w = a.full + (e - a.full) / a.split, ps.k = (e - a.full) % a.split;
-    ps.bh = w / per_bh;
-    const int64_t x = w % per_bh, sub = x % a.sub_q;
-    ps.qi = x / a.sub_q;
-    ps.row0 = ps.qi * a.block_q + sub * kM;
-    ps.row_end = imin64(imin64(ps.row0 + kM, (ps.qi + 1) * a.block_q), a.L);
-    return ps;
-  };
   auto item = [&](int e) {
     Item it;
-    const Pos ps = pos(e);
-    const int k = ps.k;
-    const int64_t qi = ps.qi;
-    it.piece = e >= a.full ? e - a.full : -1;
-    it.bh = ps.bh, it.row0 = ps.row0, it.row_end = ps.row_end;
+    int w = e, k = 0;
+    it.piece = -1;
+    if (e >= a.full) {
+      w = a.full + (e - a.full) / a.split, k = (e - a.full) % a.split;
+      it.piece = e - a.full;
+    }
+    it.bh = w / per_bh;
+    const int64_t x = w % per_bh, qi = x / a.sub_q, sub = x % a.sub_q;
+    it.row0 = qi * a.block_q + sub * kM;
+    it.row_end = imin64(imin64(it.row0 + kM, (qi + 1) * a.block_q), a.L);
     const int64_t nblk = it.row0 >= it.row_end ? 0 : (a.dense ? a.n_k : a.cnt[it.bh * a.n_q + qi]);
     it.list = a.dense ? nullptr : a.idx + (it.bh * a.n_q + qi) * a.max_k;
     it.nhalf = static_cast<int>(nblk) * a.halves_per_block;
@@ -215,11 +201,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       // the rotq rotation, which starts when the Q lands.
       auto next_entry = [&](int w) {
         for (; w < a.num_work; w += gridDim.x)
-          if (const Pos ps = pos(w); ps.row0 < ps.row_end) return w;
+          if (const Item it = item(w); it.row0 < it.row_end) return w;
         return a.num_work;
       };
       auto issue_q = [&](int w, int nq) {
-        const Pos it = pos(w);
+        const Item it = item(w);
         const int qb = nq & 1;
         mbar_wait(barQfree(qb), ((nq >> 1) & 1) ^ 1);
         mbar_expect_tx(barQ(qb), S::kQ);
@@ -240,7 +226,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (w < a.num_work) issue_q(w, 0);
       for (; w < a.num_work; ++n) {
         const Item it = item(w);
-        int wn = -1;  // the next entry, found once this item's first two tiles are issued
+        const int wn = next_entry(w + gridDim.x);
+        bool q_next = wn >= a.num_work;  // the next item's Q issued (or none)
         const int bh = static_cast<int>(it.bh);
         const int b = static_cast<int>(it.bh / a.H), h = static_cast<int>(it.bh % a.H);
         for (int t = it.t0; t < it.t1; ++t, ++gt) {
@@ -272,15 +259,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
               for (int hh = 0; hh < NH; ++hh)
                 tma_load_4d(sV + s * S::kTile + hh * S::kSub + x * S::kHalf, &tv, hh * 64, rows[x], h, b, fullV(s));
-          if (a.q_early && wn < 0 && t >= it.t0 + 1) {
-            wn = next_entry(w + gridDim.x);
-            if (wn < a.num_work) issue_q(wn, n + 1);
-          }
+          if (!q_next && t >= it.t0 + 1) issue_q(wn, n + 1), q_next = true;
         }
-        if (wn < 0) {
-          wn = next_entry(w + gridDim.x);
-          if (wn < a.num_work) issue_q(wn, n + 1);
-        }
+        if (!q_next) issue_q(wn, n + 1);
         w = wn;
       }
     } else if (warp > 0 && a.rotq) {
@@ -292,23 +273,23 @@ __global__ void __launch_bounds__(kThreads, 1)
       const RopeInfo& r = a.rope;
       int n = 0;
       for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
-        const Pos it = pos(w);
+        const Item it = item(w);
         if (it.row0 >= it.row_end) continue;
         const int qb = n & 1;
         mbar_wait(barQ(qb), (n >> 1) & 1);
         const uint32_t qs = sQb(qb);
-        const int rows = static_cast<int>(imin64(kM, a.L - it.row0));  // L < 2^31
-        const uint32_t tok0 = static_cast<uint32_t>(it.row0);
-        for (int e = tr; e < rows * CH; e += 96) {
+        for (int e = tr; e < kM * CH; e += 96) {
           const int row = e / CH, cc = e % CH, hh = cc / 8, c = cc % 8;
-          const TokPos tp = tok_pos(r, tok0 + row);
+          const int64_t tok = it.row0 + row;
+          if (tok >= a.L) break;
+          const TokPos tp = tok_pos(r, static_cast<uint32_t>(tok));
           const uint32_t addr = qs + hh * (kM * 128) + row * 128 + ((c ^ (row & 7)) << 4);
           const uint4 v = ld_shared_v4(addr);
           uint32_t u[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const int m = 4 * cc + i;  // channel pair
-            const int trow = static_cast<int>(m < r.pf ? tp.f : (m < r.pf + r.ph ? r.gf + tp.h : r.gf + r.gh + tp.w));
+            const int64_t trow = m < r.pf ? tp.f : (m < r.pf + r.ph ? r.gf + tp.h : r.gf + r.gh + tp.w);
             const float2 cs = __ldg(r.table + trow * (D / 2) + m);
             const float2 x = Elem<T>::unpack(u[i]);
             u[i] = Elem<T>::pack(x.x * cs.x - x.y * cs.y, x.x * cs.y + x.y * cs.x);
@@ -694,7 +675,6 @@ bool launch(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaSt
   a.early_rescale = !env_is("SALAD_SM90_RESCALE", "late");
   a.scale_log2 = static_cast<float>(p.softmax_scale() * 1.4426950408889634);
   a.rotq = pl.rotq_sparse ? 1 : 0;
-  a.q_early = !env_is("SALAD_SM90_QEARLY", "0");
   a.rope = r;
   constexpr int smem = Smem<D>::kAlloc;
   auto kernel = attn_fwd_sm90_kernel<T, D>;
