@@ -239,8 +239,6 @@ void launch(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaSt
 void launch_attn_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
   // Hopper wgmma/TMA kernel where it applies (attn_fwd_sm90.cu); SALAD_FWD_KERNEL=mma forces this one.
   if (try_launch_attn_fwd_sm90(p, pl, r, ws, s)) return;
-  // Plan::rotq_sparse but the Hopper kernel did not launch (TMA descriptor setup failed): qr first.
-  if (pl.rotq_sparse) launch_rotate(p, pl, r, ws, /*means=*/false, s, /*q_too=*/true, /*k_too=*/false);
   if (p.dtype == DType::BF16) {
     if (p.D == 64) launch<__nv_bfloat16, 64>(p, pl, r, ws, s);
     else launch<__nv_bfloat16, 128>(p, pl, r, ws, s);

@@ -32,7 +32,6 @@
 // launches one CTA per work item; SALAD_SM90_GRID=N caps the persistent grid
 // (testing); SALAD_SM90_VSWAP=1 swaps the V descriptor's LBO/SBO (debugging); SALAD_SM90_SPLIT=0
 // keeps the last, partial round of items whole (see tail_split).
-#include <array>
 #include <climits>
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -66,11 +65,6 @@ struct Sm90Args {
   int full, split;  // see tail_split(); split 1: no pieces
   float* part;      // split > 1: per piece 128 x D normalised outputs, then 128 log2-sum-exps
   float scale_log2;
-  // rotq (Plan::rotq_sparse): Q is the caller's q, read in place (4-D map like V), and warps 1-3 of
-  // the producer warpgroup rotate each item's Q tile in shared memory (rope) before the consumers
-  // start on it; else Q is the rotation pass's / apply kernel's qr (3-D map).
-  int rotq;
-  RopeInfo rope;
 };
 
 // The items' last round of CTAs is partial when the item count is not a multiple of the grid
@@ -110,7 +104,7 @@ struct Smem {
   static constexpr int kK = 2 * kQ;
   static constexpr int kV = kK + kStages * kTile;
   static constexpr int kBar = kV + kStages * kTile;
-  static constexpr int kBytes = kBar + 8 * (4 * kStages + 6);
+  static constexpr int kBytes = kBar + 8 * (4 * kStages + 4);
   static constexpr int kAlloc = kBytes + 1024;  // slack for aligning the dynamic base
 };
 
@@ -133,7 +127,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto emptyV = [&](int s) { return sBar + 8u * (3 * kStages + s); };  // V read by PV
   auto barQ = [&](int b) { return sBar + 8u * (4 * kStages + b); };          // Q buffer b landed
   auto barQfree = [&](int b) { return sBar + 8u * (4 * kStages + 2 + b); };  // Q buffer b's item done
-  auto barQrot = [&](int b) { return sBar + 8u * (4 * kStages + 4 + b); };   // rotq: Q buffer b rotated
   auto sQb = [&](int b) { return sQ + static_cast<uint32_t>(b * S::kQ); };
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -182,7 +175,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int b = 0; b < 2; ++b) {
       mbar_init(barQ(b), 1);
       mbar_init(barQfree(b), 8);
-      mbar_init(barQrot(b), 3);  // one arrival per rotating warp
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -195,41 +187,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       tma_prefetch(&tq);
       tma_prefetch(&tk);
       tma_prefetch(&tv);
-      // Entries with rows, in the consumers' order; item nq's Q goes into buffer nq & 1 once item
-      // nq - 2 has freed it. Item n + 1's Q is issued after item n's first two key tiles (by then
-      // item n - 1, the buffer's last user, is nearly done), a whole item ahead of its use: time for
-      // the rotq rotation, which starts when the Q lands.
-      auto next_entry = [&](int w) {
-        for (; w < a.num_work; w += gridDim.x)
-          if (const Item it = item(w); it.row0 < it.row_end) return w;
-        return a.num_work;
-      };
-      auto issue_q = [&](int w, int nq) {
+      int gt = 0, n = 0;  // tiles / items issued so far
+      for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
         const Item it = item(w);
-        const int qb = nq & 1;
-        mbar_wait(barQfree(qb), ((nq >> 1) & 1) ^ 1);
-        mbar_expect_tx(barQ(qb), S::kQ);
+        if (it.row0 >= it.row_end) continue;
         const int bh = static_cast<int>(it.bh);
         const int b = static_cast<int>(it.bh / a.H), h = static_cast<int>(it.bh % a.H);
+        const int qb = n & 1;
+        mbar_wait(barQfree(qb), ((n >> 1) & 1) ^ 1);
+        mbar_expect_tx(barQ(qb), S::kQ);
 #pragma unroll
         for (int hh = 0; hh < NH; ++hh)
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const uint32_t dst = sQb(qb) + hh * (kM * 128) + r * (64 * 128);
-            const int row = static_cast<int>(it.row0 + r * 64);
-            if (a.rotq) tma_load_4d(dst, &tq, hh * 64, row, h, b, barQ(qb));
-            else tma_load_3d(dst, &tq, hh * 64, row, bh, barQ(qb));
-          }
-      };
-      int gt = 0, n = 0;  // tiles / items issued so far
-      int w = next_entry(blockIdx.x);
-      if (w < a.num_work) issue_q(w, 0);
-      for (; w < a.num_work; ++n) {
-        const Item it = item(w);
-        const int wn = next_entry(w + gridDim.x);
-        bool q_next = wn >= a.num_work;  // the next item's Q issued (or none)
-        const int bh = static_cast<int>(it.bh);
-        const int b = static_cast<int>(it.bh / a.H), h = static_cast<int>(it.bh % a.H);
+          for (int r = 0; r < 2; ++r)
+            tma_load_3d(sQb(qb) + hh * (kM * 128) + r * (64 * 128), &tq, hh * 64, static_cast<int>(it.row0 + r * 64),
+                        bh, barQ(qb));
         for (int t = it.t0; t < it.t1; ++t, ++gt) {
           const int s = gt % kStages;
           const uint32_t ph = ((gt / kStages) & 1) ^ 1;
@@ -259,48 +231,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
               for (int hh = 0; hh < NH; ++hh)
                 tma_load_4d(sV + s * S::kTile + hh * S::kSub + x * S::kHalf, &tv, hh * 64, rows[x], h, b, fullV(s));
-          if (!q_next && t >= it.t0 + 1) issue_q(wn, n + 1), q_next = true;
         }
-        if (!q_next) issue_q(wn, n + 1);
-        w = wn;
-      }
-    } else if (warp > 0 && a.rotq) {
-      // Warps 1-3: rotate each item's Q tile in place once it lands (the rotation pass's formula on
-      // the same (cos, sin) table), then release it to the consumers. A 16-byte chunk (4 channel
-      // pairs of one row) at a time; rows past L (zero-filled) are left alone.
-      constexpr int CH = D / 8;  // chunks per row
-      const int tr = tid - 32;
-      const RopeInfo& r = a.rope;
-      int n = 0;
-      for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
-        const Item it = item(w);
-        if (it.row0 >= it.row_end) continue;
-        const int qb = n & 1;
-        mbar_wait(barQ(qb), (n >> 1) & 1);
-        const uint32_t qs = sQb(qb);
-        for (int e = tr; e < kM * CH; e += 96) {
-          const int row = e / CH, cc = e % CH, hh = cc / 8, c = cc % 8;
-          const int64_t tok = it.row0 + row;
-          if (tok >= a.L) break;
-          const TokPos tp = tok_pos(r, static_cast<uint32_t>(tok));
-          const uint32_t addr = qs + hh * (kM * 128) + row * 128 + ((c ^ (row & 7)) << 4);
-          const uint4 v = ld_shared_v4(addr);
-          uint32_t u[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int m = 4 * cc + i;  // channel pair
-            const int64_t trow = m < r.pf ? tp.f : (m < r.pf + r.ph ? r.gf + tp.h : r.gf + r.gh + tp.w);
-            const float2 cs = __ldg(r.table + trow * (D / 2) + m);
-            const float2 x = Elem<T>::unpack(u[i]);
-            u[i] = Elem<T>::pack(x.x * cs.x - x.y * cs.y, x.x * cs.y + x.y * cs.x);
-          }
-          asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(u[0]), "r"(u[1]), "r"(u[2]),
-                       "r"(u[3])
-                       : "memory");
-        }
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma reads
-        __syncwarp();
-        if (lane == 0) mbar_arrive(barQrot(qb));
         ++n;
       }
     }
@@ -448,7 +379,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       const int qb = n & 1;
       const uint32_t q = sQb(qb);
-      mbar_wait(a.rotq ? barQrot(qb) : barQ(qb), (n >> 1) & 1);
+      mbar_wait(barQ(qb), (n >> 1) & 1);
 
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
@@ -632,27 +563,21 @@ __global__ void __launch_bounds__(256) fwd_combine_kernel(const Sm90Args a) {
 
 // ---------------------------------------------------------------- host side
 template <class T, int D>
-bool launch(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
+bool launch(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
   const cuuint64_t BH = static_cast<cuuint64_t>(pl.BH), L = static_cast<cuuint64_t>(p.L);
   CUtensorMap mq, mk, mv;
   const cuuint64_t dqk[3] = {static_cast<cuuint64_t>(D), L, BH};
   const cuuint64_t sqk[2] = {D * 2ull, L * D * 2ull};
-  // V (and, rotq, q) in place: (D, L, H, B) with the caller's strides (a size-1 dim's stride is never used).
-  const cuuint64_t d4[4] = {static_cast<cuuint64_t>(D), L, static_cast<cuuint64_t>(p.H),
-                            static_cast<cuuint64_t>(p.B)};
-  auto strides4 = [&](const int64_t (&st)[3]) {
-    std::array<cuuint64_t, 3> r4 = {static_cast<cuuint64_t>(st[2]) * 2, static_cast<cuuint64_t>(st[1]) * 2,
-                                    static_cast<cuuint64_t>(st[0]) * 2};
-    if (p.H == 1) r4[1] = 16;
-    if (p.B == 1) r4[2] = 16;
-    return r4;
-  };
-  const auto sq = strides4(p.q_stride), sv = strides4(p.v_stride);
-  if (pl.rotq_sparse ? !make_map(&mq, p.dtype, 4, p.q, d4, sq.data())
-                     : !make_map(&mq, p.dtype, 3, at<T>(ws, pl.qr), dqk, sqk))
-    return false;
+  if (!make_map(&mq, p.dtype, 3, at<T>(ws, pl.qr), dqk, sqk)) return false;
   if (!make_map(&mk, p.dtype, 3, at<T>(ws, pl.kr), dqk, sqk)) return false;
-  if (!make_map(&mv, p.dtype, 4, p.v, d4, sv.data())) return false;
+  // V in place: (D, L, H, B) with the caller's strides (a size-1 dim's stride is never used).
+  const cuuint64_t dv[4] = {static_cast<cuuint64_t>(D), L, static_cast<cuuint64_t>(p.H),
+                            static_cast<cuuint64_t>(p.B)};
+  cuuint64_t sv[3] = {static_cast<cuuint64_t>(p.v_stride[2]) * 2, static_cast<cuuint64_t>(p.v_stride[1]) * 2,
+                      static_cast<cuuint64_t>(p.v_stride[0]) * 2};
+  if (p.H == 1) sv[1] = 16;
+  if (p.B == 1) sv[2] = 16;
+  if (!make_map(&mv, p.dtype, 4, p.v, dv, sv)) return false;
 
   Sm90Args a;
   a.o = p.o_s;
@@ -674,8 +599,6 @@ bool launch(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaSt
   a.v_swap = env_is("SALAD_SM90_VSWAP", "1");
   a.early_rescale = !env_is("SALAD_SM90_RESCALE", "late");
   a.scale_log2 = static_cast<float>(p.softmax_scale() * 1.4426950408889634);
-  a.rotq = pl.rotq_sparse ? 1 : 0;
-  a.rope = r;
   constexpr int smem = Smem<D>::kAlloc;
   auto kernel = attn_fwd_sm90_kernel<T, D>;
   SALAD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -711,32 +634,20 @@ bool sm90_fwd_disabled() {
   return env_is("SALAD_FWD_KERNEL", "mma");
 }
 
-bool sm90_fwd_applies(const Params& p, const Plan& pl) {
+bool try_launch_attn_fwd_sm90(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
   if (sm90_fwd_disabled()) return false;
   if (p.dtype != DType::BF16 && p.dtype != DType::F16) return false;
   if (p.D != 64 && p.D != 128) return false;
-  if (pl.tile_order) return false;  // tile order: V needs a gather
+  if (r.perm) return false;  // tile order: V needs a gather
   if (p.opt.block_k % 64 != 0 || p.opt.block_q <= 0) return false;
   if (p.L >= (int64_t(1) << 31) - 2 * kM || pl.BH * pl.n_q * ((p.opt.block_q + kM - 1) / kM) >= (int64_t(1) << 31))
     return false;
-  return true;
-}
-
-bool sm90_rotq_fits(const Params& p) {
-  // TMA reads q in place: 16-byte aligned base and strides (size-1 dims aside).
-  auto ok = [&](int64_t stride, int64_t n) { return n == 1 || (stride * 2) % 16 == 0; };
-  return reinterpret_cast<uintptr_t>(p.q) % 16 == 0 && ok(p.q_stride[0], p.B) &&
-         ok(p.q_stride[1], p.H) && ok(p.q_stride[2], p.L);
-}
-
-bool try_launch_attn_fwd_sm90(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
-  if (!sm90_fwd_applies(p, pl) || r.perm) return false;
   if (!pl.dense && (!p.block_idx || !p.block_cnt)) return false;
   bool ok;
   if (p.dtype == DType::BF16)
-    ok = p.D == 128 ? launch<__nv_bfloat16, 128>(p, pl, r, ws, s) : launch<__nv_bfloat16, 64>(p, pl, r, ws, s);
+    ok = p.D == 128 ? launch<__nv_bfloat16, 128>(p, pl, ws, s) : launch<__nv_bfloat16, 64>(p, pl, ws, s);
   else
-    ok = p.D == 128 ? launch<__half, 128>(p, pl, r, ws, s) : launch<__half, 64>(p, pl, r, ws, s);
+    ok = p.D == 128 ? launch<__half, 128>(p, pl, ws, s) : launch<__half, 64>(p, pl, ws, s);
   static bool warned = false;
   if (!ok && !warned) {
     warned = true;

@@ -11,9 +11,5 @@ namespace salad::cuda::detail {
 bool try_launch_attn_fwd_sm90(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s);
 // True when env SALAD_FWD_KERNEL=mma forces the mma.sync kernel.
 bool sm90_fwd_disabled();
-// The sm_90a forward's static conditions (dtype, D, raster order, block_k, sizes; not the block table).
-bool sm90_fwd_applies(const Params& p, const Plan& pl);
-// q can be read in place by TMA (alignment and strides), for Plan::rotq_sparse.
-bool sm90_rotq_fits(const Params& p);
 
 }  // namespace salad::cuda::detail

@@ -33,10 +33,6 @@ struct Plan {
   // query-side kernel, which loads each row's rope3d table entries anyway, also writes qr, so the
   // rotation pass skips q when the linear gradient is given (SALAD_FUSE_Q_BWD=0 keeps the pass, for A/B).
   bool fuse_q = false;
-  // Forward with fuse_rotate on the Hopper sparse kernel: that kernel reads q in place and rotates
-  // each Q tile itself, so the apply kernel does not write qr (only its 16-token sums);
-  // SALAD_SM90_ROTQ=0 keeps qr (A/B). Set by forward() (select.cu).
-  bool rotq_sparse = false;
   size_t rope = 0, perm = 0, qr = 0, kr = 0, qmean = 0, kmean = 0, qsum = 0, ksum = 0;
   size_t sv_part = 0, z_part = 0, sv = 0, z = 0;
   // Forward: the current device's SMs, and the Hopper sparse kernel's split tail (attn_fwd_sm90.cu):

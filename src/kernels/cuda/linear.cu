@@ -43,7 +43,6 @@ struct LinArgs {
   // qr = rope3d(q) and per-16-token sums of qr.
   __nv_bfloat16* qr;
   float* qsum;
-  bool qr_store;  // false: qr only feeds qsum (Plan::rotq_sparse, the sparse kernel rotates q itself)
   // The wgmma state kernel's per-64-token kr sums are stored as means, (0 + sum) / tokens: the key
   // block means of block_k 64, as tile_means_kernel forms them (kmean_from_state).
   bool ksum_mean;
@@ -502,7 +501,6 @@ LinArgs make_args(const Params& p, const Plan& pl, const RopeInfo& r) {
   g.chunk = pl.chunk;
   g.qr = nullptr;
   g.qsum = nullptr;
-  g.qr_store = true;
   g.ksum_mean = kmean_from_state(p, pl);
   return g;
 }
@@ -1000,7 +998,7 @@ __global__ void __launch_bounds__(kT, 2) apply_fwd_mma_kernel(LinArgs g, const b
           rope_xy<CPL, D>(g.r, tok_rows(g.r, t, D / 2), s * CPL, x, xr, y, g.rope);
 #pragma unroll
           for (int c = 0; c < CPL / 8; ++c)
-            if (g.qr_store) *reinterpret_cast<uint4*>(g.qr + (bh * g.L + t) * D + s * CPL + 8 * c) = pack8(xr + 8 * c);
+            *reinterpret_cast<uint4*>(g.qr + (bh * g.L + t) * D + s * CPL + 8 * c) = pack8(xr + 8 * c);
 #pragma unroll
           for (int c = 0; c < CPL; ++c) racc[c] += xr[c];
         }
@@ -1554,7 +1552,7 @@ __global__ void __launch_bounds__(kAW * 32, 2) apply_fwd_wgmma_kernel(LinArgs g,
     constexpr int CHK = D / 8, RS = 32 / CHK;
     const int cr0 = lane / CHK, cch = lane % CHK;
     const int lim = static_cast<int>(imin64(t1 - base, 16));  // rows present (may be <= 0)
-    if (g.qr_store) {
+    {
       bf16* dst = g.qr + (bh * g.L + base + cr0) * D + cch * 8;
 #pragma unroll
       for (int k = 0; k < 16 / RS; ++k)
@@ -2354,7 +2352,6 @@ void fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStrea
   LinArgs g = make_args(p, pl, r);
   if (pl.fuse_rotate) {
     g.qr = at<bf16>(ws, pl.qr);
-    g.qr_store = !pl.rotq_sparse;
     if (pl.topk_select) g.qsum = at<float>(ws, pl.qsum);
   }
   fwd_state<D>(p, pl, g, ws, s);

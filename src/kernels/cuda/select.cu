@@ -7,7 +7,6 @@
 #include <cstring>
 #include <vector>
 
-#include "attn_fwd_sm90.cuh"
 #include "internal.cuh"
 #include "salad/kernels.h"
 
@@ -1007,8 +1006,6 @@ void forward(const Params& p, void* workspace, void* stream) {
   void* ws = aligned(workspace);
   Plan pl = make_plan(p, false);
   RopeInfo r = prepare_order_and_rope(p, pl, ws, s);
-  pl.rotq_sparse = pl.fuse_rotate && !r.perm && sm90_fwd_applies(p, pl) && sm90_rotq_fits(p) &&
-                   !env_is("SALAD_SM90_ROTQ", "0");
   launch_rotate(p, pl, r, ws, pl.topk_select, s, /*q_too=*/!pl.fuse_rotate, /*k_too=*/!pl.fuse_k);
   bool qsum_in_select = false;
   if (pl.fuse_rotate) {
