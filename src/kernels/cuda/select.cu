@@ -378,78 +378,47 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const float4& a, uint32_
 
 // Same contract as select_kernel, scores on tensor cores: the table equals the float64
 // reference's up to near-ties, as select_kernel's does, but not bit for bit (a different sum
-// order). n_k <= 32 KPL <= 1280 (mma_select). CTA: 16 query blocks of one (b, h), 16 warps, one
-// wave at Wan1.3B-480p (192 CTAs, 2 per SM). Scores by mma.sync m16n8k8 in 3xTF32 (tf32_split:
-// fp32-like, where one TF32 product would swap near-threshold blocks in a tenth of the rows): the
-// 16 rows' means split once into shared memory in fragment order (one conflict-free LDS.128 per A
-// operand); kmean streams through shared memory in 16-channel slices of every key block (cp.async,
-// double-buffered, the first two issued before the query means are formed), and each warp keeps
-// the accumulators of its 32-block groups (4 n-tiles each, the A fragments reused 4x) across the
-// slices. Channel order: within 16 channels, lane t's float4 at 4t holds k-step 2s's k = t, t + 4
-// and k-step 2s + 1's k = t, t + 4 (a permutation of the channels, the same for A and B, so each
-// lane reads whole float4s). qsum (forward with fuse_rotate): the query block means are summed
-// here from the apply kernel's 16-token sums instead of by a tile_means launch. Scaled scores to
-// sc[16][select_mma_stride(n_k)] (over the slices), then each warp selects its row
-// (select_row_regs<KPL>).
+// order). CTA: 16 query blocks of one (b, h), 16 warps, one wave at Wan1.3B-480p (192 CTAs, 2 per
+// SM). Scores by mma.sync m16n8k8 in 3xTF32 (tf32_split: fp32-like, where one TF32 product would
+// swap near-threshold blocks in a tenth of the rows): the 16 rows' qmean split once into shared
+// memory in fragment order (one conflict-free LDS.128 per A operand); each warp takes 32 key
+// blocks at a time (4 n-tiles, the A fragments reused 4x) and loads their kmean straight from
+// global memory into B fragments. Channel order: within 16 channels, lane t's float4 at 4t holds
+// k-step 2s's k = t, t + 4 and k-step 2s + 1's k = t, t + 4 (a permutation of the channels, the
+// same for A and B, so each lane loads whole float4s). qsum
+// (forward with fuse_rotate): the query block means are summed here from the apply kernel's
+// 16-token sums instead of by a tile_means launch. Scaled scores to sc[16][select_mma_stride(n_k)],
+// then each warp selects its row (select_row_regs<KPL>, KPL == 0: select_row_smem).
 template <int D, int KPL>
 __global__ void __launch_bounds__(32 * kMmaSelRows, KPL <= 24 ? 2 : 1)
     select_mma_kernel(const float* __restrict__ qmean, const float* __restrict__ qsum, int64_t block_q, int64_t L,
                       const float* __restrict__ kmean, int64_t n_q, int64_t n_k, float scale, int k_keep,
                       int64_t max_k, int32_t* __restrict__ idx, int32_t* __restrict__ cnt) {
-  static_assert(KPL > 0 && KPL % 4 == 0, "keys in registers; 32 * KPL key blocks fill whole groups");
-  constexpr int NT = 4;                 // n-tiles (8 key blocks each) per group
-  constexpr int G = (KPL + 15) / 16;  // groups (32 key blocks each, <= KPL of them) per warp
+  constexpr int NT = 4;  // n-tiles per warp iteration
   extern __shared__ float sm[];
+  float* am = sm;                                        // [16][D + 1]: the means, then split
+  float4* fh = reinterpret_cast<float4*>(sm + 16 * (D + 4));  // [D / 8][32]: A fragments, hi
+  float4* fl = fh + D / 8 * 32;                          // [D / 8][32]: lo
+  float* sc = sm + 16 * (D + 4) + 2 * 16 * D;            // [16][ld]
   const int nk = static_cast<int>(n_k);  // L < 2^31
   const int ld = select_mma_stride(nk);
-  const int groups = (nk + 31) / 32, nkp = 32 * groups;
-  float* am = sm;                                             // [16][D + 4]: the means
-  float4* fh = reinterpret_cast<float4*>(sm + 16 * (D + 4));  // [D / 8][32]: A fragments, hi
-  float4* fl = fh + D / 8 * 32;                               // [D / 8][32]: lo
-  float* kb = sm + 16 * (D + 4) + 32 * D;                     // [2][nkp][16]: kmean channel slices
-  float* sc = kb;                                             // [16][ld], once the slices are done
   const int64_t bh = blockIdx.y;
   const int64_t i0 = blockIdx.x * int64_t(kMmaSelRows);
   const int rows = static_cast<int>(imin64(kMmaSelRows, n_q - i0));
-  // Channel slice s (16 channels of every key block) into kb[s & 1] (cp.async, zero past n_k).
-  const float* kbase = kmean + bh * n_k * D;
-  auto load_slice = [&](int s) {
-    const uint32_t dst = smem_addr(kb + (s & 1) * nkp * 16);
-    for (int e = threadIdx.x; e < nkp * 4; e += blockDim.x) {
-      const int j = e >> 2, c4 = e & 3;
-      cp_async16(dst + 16u * e, kbase + int64_t(j < nk ? j : 0) * D + 16 * s + 4 * c4, j < nk ? 16 : 0);
-    }
-  };
-  load_slice(0);
-  cp_async_commit();
-  if (D / 16 > 1) load_slice(1);
-  cp_async_commit();
-  // The query means (while the first slices land): a thread per (row, 4 channels), the row's
-  // 16-token sums loaded 8 at a time and added in tile_means_kernel's order (the same bits).
-  for (int e = threadIdx.x; e < kMmaSelRows * (D / 4); e += blockDim.x) {
-    const int r = e / (D / 4), d = 4 * (e % (D / 4));
-    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (r < rows && qsum) {
+  for (int e = threadIdx.x; e < kMmaSelRows * D; e += blockDim.x) {
+    const int r = e / D, d = e % D;
+    float x = 0.f;
+    if (r < rows && qsum) {  // the query block mean from 16-token sums, as tile_means_kernel (same bits)
       const int64_t n_tiles = (L + 15) / 16, t0 = (i0 + r) * block_q, t1 = imin64(L, t0 + block_q);
-      const int64_t j1 = (t1 + 15) / 16;
       const float* src = qsum + bh * n_tiles * D + d;
-      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int64_t j = t0 / 16; j < j1; j += 8) {
-        float4 v[8];
-#pragma unroll
-        for (int u = 0; u < 8; ++u)
-          v[u] = j + u < j1 ? __ldg(reinterpret_cast<const float4*>(src + (j + u) * D)) : make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-        for (int u = 0; u < 8; ++u)
-          if (j + u < j1) sum.x += v[u].x, sum.y += v[u].y, sum.z += v[u].z, sum.w += v[u].w;
-      }
-      const float n = static_cast<float>(t1 - t0);
-      x = make_float4(sum.x / n, sum.y / n, sum.z / n, sum.w / n);
+      float sum = 0.f;
+#pragma unroll 8
+      for (int64_t j = t0 / 16; j < (t1 + 15) / 16; ++j) sum += src[j * D];
+      x = sum / static_cast<float>(t1 - t0);
     } else if (r < rows) {
-      x = __ldg(reinterpret_cast<const float4*>(qmean + (bh * n_q + i0 + r) * D + d));
+      x = qmean[(bh * n_q + i0 + r) * D + d];
     }
-    float* dst = am + r * (D + 4) + d;
-    dst[0] = x.x, dst[1] = x.y, dst[2] = x.z, dst[3] = x.w;
+    am[r * (D + 1) + d] = x;
   }
   __syncthreads();
   // Fragment order: slot (ks, lane) holds the lane's a0..a3 of k-step ks, so one LDS.128 is an A
@@ -457,71 +426,64 @@ __global__ void __launch_bounds__(32 * kMmaSelRows, KPL <= 24 ? 2 : 1)
   for (int e = threadIdx.x; e < D / 8 * 32; e += blockDim.x) {
     const int ks = e / 32, gg = (e % 32) >> 2, tt = e & 3;
     const int d0 = 16 * (ks >> 1) + 4 * tt + 2 * (ks & 1);
-    const float v[4] = {am[gg * (D + 4) + d0], am[(gg + 8) * (D + 4) + d0], am[gg * (D + 4) + d0 + 1],
-                        am[(gg + 8) * (D + 4) + d0 + 1]};
+    const float v[4] = {am[gg * (D + 1) + d0], am[(gg + 8) * (D + 1) + d0], am[gg * (D + 1) + d0 + 1],
+                        am[(gg + 8) * (D + 1) + d0 + 1]};
     uint32_t h[4], l[4];
 #pragma unroll
     for (int c = 0; c < 4; ++c) tf32_split(v[c], h[c], l[c]);
     fh[e] = make_float4(__uint_as_float(h[0]), __uint_as_float(h[1]), __uint_as_float(h[2]), __uint_as_float(h[3]));
     fl[e] = make_float4(__uint_as_float(l[0]), __uint_as_float(l[1]), __uint_as_float(l[2]), __uint_as_float(l[3]));
   }
+  __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  float acc[G][NT][4];
+  const int groups = (nk + 8 * NT - 1) / (8 * NT);
+  for (int grp = warp; grp < groups; grp += kMmaSelRows) {
+    float acc[NT][4];
+    const float* kp[NT];
+    bool kin[NT];
 #pragma unroll
-  for (int gi = 0; gi < G; ++gi)
-#pragma unroll
-    for (int n = 0; n < NT; ++n) acc[gi][n][0] = acc[gi][n][1] = acc[gi][n][2] = acc[gi][n][3] = 0.f;
-#pragma unroll 1
-  for (int s = 0; s < D / 16; ++s) {
-    cp_async_wait<1>();  // slice s landed (one later group, maybe empty, may be pending)
-    __syncthreads();     // ... for every thread's copies; and (s = 0) the A fragments are written
-    const float4 h0 = fh[(2 * s) * 32 + lane], h1 = fh[(2 * s + 1) * 32 + lane];
-    const float4 l0 = fl[(2 * s) * 32 + lane], l1 = fl[(2 * s + 1) * 32 + lane];
-    const float* ks = kb + (s & 1) * nkp * 16 + 4 * t;
-#pragma unroll
-    for (int gi = 0; gi < G; ++gi) {
-      const int grp = warp + kMmaSelRows * gi;
-      if (grp < groups) {
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          // Lane (g, t): key block 32 grp + 8 n + g, its channels 16 s + 4 t .. + 3 (one LDS.128;
-          // a warp reads 512 contiguous bytes).
-          const float4 b = *reinterpret_cast<const float4*>(ks + (32 * grp + 8 * n + g) * 16);
-          uint32_t bx, by, bz, bw, lx, ly, lz, lw;
-          tf32_split(b.x, bx, lx), tf32_split(b.y, by, ly), tf32_split(b.z, bz, lz), tf32_split(b.w, bw, lw);
-          mma_tf32(acc[gi][n], l0, bx, by);  // k-step 2s: b = .x, .y
-          mma_tf32(acc[gi][n], h0, lx, ly);
-          mma_tf32(acc[gi][n], h0, bx, by);
-          mma_tf32(acc[gi][n], l1, bz, bw);  // k-step 2s + 1: .z, .w
-          mma_tf32(acc[gi][n], h1, lz, lw);
-          mma_tf32(acc[gi][n], h1, bz, bw);
-        }
-      }
+    for (int n = 0; n < NT; ++n) {
+      acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+      const int j = grp * 8 * NT + 8 * n + g;
+      kin[n] = j < nk;
+      kp[n] = kmean + (bh * n_k + (kin[n] ? j : 0)) * D + 4 * t;
     }
-    __syncthreads();  // slice s read by every warp: its buffer takes slice s + 2
-    if (s + 2 < D / 16) load_slice(s + 2);
-    cp_async_commit();
-  }
-  // C: c0, c1 = row g, key blocks 2t, 2t + 1 of the n-tile; c2, c3 = row g + 8. Columns up to
-  // nkp - 1 < ld: padding keys (scores 0) land inside the row and are never read. sc overlays the
-  // slices, all read (the loop's last barrier).
 #pragma unroll
-  for (int gi = 0; gi < G; ++gi) {
-    const int grp = warp + kMmaSelRows * gi;
-    if (grp < groups) {
+    for (int s = 0; s < D / 16; ++s) {
+      const float4 h0 = fh[(2 * s) * 32 + lane], h1 = fh[(2 * s + 1) * 32 + lane];
+      const float4 l0 = fl[(2 * s) * 32 + lane], l1 = fl[(2 * s + 1) * 32 + lane];
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
-        const int col = 32 * grp + 8 * n + 2 * t;
-        *reinterpret_cast<float2*>(sc + g * ld + col) = make_float2(acc[gi][n][0] * scale, acc[gi][n][1] * scale);
-        *reinterpret_cast<float2*>(sc + (g + 8) * ld + col) =
-            make_float2(acc[gi][n][2] * scale, acc[gi][n][3] * scale);
+        const float4 b = kin[n] ? __ldg(reinterpret_cast<const float4*>(kp[n] + 16 * s)) : make_float4(0.f, 0.f, 0.f, 0.f);
+        uint32_t bx, by, bz, bw, lx, ly, lz, lw;
+        tf32_split(b.x, bx, lx), tf32_split(b.y, by, ly), tf32_split(b.z, bz, lz), tf32_split(b.w, bw, lw);
+        mma_tf32(acc[n], l0, bx, by);  // k-step 2s: b = .x, .y
+        mma_tf32(acc[n], h0, lx, ly);
+        mma_tf32(acc[n], h0, bx, by);
+        mma_tf32(acc[n], l1, bz, bw);  // k-step 2s + 1: .z, .w
+        mma_tf32(acc[n], h1, lz, lw);
+        mma_tf32(acc[n], h1, bz, bw);
       }
+    }
+    // C: c0, c1 = row g, key blocks 2t, 2t + 1 of the n-tile; c2, c3 = row g + 8. Columns up to
+    // 32 * groups - 1 < ld: padding keys (scores 0) land inside the row and are never read.
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int col = grp * 8 * NT + 8 * n + 2 * t;
+      *reinterpret_cast<float2*>(sc + g * ld + col) = make_float2(acc[n][0] * scale, acc[n][1] * scale);
+      *reinterpret_cast<float2*>(sc + (g + 8) * ld + col) = make_float2(acc[n][2] * scale, acc[n][3] * scale);
     }
   }
   __syncthreads();
   if (warp < rows) {
     const int q = warp;
-    select_row_regs<KPL>(sc + q * ld, nk, k_keep, max_k, idx + (bh * n_q + i0 + q) * max_k, lane);
+    float* row = sc + q * ld;
+    int32_t* out = idx + (bh * n_q + i0 + q) * max_k;
+    if constexpr (KPL == 0) {
+      select_row_smem(row, n_k, k_keep, max_k, out, lane);
+    } else {
+      select_row_regs<KPL>(row, nk, k_keep, max_k, out, lane);
+    }
     if (lane == 0) cnt[bh * n_q + i0 + q] = k_keep;
   }
 }
@@ -700,7 +662,8 @@ SelectMmaFn pick_select_mma(int64_t n_k) {
   if (kpl <= 16) return select_mma_kernel<D, 16>;
   if (kpl <= 24) return select_mma_kernel<D, 24>;
   if (kpl <= 32) return select_mma_kernel<D, 32>;
-  return select_mma_kernel<D, 40>;  // mma_select: n_k <= 32 * 40
+  if (kpl <= 40) return select_mma_kernel<D, 40>;
+  return select_mma_kernel<D, 0>;
 }
 
 // Tiling of invert_tiled_kernel: up to 8 column tiles per (b, h) (about two CTAs per SM of an
@@ -897,12 +860,11 @@ void launch_rotate(const Params& p, const Plan& pl, const RopeInfo& r, void* ws,
 }
 
 size_t mma_select_smem(const Params& p, const Plan& pl) {
-  const int nk = static_cast<int>(pl.n_k), nkp = (nk + 31) / 32 * 32;
-  return sizeof(float) * (16 * (p.D + 4) + 32 * p.D + std::max<int64_t>(32 * nkp, 16 * select_mma_stride(nk)));
+  return sizeof(float) * kMmaSelRows * (3 * p.D + 4 + select_mma_stride(static_cast<int>(pl.n_k)));
 }
 
 bool mma_select(const Params& p, const Plan& pl) {
-  return p.opt.pattern != Pattern::Window && !old_select_kernels() && !fast_select_kernel() && pl.n_k <= 32 * 40 &&
+  return p.opt.pattern != Pattern::Window && !old_select_kernels() && !fast_select_kernel() &&
          mma_select_smem(p, pl) <= 200 * 1024;
 }
 
