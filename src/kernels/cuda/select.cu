@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "internal.cuh"
@@ -639,31 +640,29 @@ const char* select_kernel_env() {
 bool old_select_kernels() { return std::strcmp(select_kernel_env(), "old") == 0; }
 bool fast_select_kernel() { return std::strcmp(select_kernel_env(), "fast") == 0; }
 
+// The smallest keys-per-lane instantiation that holds n_k, pick(std::integral_constant<int, KPL>) for
+// KPL in 4, 8, 16, 24, 32, 40; KPL 0 (keys in shared memory) past 32 * 40.
+template <class Pick>
+auto by_keys_per_lane(int64_t n_k, Pick pick) {
+  const int64_t kpl = (n_k + 31) / 32;
+  if (kpl <= 4) return pick(std::integral_constant<int, 4>{});
+  if (kpl <= 8) return pick(std::integral_constant<int, 8>{});
+  if (kpl <= 16) return pick(std::integral_constant<int, 16>{});
+  if (kpl <= 24) return pick(std::integral_constant<int, 24>{});
+  if (kpl <= 32) return pick(std::integral_constant<int, 32>{});
+  if (kpl <= 40) return pick(std::integral_constant<int, 40>{});
+  return pick(std::integral_constant<int, 0>{});
+}
 using SelectFn = void (*)(const float*, const float*, int64_t, int64_t, float, int, int64_t, int32_t*, int32_t*);
-// Smallest keys-per-lane instantiation that holds n_k; 0 (keys in shared memory) past 32 * 40.
 template <int D>
 SelectFn pick_select(int64_t n_k) {
-  const int64_t kpl = (n_k + 31) / 32;
-  if (kpl <= 4) return select_fast_kernel<D, 4>;
-  if (kpl <= 8) return select_fast_kernel<D, 8>;
-  if (kpl <= 16) return select_fast_kernel<D, 16>;
-  if (kpl <= 24) return select_fast_kernel<D, 24>;
-  if (kpl <= 32) return select_fast_kernel<D, 32>;
-  if (kpl <= 40) return select_fast_kernel<D, 40>;
-  return select_fast_kernel<D, 0>;
+  return by_keys_per_lane(n_k, [](auto kpl) -> SelectFn { return select_fast_kernel<D, decltype(kpl)::value>; });
 }
 using SelectMmaFn = void (*)(const float*, const float*, int64_t, int64_t, const float*, int64_t, int64_t, float, int,
                             int64_t, int32_t*, int32_t*);
 template <int D>
 SelectMmaFn pick_select_mma(int64_t n_k) {
-  const int64_t kpl = (n_k + 31) / 32;
-  if (kpl <= 4) return select_mma_kernel<D, 4>;
-  if (kpl <= 8) return select_mma_kernel<D, 8>;
-  if (kpl <= 16) return select_mma_kernel<D, 16>;
-  if (kpl <= 24) return select_mma_kernel<D, 24>;
-  if (kpl <= 32) return select_mma_kernel<D, 32>;
-  if (kpl <= 40) return select_mma_kernel<D, 40>;
-  return select_mma_kernel<D, 0>;
+  return by_keys_per_lane(n_k, [](auto kpl) -> SelectMmaFn { return select_mma_kernel<D, decltype(kpl)::value>; });
 }
 
 // Tiling of invert_tiled_kernel: up to 8 column tiles per (b, h) (about two CTAs per SM of an
