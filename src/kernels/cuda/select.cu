@@ -231,6 +231,16 @@ __device__ void select_row_regs(float* row, int nk, int k_keep, int64_t max_k, i
   for (int64_t c = k_keep + lane; c < max_k; c += 32) out[c] = -1;
 }
 
+// One warp: table row `r` (of (b*h) * n_q) from its scores in shared memory (overwritten):
+// select_row_regs<KPL>, or select_row_smem for KPL 0 (n_k past 32 * 40).
+template <int KPL>
+__device__ __forceinline__ void select_row(float* row, int64_t n_k, int k_keep, int64_t max_k, int32_t* idx,
+                                           int32_t* cnt, int64_t r, int lane) {
+  if constexpr (KPL == 0) select_row_smem(row, n_k, k_keep, max_k, idx + r * max_k, lane);
+  else select_row_regs<KPL>(row, static_cast<int>(n_k), k_keep, max_k, idx + r * max_k, lane);
+  if (lane == 0) cnt[r] = k_keep;
+}
+
 // CTA: kSelectRows query blocks of one (b, h). Scores S[i, j] = qmean_i . kmean_j * scale,
 // then per row (one warp) an exact radix select of the k largest, ties to the lower j.
 // The reference kernel (SALAD_SELECT_KERNEL=old); select_fast_kernel gives the same bits.
@@ -343,16 +353,8 @@ __global__ void __launch_bounds__(32 * kSelectRows, 2)
       for (int m = 0; m < M; ++m) kv[u][m] = nx[u][m];
   }
   __syncthreads();
-  for (int q = warp; q < rows; q += nwarp) {
-    float* row = sc + q * ld;
-    int32_t* out = idx + (bh * n_q + i0 + q) * max_k;
-    if constexpr (KPL == 0) {
-      select_row_smem(row, n_k, k_keep, max_k, out, lane);
-    } else {
-      select_row_regs<KPL>(row, nk, k_keep, max_k, out, lane);
-    }
-    if (lane == 0) cnt[bh * n_q + i0 + q] = k_keep;
-  }
+  for (int q = warp; q < rows; q += nwarp)
+    select_row<KPL>(sc + q * ld, n_k, k_keep, max_k, idx, cnt, bh * n_q + i0 + q, lane);
 }
 
 // ---------------------------------------------------------------- selection on tensor cores
@@ -476,17 +478,7 @@ __global__ void __launch_bounds__(32 * kMmaSelRows, KPL <= 24 ? 2 : 1)
     }
   }
   __syncthreads();
-  if (warp < rows) {
-    const int q = warp;
-    float* row = sc + q * ld;
-    int32_t* out = idx + (bh * n_q + i0 + q) * max_k;
-    if constexpr (KPL == 0) {
-      select_row_smem(row, n_k, k_keep, max_k, out, lane);
-    } else {
-      select_row_regs<KPL>(row, nk, k_keep, max_k, out, lane);
-    }
-    if (lane == 0) cnt[bh * n_q + i0 + q] = k_keep;
-  }
+  if (warp < rows) select_row<KPL>(sc + warp * ld, n_k, k_keep, max_k, idx, cnt, bh * n_q + i0 + warp, lane);
 }
 
 // One CTA per (b, h): offsets by counting, rows filled in ascending query-block order.
