@@ -457,7 +457,8 @@ __global__ void __launch_bounds__(32 * kMmaSelRows, KPL <= 24 ? 2 : 1)
       const float4 l0 = fl[(2 * s) * 32 + lane], l1 = fl[(2 * s + 1) * 32 + lane];
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
-        const float4 b = kin[n] ? __ldg(reinterpret_cast<const float4*>(kp[n] + 16 * s)) : make_float4(0.f, 0.f, 0.f, 0.f);
+        const float4 b =
+            kin[n] ? __ldg(reinterpret_cast<const float4*>(kp[n] + 16 * s)) : make_float4(0.f, 0.f, 0.f, 0.f);
         uint32_t bx, by, bz, bw, lx, ly, lz, lw;
         tf32_split(b.x, bx, lx), tf32_split(b.y, by, ly), tf32_split(b.z, bz, lz), tf32_split(b.w, bw, lw);
         mma_tf32(acc[n], l0, bx, by);  // k-step 2s: b = .x, .y
