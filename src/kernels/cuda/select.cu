@@ -896,9 +896,10 @@ void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s, bo
     SelectMmaFn fn = p.D == 64 ? pick_select_mma<64>(pl.n_k) : pick_select_mma<128>(pl.n_k);
     if (smem > 48 * 1024)
       SALAD_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    fn<<<grid, 32 * kMmaSelRows, smem, s>>>(at<float>(ws, pl.qmean), from_qsum ? at<float>(ws, pl.qsum) : nullptr, p.opt.block_q,
-                               p.L, at<float>(ws, pl.kmean), pl.n_q, pl.n_k, scale, static_cast<int>(pl.max_k),
-                               pl.max_k, p.block_idx, p.block_cnt);
+    const float* qsum = from_qsum ? at<float>(ws, pl.qsum) : nullptr;
+    fn<<<grid, 32 * kMmaSelRows, smem, s>>>(at<float>(ws, pl.qmean), qsum, p.opt.block_q, p.L, at<float>(ws, pl.kmean),
+                                            pl.n_q, pl.n_k, scale, static_cast<int>(pl.max_k), pl.max_k, p.block_idx,
+                                            p.block_cnt);
   } else {
     smem = sizeof(float) * kSelectRows * select_stride(static_cast<int>(pl.n_k));
     SelectFn fn = p.D == 64 ? pick_select<64>(pl.n_k) : pick_select<128>(pl.n_k);
