@@ -110,6 +110,18 @@ __global__ void __launch_bounds__(256) rotate_kernel(const T* __restrict__ src, 
   }
 }
 
+// Mean of block i (tokens [i block, min(L, (i + 1) block)), block a multiple of tile) of one channel
+// from per-tile sums part_d[j * D], added in tile order from 0 (tile_means_kernel and, in the fused
+// forward, select_mma_kernel: the same bits).
+__device__ __forceinline__ float block_mean_from_tiles(const float* part_d, int64_t tile, int64_t block, int64_t i,
+                                                       int64_t L, int D) {
+  const int64_t t0 = i * block, t1 = min(L, t0 + block);
+  float sum = 0.f;
+#pragma unroll 8
+  for (int64_t j = t0 / tile; j < (t1 + tile - 1) / tile; ++j) sum += part_d[j * D];
+  return sum / static_cast<float>(t1 - t0);
+}
+
 // ---------------------------------------------------------------- selection
 __device__ __forceinline__ uint32_t order_key(float s) {
   if (s != s) return 0u;  // NaN ranks last
@@ -399,7 +411,7 @@ __global__ void __launch_bounds__(32 * kMmaSelRows, KPL <= 24 ? 2 : 1)
                       int64_t max_k, int32_t* __restrict__ idx, int32_t* __restrict__ cnt) {
   constexpr int NT = 4;  // n-tiles per warp iteration
   extern __shared__ float sm[];
-  float* am = sm;                                        // [16][D + 1]: the means, then split
+  float* am = sm;  // [16][D + 1] (in 16 (D + 4) floats): the means, then split into fh / fl
   float4* fh = reinterpret_cast<float4*>(sm + 16 * (D + 4));  // [D / 8][32]: A fragments, hi
   float4* fl = fh + D / 8 * 32;                          // [D / 8][32]: lo
   float* sc = sm + 16 * (D + 4) + 2 * 16 * D;            // [16][ld]
@@ -411,13 +423,8 @@ __global__ void __launch_bounds__(32 * kMmaSelRows, KPL <= 24 ? 2 : 1)
   for (int e = threadIdx.x; e < kMmaSelRows * D; e += blockDim.x) {
     const int r = e / D, d = e % D;
     float x = 0.f;
-    if (r < rows && qsum) {  // the query block mean from 16-token sums, as tile_means_kernel (same bits)
-      const int64_t n_tiles = (L + 15) / 16, t0 = (i0 + r) * block_q, t1 = imin64(L, t0 + block_q);
-      const float* src = qsum + bh * n_tiles * D + d;
-      float sum = 0.f;
-#pragma unroll 8
-      for (int64_t j = t0 / 16; j < (t1 + 15) / 16; ++j) sum += src[j * D];
-      x = sum / static_cast<float>(t1 - t0);
+    if (r < rows && qsum) {  // the query block mean from 16-token sums, as tile_means_kernel
+      x = block_mean_from_tiles(qsum + bh * ((L + 15) / 16) * D + d, 16, block_q, i0 + r, L, D);
     } else if (r < rows) {
       x = qmean[(bh * n_q + i0 + r) * D + d];
     }
@@ -828,11 +835,7 @@ __global__ void tile_means_kernel(const float* __restrict__ part, int64_t tile, 
                                   float* __restrict__ mean) {
   const int D = blockDim.x, d = threadIdx.x;
   const int64_t bh = blockIdx.y, i = blockIdx.x, n_tiles = (L + tile - 1) / tile;
-  const int64_t t0 = i * block, t1 = min(L, t0 + block);
-  const float* src = part + bh * n_tiles * D + d;
-  float sum = 0.f;
-  for (int64_t j = t0 / tile; j < (t1 + tile - 1) / tile; ++j) sum += src[j * D];
-  mean[(bh * gridDim.x + i) * D + d] = sum / static_cast<float>(t1 - t0);
+  mean[(bh * gridDim.x + i) * D + d] = block_mean_from_tiles(part + bh * n_tiles * D + d, tile, block, i, L, D);
 }
 
 void launch_tile_means(const Params& p, const Plan& pl, void* ws, bool keys, cudaStream_t s) {
