@@ -441,6 +441,13 @@ TEST(SM90_Attention, TensorCoreSelectionMatchesFloat64) {
     EXPECT_GE(mma, fma - 0.005);
     EXPECT_TRUE(at::equal(cnt.cpu(), rcnt));
     EXPECT_TRUE(at::equal(fcnt.cpu(), rcnt));
+    // The reference kernel (SALAD_SELECT_KERNEL=old) adds the same products in the same tree as the
+    // FMA kernel: the same table bit for bit.
+    {
+      const ScopedEnv env(EnvVars{{"SALAD_SELECT_KERNEL", "old"}});
+      const auto [oidx, ocnt] = select_blocks(q, k, g, o);
+      EXPECT_TRUE(at::equal(oidx, fidx));
+    }
   }
 }
 
@@ -460,6 +467,12 @@ TEST(SM90_Attention, DeterministicRepeatsAndNoQuadraticMemory) {
   const AttentionOutput b = attention(q, k, v, g, o);
   EXPECT_TRUE(at::equal(a.o_s, b.o_s));
   EXPECT_TRUE(at::equal(a.block_idx, b.block_idx));
+  {  // the RoPE table kept across calls (select.cu, cached_rope_table) equals the one built per call
+    const ScopedEnv env(EnvVars{{"SALAD_ROPE_CACHE", "0"}});
+    const AttentionOutput c = attention(q, k, v, g, o);
+    EXPECT_TRUE(at::equal(a.o_s, c.o_s));
+    EXPECT_TRUE(at::equal(a.o_l, c.o_l));
+  }
   // An L^2 float tensor of 2 heads would be 8.6 GB; allow 64x the inputs.
   EXPECT_LT(peak - before, 64 * q.numel() * 2) << "peak extra bytes " << (peak - before);
 }

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -782,6 +783,50 @@ bool kmean_from_state(const Params& p, const Plan& pl) {
   return pl.topk_select && pl.fuse_k && pl.ksum && p.opt.block_k == 64 && !env_is("SALAD_KMEAN", "kernel");
 }
 
+namespace {
+void fill_rope_table(float2* table, const Params& p, const RopeInfo& r, cudaStream_t s) {
+  const int64_t n = (p.grid.f + p.grid.h + p.grid.w) * (p.D / 2);
+  rope_table_kernel<<<static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 1024)), 256, 0, s>>>(
+      table, p.grid.f, p.grid.h, p.grid.w, static_cast<int>(p.D / 2), r.pf, r.ph, p.opt.rope_theta);
+  SALAD_LAUNCH_CHECK();
+}
+
+// The RoPE table depends only on (device, grid, D, theta), so it is built once and kept (a few
+// KB per grid; at most kRopeCache grids) instead of being recomputed in double precision by every
+// forward and backward (one launch, ~3.5 us on an H200 at Wan1.3B-480p). Returns null where it
+// cannot be cached (full, a stream being captured into a graph, SALAD_ROPE_CACHE=0): the caller
+// then fills the workspace's copy as before.
+const float2* cached_rope_table(const Params& p, const RopeInfo& r, cudaStream_t s) {
+  struct Entry {
+    int dev;
+    int64_t f, h, w, d;
+    double theta;
+    float2* table;
+  };
+  constexpr size_t kRopeCache = 16;
+  static std::mutex mu;
+  static std::vector<Entry> cache;
+  if (env_is("SALAD_ROPE_CACHE", "0")) return nullptr;
+  int dev = 0;
+  SALAD_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  for (const Entry& e : cache)
+    if (e.dev == dev && e.f == p.grid.f && e.h == p.grid.h && e.w == p.grid.w && e.d == p.D &&
+        e.theta == p.opt.rope_theta)
+      return e.table;
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  SALAD_CUDA_CHECK(cudaStreamIsCapturing(s, &cap));
+  if (cache.size() >= kRopeCache || cap != cudaStreamCaptureStatusNone) return nullptr;
+  float2* table = nullptr;
+  const int64_t n = (p.grid.f + p.grid.h + p.grid.w) * (p.D / 2);
+  SALAD_CUDA_CHECK(cudaMalloc(&table, sizeof(float2) * n));
+  fill_rope_table(table, p, r, s);
+  SALAD_CUDA_CHECK(cudaStreamSynchronize(s));  // complete before any stream may read it
+  cache.push_back({dev, p.grid.f, p.grid.h, p.grid.w, p.D, p.opt.rope_theta, table});
+  return table;
+}
+}  // namespace
+
 RopeInfo prepare_order_and_rope(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
   RopeInfo r;
   RopeSplit sp = rope_split(p.D);
@@ -792,12 +837,12 @@ RopeInfo prepare_order_and_rope(const Params& p, const Plan& pl, void* ws, cudaS
   r.gw = p.grid.w;
   r.div_gw = FastDiv(static_cast<uint32_t>(p.grid.w));
   r.div_ghw = FastDiv(static_cast<uint32_t>(p.grid.w * p.grid.h));
-  float2* table = at<float2>(ws, pl.rope);
-  int64_t n = (p.grid.f + p.grid.h + p.grid.w) * (p.D / 2);
-  rope_table_kernel<<<static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 1024)), 256, 0, s>>>(
-      table, p.grid.f, p.grid.h, p.grid.w, static_cast<int>(p.D / 2), r.pf, r.ph, p.opt.rope_theta);
-  SALAD_LAUNCH_CHECK();
-  r.table = table;
+  r.table = cached_rope_table(p, r, s);
+  if (!r.table) {
+    float2* table = at<float2>(ws, pl.rope);
+    fill_rope_table(table, p, r, s);
+    r.table = table;
+  }
   if (pl.tile_order) {
     int32_t* perm = at<int32_t>(ws, pl.perm);
     tile_perm_kernel<<<static_cast<unsigned>(std::min<int64_t>((p.L + 255) / 256, 4096)), 256, 0, s>>>(
