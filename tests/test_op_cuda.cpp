@@ -523,6 +523,41 @@ TEST(SM90_Attention, SplitTailMatchesWholeItems) {
   }
 }
 
+// The sparse forward's item hand-over (SALAD_SM90_HANDOVER=1: the next item's first QK^T issued with
+// this item's last PV) runs the same arithmetic in another order of issue: the same o_s and lse bit
+// for bit, with whole items and with split pieces (grid caps 50 and 200 as above), D 64 and 128, a
+// partial last key block (L 4140), poisoned outputs.
+TEST(SM90_Attention, ItemHandOverEqualsDefaultBitForBit) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
+  const ScopedEnv poison(EnvVars{{"SALAD_POISON", "1"}});
+  torch::manual_seed(7);
+  torch::NoGradGuard ng;
+  const Grid g{3, 30, 46};
+  for (int64_t D : {64, 128}) {
+    for (Mode m : {Mode::Sparse, Mode::Dense}) {
+      for (const char* cap : {"50", "200", "132"}) {
+        SCOPED_TRACE("D " + std::to_string(D) + " " + to_string(m) + " grid " + cap);
+        auto bf = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+        const at::Tensor q = at::randn({1, 2, g.size(), D}, bf), k = at::randn_like(q), v = at::randn_like(q);
+        Options o;
+        o.mode = m, o.keep = 0.25;
+        std::optional<AttentionOutput> base, ho;
+        {
+          const ScopedEnv e(EnvVars{{"SALAD_SM90_GRID", cap}});
+          base = attention(q, k, v, g, o);
+        }
+        {
+          const ScopedEnv e({{"SALAD_SM90_GRID", cap}, {"SALAD_SM90_HANDOVER", "1"}});
+          ho = attention(q, k, v, g, o);
+        }
+        EXPECT_FALSE(at::isnan(ho->o_s.to(at::kFloat)).any().item<bool>());
+        EXPECT_TRUE(at::equal(ho->o_s, base->o_s));
+        EXPECT_TRUE(at::equal(ho->lse, base->lse));
+      }
+    }
+  }
+}
+
 // token_major: the same kernels store o_s / o_l into (B, L, H, D) memory, so the values equal the
 // default (B, H, L, D) outputs bit for bit, on every case (Hopper, mma.sync tile order, fp16, the
 // generic and mma linear kernels), and the projection rows are a view. Poisoned outputs: a row the

@@ -31,7 +31,9 @@
 // env SALAD_FWD_KERNEL=mma forces the mma.sync kernel; SALAD_SM90_PERSISTENT=0
 // launches one CTA per work item; SALAD_SM90_GRID=N caps the persistent grid
 // (testing); SALAD_SM90_VSWAP=1 swaps the V descriptor's LBO/SBO (debugging); SALAD_SM90_SPLIT=0
-// keeps the last, partial round of items whole (see tail_split).
+// keeps the last, partial round of items whole (see tail_split); SALAD_SM90_HANDOVER=1 issues each
+// item's first QK^T with the previous item's last PV, so it runs during that item's epilogue (HO;
+// not the default: on one H200 it took 1,020 -> 1,070 us, on another 1,085 -> 1,057 us, docs/PERF.md).
 #include <climits>
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -108,7 +110,7 @@ struct Smem {
   static constexpr int kAlloc = kBytes + 1024;  // slack for aligning the dynamic base
 };
 
-template <class T, int D>
+template <class T, int D, bool HO>
 __global__ void __launch_bounds__(kThreads, 1)
     attn_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk,
                          const __grid_constant__ CUtensorMap tv, const Sm90Args a) {
@@ -347,49 +349,59 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane == 0) mbar_arrive(bar);
     };
 
-    int gt = 0, n = 0;  // tiles / items consumed so far (same sequence as the producer)
-    for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
-      const Item it = item(w);
-      if (it.row0 >= it.row_end) continue;
-      const int ntiles = it.ntiles;
-      // Valid keys of tile t (< KN only in the tiles of the sequence's last key block, which an
-      // ascending list has last, or in a last tile with fewer than HT halves). Computed here
-      // rather than passed through shared memory, so no stage slot is shared across the
-      // mbarrier; the list is read once per item, not per tile (a global load there stalls the
-      // softmax by the L2 latency).
-      int tail_u = INT_MAX;
-      int64_t tail_key = 0;
-      if (ntiles > 0) {
-        const int nblk = it.nhalf / a.halves_per_block;
-        const int64_t jl = a.dense ? a.n_k - 1 : it.list[nblk - 1];
-        if (jl == a.n_k - 1) tail_u = (nblk - 1) * a.halves_per_block, tail_key = jl * a.block_k;
+    // Valid keys of tile t (< KN only in the tiles of the sequence's last key block, which an
+    // ascending list has last, or in a last tile with fewer than HT halves). Computed here rather
+    // than passed through shared memory, so no stage slot is shared across the mbarrier; the list is
+    // read once per item, not per tile (a global load there stalls the softmax by the L2 latency).
+    struct Tail {
+      int u = INT_MAX;  // first half of the sequence's last key block, if the item keeps it
+      int64_t key = 0;  // its first key
+    };
+    auto tail_of = [&](const Item& x) {
+      Tail tl;
+      if (x.ntiles > 0) {
+        const int nblk = x.nhalf / a.halves_per_block;
+        const int64_t jl = a.dense ? a.n_k - 1 : x.list[nblk - 1];
+        if (jl == a.n_k - 1) tl.u = (nblk - 1) * a.halves_per_block, tl.key = jl * a.block_k;
       }
-      auto valid_at = [&](int t) {
-        int v = 0;
+      return tl;
+    };
+    auto valid_at = [&](const Item& x, const Tail& tl, int t) {
+      int v = 0;
 #pragma unroll
-        for (int x = 0; x < HT; ++x) {
-          const int u = t * HT + x;
-          const int vh = u >= it.nhalf ? 0
-                         : u < tail_u  ? 64
-                                       : static_cast<int>(imax64(0, imin64(64, a.L - (tail_key + int64_t(u - tail_u) * 64))));
-          v += vh;
-        }
-        return v;
-      };
-
-      const int qb = n & 1;
-      const uint32_t q = sQb(qb);
-      mbar_wait(barQ(qb), (n >> 1) & 1);
-
+      for (int h = 0; h < HT; ++h) {
+        const int u = t * HT + h;
+        const int vh = u >= x.nhalf ? 0
+                       : u < tl.u   ? 64
+                                    : static_cast<int>(imax64(0, imin64(64, a.L - (tl.key + int64_t(u - tl.u) * 64))));
+        v += vh;
+      }
+      return v;
+    };
+    auto reset = [&]() {
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
       m0 = m1 = -INFINITY;
       l0 = l1 = 0.f;
+    };
 
+    int gt = 0, n = 0;  // tiles / items consumed so far (same sequence as the producer)
+    // HO (hand-over): the next item's first QK^T is issued right after this item's last PV and
+    // runs during this item's epilogue; its softmax follows the epilogue, so the next item starts
+    // `primed` (its first tile done, P packed) instead of with a lone QK^T and softmax.
+    bool primed = false;
+    float c0 = 1.f, c1 = 1.f;  // O's rescale for the last softmax's new row max
+    for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
+      const Item it = item(w);
+      if (it.row0 >= it.row_end) continue;
+      const Tail tl = tail_of(it);
+      const int qb = n & 1;
+      const uint32_t q = sQb(qb);
       const int t0 = it.t0, nt = it.t1 - it.t0;  // this entry's tiles (all of the item's, or a piece's)
-      if (nt > 0) {
-        float c0 = 1.f, c1 = 1.f;
-        {
+      if (!primed) {
+        mbar_wait(barQ(qb), (n >> 1) & 1);
+        reset();
+        if (nt > 0) {
           const int s0 = gt % kStages;
           mbar_wait(fullK(s0), (gt / kStages) & 1);
           fence_regs<KN / 2>(sacc);
@@ -399,9 +411,82 @@ __global__ void __launch_bounds__(kThreads, 1)
           wgmma_wait<0>();
           fence_regs<KN / 2>(sacc);
           arrive(emptyK(s0));
-          softmax(valid_at(t0), c0, c1);
+          softmax(valid_at(it, tl, t0), c0, c1);
           pack_p();
         }
+      }
+      // ---- epilogue: normalise and store this entry (called once per entry, on the hand-over path or not)
+      auto epilogue = [&]() {
+        // Stages this warp's 16 rows in its own rows of the item's Q buffer (this warpgroup's QK^T
+        // of the item are done; the other one reads other rows; a handed-over QK^T reads the other
+        // buffer), then 16-byte stores.
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+        const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+        if (it.piece >= 0) {
+          // A piece of a split item: its normalised output (fp32) and log2-sum-exp (-inf where it saw
+          // no key) to its slot, for fwd_combine_kernel; rows past the item's end are never read.
+          float* po = a.part + int64_t(it.piece) * (kM * (D + 1));
+          const int r0 = wrow + g, r1 = r0 + 8;
+#pragma unroll
+          for (int i = 0; i < D / 8; ++i) {
+            const int col = 8 * i + 2 * tq4;
+            *reinterpret_cast<float2*>(po + r0 * D + col) = make_float2(o[4 * i] * inv0, o[4 * i + 1] * inv0);
+            *reinterpret_cast<float2*>(po + r1 * D + col) = make_float2(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
+          }
+          if (tq4 == 0) {
+            po[kM * D + r0] = l0 > 0.f ? m0 + log2f(l0) : -INFINITY;
+            po[kM * D + r1] = l1 > 0.f ? m1 + log2f(l1) : -INFINITY;
+          }
+          __syncwarp();
+          if (lane == 0) mbar_arrive(barQfree(qb));
+        } else {
+#pragma unroll
+          for (int i = 0; i < D / 8; ++i) {
+            const int hh = i / 8, ch = i % 8;
+            const int r0 = wrow + g, r1 = wrow + g + 8;
+            const uint32_t a0 = q + hh * (kM * 128) + r0 * 128 + ((ch ^ (r0 & 7)) << 4) + tq4 * 4;
+            const uint32_t a1 = q + hh * (kM * 128) + r1 * 128 + ((ch ^ (r1 & 7)) << 4) + tq4 * 4;
+            asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a0),
+                         "r"(Elem<T>::pack(o[4 * i] * inv0, o[4 * i + 1] * inv0))
+                         : "memory");
+            asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a1),
+                         "r"(Elem<T>::pack(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1))
+                         : "memory");
+          }
+          __syncwarp();
+          const int64_t ob = it.bh / a.H;
+          T* out = static_cast<T*>(a.o) + ob * a.o_sb + (it.bh - ob * a.H) * a.o_sh;
+          constexpr int CH = D / 8;
+#pragma unroll
+          for (int k = 0; k < 16 * CH / 32; ++k) {
+            const int e = k * 32 + lane, rr = e / CH, cc = e % CH;
+            const int r = wrow + rr;
+            const uint32_t src = q + (cc / 8) * (kM * 128) + r * 128 + (((cc % 8) ^ (r & 7)) << 4);
+            uint4 v;
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                         : "r"(src)
+                         : "memory");
+            const int64_t gr = it.row0 + r;
+            if (gr < it.row_end) *reinterpret_cast<uint4*>(out + gr * a.o_st + cc * 8) = v;
+          }
+          __syncwarp();
+          if (lane == 0) mbar_arrive(barQfree(qb));  // the producer may load item n + 2's Q here
+          if (tq4 == 0) {
+            constexpr float kLn2 = 0.6931471805599453f;
+            const int64_t gr0 = it.row0 + wrow + g, gr1 = gr0 + 8;
+            if (gr0 < it.row_end) a.lse[it.bh * a.L + gr0] = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : INFINITY;
+            if (gr1 < it.row_end) a.lse[it.bh * a.L + gr1] = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : INFINITY;
+          }
+        }
+      };
+      primed = false;
+      bool hand = false;  // HO: the next entry's first QK^T goes with this entry's last PV
+      Item nx;
+      if (nt > 0) {
         // Tile t: QK_t and PV_{t-1} issued together, then the softmax of S_t (ptxas places the PV
         // wait before it, see the header); P_t is packed into pf once PV_{t-1} (which reads pf) is
         // done. early (default): O's rescale for S_{t-1} and the wait for V_{t-1} come between the
@@ -431,7 +516,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           wgmma_wait<1>();
           fence_regs<KN / 2>(sacc);
           arrive(emptyK(s));
-          softmax(valid_at(t0 + t), c0, c1);
+          softmax(valid_at(it, tl, t0 + t), c0, c1);
           wgmma_wait<0>();
           fence_regs<D / 2>(o);
           fence_regs_u<KN / 4>(&pf[0][0]);
@@ -447,78 +532,44 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_fence();
         issue_pv(ls);
         wgmma_commit();
+        if (HO && w + static_cast<int>(gridDim.x) < a.num_work) {
+          nx = item(w + gridDim.x);
+          hand = nx.row0 < nx.row_end && nx.t1 > nx.t0;
+        }
+        // The two paths each run the epilogue (ptxas serialises every wgmma of the kernel when the
+        // hand-over's issue and its wait sit under two separate tests of `hand`).
+        if (HO && hand) {
+          const int un = gt + nt, snx = un % kStages;
+          mbar_wait(barQ(qb ^ 1), ((n + 1) >> 1) & 1);
+          mbar_wait(fullK(snx), (un / kStages) & 1);
+          fence_regs<KN / 2>(sacc);
+          wgmma_fence();
+          issue_qk(sQb(qb ^ 1), snx);
+          wgmma_commit();
+          wgmma_wait<1>();  // the PV (groups complete in order); the QK^T runs on through the epilogue
+          fence_regs<D / 2>(o);
+          fence_regs_u<KN / 4>(&pf[0][0]);
+          arrive(emptyV(ls));
+          gt += nt;
+          epilogue();
+          ++n;
+          wgmma_wait<0>();
+          fence_regs<KN / 2>(sacc);
+          arrive(emptyK(snx));
+          reset();
+          softmax(valid_at(nx, tail_of(nx), nx.t0), c0, c1);
+          pack_p();
+          primed = true;
+          continue;
+        }
         wgmma_wait<0>();
         fence_regs<D / 2>(o);
         fence_regs_u<KN / 4>(&pf[0][0]);
         arrive(emptyV(ls));
         gt += nt;
       }
-
-      // ---- epilogue: normalise, stage this warp's 16 rows in its own rows of the
-      // item's Q buffer (this warpgroup's QK^T are all done; the other one reads other rows), 16-byte stores
-      l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-      l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-      l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-      l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-      const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-      if (it.piece >= 0) {
-        // A piece of a split item: its normalised output (fp32) and log2-sum-exp (-inf where it saw
-        // no key) to its slot, for fwd_combine_kernel; rows past the item's end are never read.
-        float* po = a.part + int64_t(it.piece) * (kM * (D + 1));
-        const int r0 = wrow + g, r1 = r0 + 8;
-#pragma unroll
-        for (int i = 0; i < D / 8; ++i) {
-          const int col = 8 * i + 2 * tq4;
-          *reinterpret_cast<float2*>(po + r0 * D + col) = make_float2(o[4 * i] * inv0, o[4 * i + 1] * inv0);
-          *reinterpret_cast<float2*>(po + r1 * D + col) = make_float2(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
-        }
-        if (tq4 == 0) {
-          po[kM * D + r0] = l0 > 0.f ? m0 + log2f(l0) : -INFINITY;
-          po[kM * D + r1] = l1 > 0.f ? m1 + log2f(l1) : -INFINITY;
-        }
-        __syncwarp();
-        if (lane == 0) mbar_arrive(barQfree(qb));
-        ++n;
-        continue;
-      }
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        const int hh = i / 8, ch = i % 8;
-        const int r0 = wrow + g, r1 = wrow + g + 8;
-        const uint32_t a0 = q + hh * (kM * 128) + r0 * 128 + ((ch ^ (r0 & 7)) << 4) + tq4 * 4;
-        const uint32_t a1 = q + hh * (kM * 128) + r1 * 128 + ((ch ^ (r1 & 7)) << 4) + tq4 * 4;
-        asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a0), "r"(Elem<T>::pack(o[4 * i] * inv0, o[4 * i + 1] * inv0))
-                     : "memory");
-        asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a1),
-                     "r"(Elem<T>::pack(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1))
-                     : "memory");
-      }
-      __syncwarp();
-      const int64_t ob = it.bh / a.H;
-      T* out = static_cast<T*>(a.o) + ob * a.o_sb + (it.bh - ob * a.H) * a.o_sh;
-      constexpr int CH = D / 8;
-#pragma unroll
-      for (int k = 0; k < 16 * CH / 32; ++k) {
-        const int e = k * 32 + lane, rr = e / CH, cc = e % CH;
-        const int r = wrow + rr;
-        const uint32_t src = q + (cc / 8) * (kM * 128) + r * 128 + (((cc % 8) ^ (r & 7)) << 4);
-        uint4 v;
-        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                     : "r"(src)
-                     : "memory");
-        const int64_t gr = it.row0 + r;
-        if (gr < it.row_end) *reinterpret_cast<uint4*>(out + gr * a.o_st + cc * 8) = v;
-      }
-      __syncwarp();
-      if (lane == 0) mbar_arrive(barQfree(qb));  // the producer may load item n + 2's Q here
+      epilogue();
       ++n;
-      if (tq4 == 0) {
-        constexpr float kLn2 = 0.6931471805599453f;
-        const int64_t gr0 = it.row0 + wrow + g, gr1 = gr0 + 8;
-        if (gr0 < it.row_end) a.lse[it.bh * a.L + gr0] = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : INFINITY;
-        if (gr1 < it.row_end) a.lse[it.bh * a.L + gr1] = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : INFINITY;
-      }
     }
   }
 }
@@ -600,7 +651,8 @@ bool launch(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
   a.early_rescale = !env_is("SALAD_SM90_RESCALE", "late");
   a.scale_log2 = static_cast<float>(p.softmax_scale() * 1.4426950408889634);
   constexpr int smem = Smem<D>::kAlloc;
-  auto kernel = attn_fwd_sm90_kernel<T, D>;
+  auto kernel = env_is("SALAD_SM90_HANDOVER", "1") ? attn_fwd_sm90_kernel<T, D, true>  // the item hand-over (HO)
+                                                    : attn_fwd_sm90_kernel<T, D, false>;
   SALAD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int64_t work = pl.n_q * a.sub_q * pl.BH;
   const bool persistent = !env_is("SALAD_SM90_PERSISTENT", "0");  // "0": one CTA per work item

@@ -851,68 +851,30 @@ __global__ void __launch_bounds__(kT, 2) state_mma_kernel(LinArgs g, const bf16*
 
 // Sum over chunks (fixed order) -> bf16 hi (and lo = bf16(s - hi) when split).
 // zpart / zout (optional): block 0 also sums the normaliser's n_z partials (reduce_chunks_kernel's
-// order, one launch fewer). Each thread sums 4 adjacent elements (float4 loads), the chunks' loads
-// issued 8 at a time and added in chunk order, so the sums are those of a one-by-one loop bit for
-// bit (the one-by-one loop kept ~4 loads in flight: 10 us at Wan1.3B-480p, 15 us with the
-// backward's 64 dz partials).
+// order, one launch fewer).
 template <int D>
 __global__ void reduce_sv_kernel(const float* __restrict__ part, bf16* __restrict__ out, int64_t n_chunk, bool split,
                                  const float* __restrict__ zpart = nullptr, float* __restrict__ zout = nullptr,
                                  int64_t n_z = 0) {
-  constexpr int kBatch = 8;
   const int64_t bh = blockIdx.y;
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
   if (zout && blockIdx.x == 0) {
     for (int ez = threadIdx.x; ez < D; ez += blockDim.x) {
-      const float* zp = zpart + bh * n_z * D + ez;
       float z = 0.f;
-      int64_t c = 0;
-      for (; c + kBatch <= n_z; c += kBatch) {
-        float x[kBatch];
-#pragma unroll
-        for (int j = 0; j < kBatch; ++j) x[j] = __ldg(zp + (c + j) * D);
-#pragma unroll
-        for (int j = 0; j < kBatch; ++j) z += x[j];
-      }
-      for (; c < n_z; ++c) z += __ldg(zp + c * D);
+      for (int64_t c = 0; c < n_z; ++c) z += zpart[(bh * n_z + c) * D + ez];
       zout[bh * D + ez] = z;
     }
   }
-  constexpr int kQuads = D * D / 4;
-  const int e4 = blockIdx.x * blockDim.x + threadIdx.x;
-  if (e4 >= kQuads) return;
-  const float4* pp = reinterpret_cast<const float4*>(part + bh * n_chunk * D * D) + e4;
-  float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-  auto add = [&](const float4& x) { s.x += x.x, s.y += x.y, s.z += x.z, s.w += x.w; };
-  int64_t c = 0;
-  for (; c + kBatch <= n_chunk; c += kBatch) {
-    float4 x[kBatch];
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) x[j] = __ldg(pp + (c + j) * kQuads);
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) add(x[j]);
-  }
-  for (; c < n_chunk; ++c) add(__ldg(pp + c * kQuads));
-  const __nv_bfloat162 h01 = __floats2bfloat162_rn(s.x, s.y), h23 = __floats2bfloat162_rn(s.z, s.w);
-  bf16* o = out + bh * (split ? 2 : 1) * D * D + int64_t(e4) * 4;
-  uint2 hv;
-  hv.x = *reinterpret_cast<const uint32_t*>(&h01);
-  hv.y = *reinterpret_cast<const uint32_t*>(&h23);
-  *reinterpret_cast<uint2*>(o) = hv;
+  if (e >= D * D) return;
+  float s = 0.f;
+  for (int64_t c = 0; c < n_chunk; ++c) s += part[(bh * n_chunk + c) * D * D + e];
+  bf16 hi = __float2bfloat16_rn(s);
   if (split) {
-    const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
-    const __nv_bfloat162 l01 = __floats2bfloat162_rn(s.x - f01.x, s.y - f01.y),
-                         l23 = __floats2bfloat162_rn(s.z - f23.x, s.w - f23.y);
-    uint2 lv;
-    lv.x = *reinterpret_cast<const uint32_t*>(&l01);
-    lv.y = *reinterpret_cast<const uint32_t*>(&l23);
-    *reinterpret_cast<uint2*>(o + D * D) = lv;
+    out[bh * 2 * D * D + e] = hi;
+    out[bh * 2 * D * D + D * D + e] = __float2bfloat16_rn(s - __bfloat162float(hi));
+  } else {
+    out[bh * D * D + e] = hi;
   }
-}
-
-// Launch shape of reduce_sv_kernel: 256 threads, one per 4 elements of a D x D state, per (b, h).
-template <int D>
-dim3 reduce_sv_grid(int64_t bh) {
-  return dim3((D * D / 4 + 255) / 256, static_cast<unsigned>(bh));
 }
 
 // Loads a D x D bf16 matrix (row-major) into a swizzled tile (cp.async, no wait).
@@ -2356,8 +2318,9 @@ void state_mma(const LinArgs& g, const Plan& pl, const bf16* x, const int64_t* x
   state_mma_kernel<D, TRANSFORM><<<dim3(static_cast<unsigned>(pl.n_chunk), static_cast<unsigned>(pl.BH)), kT, smem, s>>>(
       g, x, xs[0], xs[1], xs[2], y, ys[0], ys[1], ys[2], part, zpart);
   SALAD_LAUNCH_CHECK();
-  reduce_sv_kernel<D><<<reduce_sv_grid<D>(pl.BH), 256, 0, s>>>(part, out, pl.n_chunk, split, zred ? zred : zpart,
-                                                                 zout, n_z ? n_z : pl.n_chunk);
+  reduce_sv_kernel<D><<<dim3((D * D + 255) / 256, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(part, out, pl.n_chunk,
+                                                                                           split, zred ? zred : zpart,
+                                                                                           zout, n_z ? n_z : pl.n_chunk);
   SALAD_LAUNCH_CHECK();
 }
 
@@ -2373,7 +2336,7 @@ void fwd_state(const Params& p, const Plan& pl, const LinArgs& g, void* ws, cuda
           pl.ksum ? at<float>(ws, kmean_from_state(p, pl) ? pl.kmean : pl.ksum) : nullptr);  // forward Top-K only
       SALAD_LAUNCH_CHECK();
     });
-    reduce_sv_kernel<D><<<reduce_sv_grid<D>(pl.BH), 256, 0, s>>>(
+    reduce_sv_kernel<D><<<dim3((D * D + 255) / 256, static_cast<unsigned>(pl.BH)), 256, 0, s>>>(
         at<float>(ws, pl.sv_part), at<bf16>(ws, pl.sv), pl.n_chunk, true, at<float>(ws, pl.z_part), at<float>(ws, pl.z),
         pl.n_chunk);
     SALAD_LAUNCH_CHECK();
