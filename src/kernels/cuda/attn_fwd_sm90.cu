@@ -64,6 +64,7 @@ struct Sm90Args {
   int sub_q, halves_per_block, dense, v_swap;  // halves: 64-key rows of a key block
   int early_rescale;  // O's rescale between the QK^T and PV issues (SALAD_SM90_RESCALE=late: after the softmax)
   int num_work;  // entries: the items before `full`, then `split` pieces of each later item
+  FastDiv div_per_bh, div_sub_q, div_split, div_H;  // n_q * sub_q, sub_q, split, H
   int full, split;  // see tail_split(); split 1: no pieces
   float* part;      // split > 1: per piece 128 x D normalised outputs, then 128 log2-sum-exps
   float scale_log2;
@@ -142,27 +143,31 @@ __global__ void __launch_bounds__(kThreads, 1)
     int t0, t1;  // key tiles of this entry (a piece: part of them)
     int piece;   // -1: a whole item; else the piece's slot in a.part
   };
-  const int64_t per_bh = a.n_q * a.sub_q;
+  // Entry e -> its item (32-bit divisions by launch-time constants: every thread evaluates this once
+  // per entry, and the 64-bit divisions it used to do took ~3% of the kernel's instructions).
   auto item = [&](int e) {
     Item it;
-    int w = e, k = 0;
+    uint32_t w = static_cast<uint32_t>(e), k = 0;
     it.piece = -1;
     if (e >= a.full) {
-      w = a.full + (e - a.full) / a.split, k = (e - a.full) % a.split;
-      it.piece = e - a.full;
+      const uint32_t r = static_cast<uint32_t>(e - a.full), wq = a.div_split.div(r);
+      w = static_cast<uint32_t>(a.full) + wq, k = r - wq * a.div_split.d;
+      it.piece = static_cast<int>(r);
     }
-    it.bh = w / per_bh;
-    const int64_t x = w % per_bh, qi = x / a.sub_q, sub = x % a.sub_q;
-    it.row0 = qi * a.block_q + sub * kM;
-    it.row_end = imin64(imin64(it.row0 + kM, (qi + 1) * a.block_q), a.L);
-    const int64_t nblk = it.row0 >= it.row_end ? 0 : (a.dense ? a.n_k : a.cnt[it.bh * a.n_q + qi]);
-    it.list = a.dense ? nullptr : a.idx + (it.bh * a.n_q + qi) * a.max_k;
+    const uint32_t bh = a.div_per_bh.div(w), x = w - bh * a.div_per_bh.d;
+    const uint32_t qi = a.div_sub_q.div(x), sub = x - qi * a.div_sub_q.d;
+    it.bh = bh;
+    it.row0 = int64_t(qi) * a.block_q + int64_t(sub) * kM;
+    it.row_end = imin64(imin64(it.row0 + kM, (int64_t(qi) + 1) * a.block_q), a.L);
+    const int64_t row = it.bh * a.n_q + qi;
+    const int64_t nblk = it.row0 >= it.row_end ? 0 : (a.dense ? a.n_k : a.cnt[row]);
+    it.list = a.dense ? nullptr : a.idx + row * a.max_k;
     it.nhalf = static_cast<int>(nblk) * a.halves_per_block;
     it.ntiles = (it.nhalf + HT - 1) / HT;
     it.t0 = 0, it.t1 = it.ntiles;
     if (it.piece >= 0) {
-      it.t0 = static_cast<int>(int64_t(it.ntiles) * k / a.split);
-      it.t1 = static_cast<int>(int64_t(it.ntiles) * (k + 1) / a.split);
+      it.t0 = static_cast<int>(a.div_split.div(static_cast<uint32_t>(it.ntiles) * k));
+      it.t1 = static_cast<int>(a.div_split.div(static_cast<uint32_t>(it.ntiles) * (k + 1)));
     }
     return it;
   };
@@ -194,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const Item it = item(w);
         if (it.row0 >= it.row_end) continue;
         const int bh = static_cast<int>(it.bh);
-        const int b = static_cast<int>(it.bh / a.H), h = static_cast<int>(it.bh % a.H);
+        const int b = static_cast<int>(a.div_H.div(static_cast<uint32_t>(it.bh))), h = bh - b * static_cast<int>(a.H);
         const int qb = n & 1;
         mbar_wait(barQfree(qb), ((n >> 1) & 1) ^ 1);
         mbar_expect_tx(barQ(qb), S::kQ);
@@ -390,11 +395,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     // runs during this item's epilogue; its softmax follows the epilogue, so the next item starts
     // `primed` (its first tile done, P packed) instead of with a lone QK^T and softmax.
     bool primed = false;
+    Item nx;                   // HO: the next entry and its tail (computed at the hand-over, reused)
+    Tail ntl;
     float c0 = 1.f, c1 = 1.f;  // O's rescale for the last softmax's new row max
     for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
-      const Item it = item(w);
+      const Item it = primed ? nx : item(w);
       if (it.row0 >= it.row_end) continue;
-      const Tail tl = tail_of(it);
+      const Tail tl = primed ? ntl : tail_of(it);
       const int qb = n & 1;
       const uint32_t q = sQb(qb);
       const int t0 = it.t0, nt = it.t1 - it.t0;  // this entry's tiles (all of the item's, or a piece's)
@@ -457,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                          : "memory");
           }
           __syncwarp();
-          const int64_t ob = it.bh / a.H;
+          const int64_t ob = a.div_H.div(static_cast<uint32_t>(it.bh));
           T* out = static_cast<T*>(a.o) + ob * a.o_sb + (it.bh - ob * a.H) * a.o_sh;
           constexpr int CH = D / 8;
 #pragma unroll
@@ -485,7 +492,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       };
       primed = false;
       bool hand = false;  // HO: the next entry's first QK^T goes with this entry's last PV
-      Item nx;
       if (nt > 0) {
         // Tile t: QK_t and PV_{t-1} issued together, then the softmax of S_t (ptxas places the PV
         // wait before it, see the header); P_t is packed into pf once PV_{t-1} (which reads pf) is
@@ -557,7 +563,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_regs<KN / 2>(sacc);
           arrive(emptyK(snx));
           reset();
-          softmax(valid_at(nx, tail_of(nx), nx.t0), c0, c1);
+          ntl = tail_of(nx);
+          softmax(valid_at(nx, ntl, nx.t0), c0, c1);
           pack_p();
           primed = true;
           continue;
@@ -670,6 +677,10 @@ bool launch(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
   a.split = static_cast<int>(ts.split);
   a.num_work = static_cast<int>(entries);
   a.part = ts.split > 1 ? at<float>(ws, pl.fwd_split) : nullptr;
+  a.div_per_bh = FastDiv(static_cast<uint32_t>(pl.n_q * a.sub_q));
+  a.div_sub_q = FastDiv(static_cast<uint32_t>(a.sub_q));
+  a.div_split = FastDiv(static_cast<uint32_t>(a.split));
+  a.div_H = FastDiv(static_cast<uint32_t>(p.H));
   const unsigned grid = static_cast<unsigned>(persistent ? imin64(entries, cap) : work);
   kernel<<<grid, kThreads, smem, s>>>(mq, mk, mv, a);
   SALAD_LAUNCH_CHECK();
