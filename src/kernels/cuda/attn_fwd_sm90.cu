@@ -33,7 +33,7 @@
 // (testing); SALAD_SM90_VSWAP=1 swaps the V descriptor's LBO/SBO (debugging); SALAD_SM90_SPLIT=0
 // keeps the last, partial round of items whole (see tail_split); SALAD_SM90_HANDOVER=1 issues each
 // item's first QK^T with the previous item's last PV, so it runs during that item's epilogue (HO;
-// not the default: 3.5-5% slower on four of five H200s, 2.5% faster on the fifth; docs/PERF.md,
+// not the default: 3.5-5% slower on four H200s, 2.5% faster on a fifth; docs/PERF.md,
 // session 16).
 #include <climits>
 #include <cuda.h>
