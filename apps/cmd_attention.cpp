@@ -180,7 +180,12 @@ int bench_attn(const AttnArgs& a, const std::string& shape, int64_t batch, int64
               (long long)grid.h, (long long)grid.w, (long long)dim, opt.keep, (long long)opt.block_q,
               (long long)opt.block_k, at::get_num_threads(), iters);
 #ifdef SALAD_WITH_CUDA
-  if (dev.is_cuda()) std::printf("card: %s\n", at::cuda::getCurrentDeviceProperties()->name);
+  if (dev.is_cuda()) {  // the UUID's first bytes tell cards of one model apart (their speeds differ: docs/PERF.md)
+    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+    std::printf("card: %s (uuid %02x%02x%02x%02x, %d SMs)\n", prop->name, prop->uuid.bytes[0] & 0xff,
+                prop->uuid.bytes[1] & 0xff, prop->uuid.bytes[2] & 0xff, prop->uuid.bytes[3] & 0xff,
+                prop->multiProcessorCount);
+  }
 #endif
 
   if (backward)

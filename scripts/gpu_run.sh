@@ -18,7 +18,7 @@ cmake -S . -B build-gpu -G Ninja -DSALAD_CUDA=ON -DSALAD_PYTHON=python3 -DSALAD_
   || { tail -40 "$OUT/configure.log"; exit 1; }
 ninja -C build-gpu -j 16 ${TARGETS:-} >"$OUT/build.log" 2>&1 || { grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+nvidia-smi --query-gpu=name,driver_version,memory.total,serial,uuid --format=csv,noheader
 if has test; then
   (cd build-gpu && SALAD_SEGV_TRACE=1 ctest --output-on-failure --timeout ${CTEST_TIMEOUT:-300}) >"$OUT/test.log" 2>&1
   grep -E "tests passed|tests failed|Failure|FAILED|PASSED|SKIPPED|Expected|actual|Which is|fatal signal" "$OUT/test.log" | head -40
