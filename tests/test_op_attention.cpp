@@ -262,3 +262,34 @@ TEST(Backward, FastMatchesFloat32Reference) {
     for (int i = 0; i < 3; ++i) EXPECT_LT(rel(grads[1][i], grads[0][i]), 1e-5) << "input " << "qkv"[i];
   }
 }
+
+// An output the loss does not use reaches the backward as an undefined gradient (the autograd
+// function does not materialise zeros): the gradients equal those with that output's gradient an
+// explicit zero, for o_l unused and for o_s unused.
+TEST(Backward, UnusedOutputEqualsZeroGradient) {
+  torch::manual_seed(9);
+  const Grid g{3, 5, 7};
+  Options o;
+  o.mode = Mode::Salad, o.block_q = 16, o.block_k = 8, o.keep = 0.2;
+  const at::Tensor q0 = at::randn({1, 2, 105, 64}), k0 = at::randn_like(q0), v0 = at::randn_like(q0);
+  const at::Tensor w = at::randn_like(q0);
+  for (int unused = 0; unused < 2; ++unused) {  // 0: o_l unused, 1: o_s unused
+    SCOPED_TRACE(unused ? "o_s unused" : "o_l unused");
+    std::vector<at::Tensor> grads[2];
+    for (int explicit_zero = 0; explicit_zero < 2; ++explicit_zero) {
+      at::Tensor q = q0.clone().requires_grad_(), k = k0.clone().requires_grad_(), v = v0.clone().requires_grad_();
+      AttentionOutput out = attention(q, k, v, g, o);
+      const at::Tensor& used = unused ? out.o_l : out.o_s;
+      const at::Tensor& other = unused ? out.o_s : out.o_l;
+      at::Tensor l = (used * w).sum();
+      if (explicit_zero) l = l + (other * 0).sum();
+      l.backward();
+      grads[explicit_zero] = {q.grad(), k.grad(), v.grad()};
+    }
+    for (int i = 0; i < 3; ++i) {
+      ASSERT_TRUE(grads[0][i].defined());
+      EXPECT_GT(grads[0][i].abs().max().item<double>(), 0.0) << "input " << "qkv"[i];
+      EXPECT_LT(rel(grads[0][i], grads[1][i]), 1e-6) << "input " << "qkv"[i];
+    }
+  }
+}

@@ -508,6 +508,9 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     ctx->save_for_backward({q, k, v, o_s, o_l, lse, idx, cnt});
     save_args(ctx, a);
     ctx->mark_non_differentiable({lse, idx, cnt});
+    // Undefined incoming gradients stay undefined (backward treats them as zero): otherwise autograd
+    // fills zeros for lse, idx and cnt (three launches per CUDA backward) and for an unused o_l.
+    ctx->set_materialize_grads(false);
     return {o_s, o_l, lse, idx, cnt};
   }
 
