@@ -523,6 +523,44 @@ TEST(SM90_Attention, SplitTailMatchesWholeItems) {
   }
 }
 
+// FA4's conditional rescale (SALAD_SM90_LAZY=1: the running row max moves only when a tile's exceeds
+// it by more than 2^8, O rescaled only when some row of the warp moved): the same math with another
+// reference point, so o_s within a bf16 step per row and lse within fp32 rounding of the default,
+// with peaked scores (q scaled by 4) so that row maxima keep moving, plain ones, and split pieces.
+TEST(SM90_Attention, LazyRescaleMatchesDefault) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
+  const ScopedEnv poison(EnvVars{{"SALAD_POISON", "1"}});
+  torch::manual_seed(8);
+  torch::NoGradGuard ng;
+  const Grid g{3, 30, 46};
+  for (int64_t D : {64, 128}) {
+    for (double qs : {1.0, 4.0}) {
+      for (const char* cap : {"50", "132"}) {
+        SCOPED_TRACE("D " + std::to_string(D) + " q scale " + std::to_string(qs) + " grid " + cap);
+        auto bf = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+        const at::Tensor q = (at::randn({1, 2, g.size(), D}, bf) * qs).to(at::kBFloat16), k = at::randn_like(q),
+                         v = at::randn_like(q);
+        Options o;
+        o.mode = Mode::Sparse, o.keep = 0.25;
+        std::optional<AttentionOutput> base, lazy;
+        {
+          const ScopedEnv e(EnvVars{{"SALAD_SM90_GRID", cap}});
+          base = attention(q, k, v, g, o);
+        }
+        {
+          const ScopedEnv e({{"SALAD_SM90_GRID", cap}, {"SALAD_SM90_LAZY", "1"}});
+          lazy = attention(q, k, v, g, o);
+        }
+        const at::Tensor a = base->o_s.to(at::kFloat), b = lazy->o_s.to(at::kFloat);
+        EXPECT_FALSE(at::isnan(b).any().item<bool>());
+        EXPECT_LE((lazy->lse - base->lse).abs().max().item<double>(), 1e-4);
+        const at::Tensor rel = (b - a).abs().amax(-1) / a.abs().amax(-1).clamp_min(1e-6);
+        EXPECT_LE(rel.max().item<double>(), 1.0 / 64);
+      }
+    }
+  }
+}
+
 // The sparse forward's item hand-over (SALAD_SM90_HANDOVER=1: the next item's first QK^T issued with
 // this item's last PV) runs the same arithmetic in another order of issue: the same o_s and lse bit
 // for bit, with whole items and with split pieces (grid caps 50 and 200 as above), D 64 and 128, a

@@ -64,6 +64,7 @@ struct Sm90Args {
   int64_t o_sb, o_sh, o_st;  // output strides (batch, head, token), Params::out_strides
   int sub_q, halves_per_block, dense, v_swap;  // halves: 64-key rows of a key block
   int early_rescale;  // O's rescale between the QK^T and PV issues (SALAD_SM90_RESCALE=late: after the softmax)
+  int lazy;           // SALAD_SM90_LAZY=1: the running max moves only by more than 2^8 (see softmax)
   int num_work;  // entries: the items before `full`, then `split` pieces of each later item
   FastDiv div_per_bh, div_sub_q, div_split, div_H;  // n_q * sub_q, sub_q, split, H
   int full, split;  // see tail_split(); split 1: no pieces
@@ -255,6 +256,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint32_t vsbo = a.v_swap ? static_cast<uint32_t>(S::kSub) : 1024u;
 
     const bool tree_max = a.early_rescale != 0;  // goes with the early rescale (one switch, one A/B)
+    const bool lazy = a.lazy != 0;
+    bool resc = true;  // the last softmax moved some row max of this warp (always, unless LAZY)
     float o[D / 2];
     float sacc[KN / 2];  // S, then (in place) the unnormalised probabilities, fp32
     float m0, m1, l0, l1;
@@ -314,7 +317,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-      const float mn0 = fmaxf(m0, mx0 * sl2), mn1 = fmaxf(m1, mx1 * sl2);
+      float mn0 = fmaxf(m0, mx0 * sl2), mn1 = fmaxf(m1, mx1 * sl2);
+      if (lazy) {
+        // LAZY (FA4's conditional rescale): the running max moves only when the tile's exceeds it by
+        // more than 2^8 (so P <= 256), and O is rescaled only when some row of the warp moved; the
+        // final O / l and m + log2(l) are the same math with another reference point.
+        if (!(mx0 * sl2 > m0 + 8.f)) mn0 = m0;
+        if (!(mx1 * sl2 > m1 + 8.f)) mn1 = m1;
+        resc = __any_sync(0xffffffffu, mn0 != m0 || mn1 != m1);
+      }
       const float ms0 = mn0 == -INFINITY ? 0.f : mn0, ms1 = mn1 == -INFINITY ? 0.f : mn1;
       c0 = ex2(m0 - ms0);
       c1 = ex2(m1 - ms1);
@@ -513,7 +524,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           wgmma_commit();
           if (early) {
             // While QK_t runs: O rescaled for S_{t-1}'s new row max, then V_{t-1}'s wait.
-            rescale(c0, c1);
+            if (resc) rescale(c0, c1);
             mbar_wait(fullV(ps), ((u - 1) / kStages) & 1);
             fence_regs<D / 2>(o);
             wgmma_fence();
@@ -529,10 +540,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_regs_u<KN / 4>(&pf[0][0]);
           arrive(emptyV(ps));
           pack_p();
-          if (!early) rescale(c0, c1);
+          if (!early && resc) rescale(c0, c1);
         }
         const int lu = gt + nt - 1, ls = lu % kStages;
-        if (early) rescale(c0, c1);
+        if (early && resc) rescale(c0, c1);
         mbar_wait(fullV(ls), (lu / kStages) & 1);
         fence_regs<D / 2>(o);
         fence_regs_u<KN / 4>(&pf[0][0]);
@@ -657,6 +668,7 @@ bool launch(const Params& p, const Plan& pl, void* ws, cudaStream_t s) {
   a.dense = pl.dense ? 1 : 0;
   a.v_swap = env_is("SALAD_SM90_VSWAP", "1");
   a.early_rescale = !env_is("SALAD_SM90_RESCALE", "late");
+  a.lazy = env_is("SALAD_SM90_LAZY", "1");
   a.scale_log2 = static_cast<float>(p.softmax_scale() * 1.4426950408889634);
   constexpr int smem = Smem<D>::kAlloc;
   auto kernel = env_is("SALAD_SM90_HANDOVER", "1") ? attn_fwd_sm90_kernel<T, D, true>  // the item hand-over (HO)
