@@ -198,9 +198,13 @@ Outputs allocate(const Params& p, const at::TensorOptions& like, bool token_majo
   o.idx = at::empty(table ? std::vector<int64_t>{p.B, p.H, bs.n_q, bs.max_k} : std::vector<int64_t>{0},
                     like.dtype(at::kInt));
   o.cnt = at::empty(table ? std::vector<int64_t>{p.B, p.H, bs.n_q} : std::vector<int64_t>{0}, like.dtype(at::kInt));
-  if (table) o.idx.fill_(-1);
   // Tests set SALAD_POISON=1 so that an element a kernel forgets to write fails the comparison.
   const bool poison = std::getenv("SALAD_POISON") != nullptr;
+  // The CUDA selection kernels write every entry of a row, -1 past its count (select.cu,
+  // select_row_*; the window pattern copies whole host tables), so the table needs no fill there
+  // (one launch less per forward); the CPU paths get it.
+  const bool cuda = like.device().is_cuda();
+  if (table && (!cuda || poison)) o.idx.fill_(cuda ? -7 : -1);
   if (poison) {
     o.o_s.fill_(NAN), o.lse.fill_(NAN);
     if (o.o_l.numel()) o.o_l.fill_(NAN);
