@@ -193,11 +193,12 @@ TEST(SM90_Attention, HopperBackwardMatchesMmaBackward) {
     auto opt = at::TensorOptions().dtype(c.dt).device(at::kCUDA);
     const at::Tensor q = at::randn({2, 3, g.size(), c.D}, opt), k = at::randn_like(q), v = at::randn_like(q);
     const at::Tensor gs = at::randn(q.sizes(), opt.dtype(at::kFloat)), gl = at::randn_like(gs);
-    auto grads = [&](const char* kernel, const char* split, const char* tile) {
+    auto grads = [&](const char* kernel, const char* split, const char* tile, const char* ds = "1") {
       if (kernel) setenv("SALAD_BWD_KERNEL", kernel, 1);
       else unsetenv("SALAD_BWD_KERNEL");
       setenv("SALAD_BWD_DKV_SPLIT", split, 1);
       setenv("SALAD_BWD_DQ_TILE", tile, 1);
+      const ScopedEnv env(EnvVars{{"SALAD_BWD_DS", ds}});
       at::Tensor qq = q.clone().requires_grad_(), kk = k.clone().requires_grad_(), vv = v.clone().requires_grad_();
       const AttentionOutput out = attention(qq, kk, vv, g, o);
       at::Tensor loss = (out.o_s.to(at::kFloat) * gs).sum();
@@ -210,12 +211,14 @@ TEST(SM90_Attention, HopperBackwardMatchesMmaBackward) {
       return std::array<at::Tensor, 3>{qq.grad(), kk.grad(), vv.grad()};
     };
     const std::array<at::Tensor, 3> mma = grads("mma", "0", "64");
-    // Both dK/dV layouts with 64-key dQ tiles, and the 128-key dQ tiles (two gathered halves).
-    const std::array<std::pair<const char*, const char*>, 3> variants{{{"0", "64"}, {"1", "64"}, {"1", "128"}}};
-    for (const auto& [split, tile] : variants) {
-      const std::array<at::Tensor, 3> sm90 = grads(nullptr, split, tile);
+    // Both dK/dV layouts with 64-key dQ tiles, the 128-key dQ tiles (two gathered halves), and the
+    // split layout's stored dS (the default where the split layout is; not in mode dense).
+    const std::array<std::tuple<const char*, const char*, const char*>, 4> variants{
+        {{"0", "64", "1"}, {"1", "64", "0"}, {"1", "64", "1"}, {"1", "128", "1"}}};
+    for (const auto& [split, tile, ds] : variants) {
+      const std::array<at::Tensor, 3> sm90 = grads(nullptr, split, tile, ds);
       for (int i = 0; i < 3; ++i) {
-        SCOPED_TRACE(std::string("split ") + split + " dq tile " + tile + " grad " + "qkv"[i]);
+        SCOPED_TRACE(std::string("split ") + split + " dq tile " + tile + " stored dS " + ds + " grad " + "qkv"[i]);
         const at::Tensor a = sm90[i].to(at::kDouble), b = mma[i].to(at::kDouble);
         EXPECT_TRUE(at::isfinite(a).all().item<bool>());
         const at::Tensor d = (a - b).norm(2, {-1}), n = b.norm(2, {-1});
@@ -562,6 +565,60 @@ TEST(SM90_Attention, LazyRescaleMatchesDefault) {
     }
   }
   EXPECT_TRUE(differ) << "SALAD_SM90_LAZY=0 gave the default's o_s bit for bit everywhere";
+}
+
+// The backward's stored dS (attn_bwd_sm90.cu, attn_dq_ds_sm90_kernel; the default for the split dK/dV
+// layout): the dK/dV kernel also stores each kept pair's dS^T and dQ is one GEMM per pair. Its dS^T
+// sums the same products in the same order as the dQ kernel's dS (and dQ runs over the same tiles
+// in the same order), so against the two-kernel backward (SALAD_BWD_DS=0) all three gradients are
+// equal bit for bit, also in groups of one head (SALAD_BWD_DS_MB=8); the backward's peak memory
+// grows by the scratch, 16 KB per kept (128-query, 64-key) pair (the path ran). Modes sparse and
+// salad, D 64 and 128, L 4140 (a 44-row last query block, a 44-key last key block), poisoned workspace.
+TEST(SM90_Attention, StoredDsBackwardEqualsTwoKernelBackward) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
+  const ScopedEnv poison(EnvVars{{"SALAD_POISON", "1"}});
+  torch::manual_seed(17);
+  const Grid g{3, 30, 46};
+  for (const auto& [D, m] : {std::pair<int64_t, Mode>{128, Mode::Sparse}, std::pair<int64_t, Mode>{64, Mode::Salad},
+                             std::pair<int64_t, Mode>{128, Mode::Salad}}) {
+    SCOPED_TRACE("D " + std::to_string(D) + " " + to_string(m));
+    Options o;
+    o.mode = m, o.keep = 0.2;
+    auto bf = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+    const at::Tensor q = at::randn({2, 3, g.size(), D}, bf), k = at::randn_like(q), v = at::randn_like(q);
+    const at::Tensor gs = at::randn(q.sizes(), bf.dtype(at::kFloat)), gl = at::randn_like(gs);
+    int64_t max_k = 0;
+    auto grads = [&](const EnvVars& env, int64_t* peak) {
+      const ScopedEnv e(env);
+      at::Tensor qq = q.clone().requires_grad_(), kk = k.clone().requires_grad_(), vv = v.clone().requires_grad_();
+      const AttentionOutput out = attention(qq, kk, vv, g, o);
+      max_k = out.block_idx.size(-1);
+      at::Tensor loss = (out.o_s.to(at::kFloat) * gs).sum();
+      if (m == Mode::Salad) loss = loss + (out.o_l.to(at::kFloat) * gl).sum();
+      torch::cuda::synchronize();
+      c10::cuda::CUDACachingAllocator::resetPeakStats(0);
+      const int64_t before = c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].current;
+      loss.backward();
+      torch::cuda::synchronize();
+      *peak = c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].peak - before;
+      return std::array<at::Tensor, 3>{qq.grad(), kk.grad(), vv.grad()};
+    };
+    int64_t peak_two = 0, peak_ds = 0, peak_grouped = 0;
+    const auto two = grads({{"SALAD_BWD_DS", "0"}}, &peak_two);
+    const auto ds = grads({{"SALAD_BWD_DS", "1"}}, &peak_ds);
+    // 8 MB: one head's scratch (33 query blocks x 13 kept x 16 KB = 6.9 MB) per group.
+    const auto grouped = grads({{"SALAD_BWD_DS", "1"}, {"SALAD_BWD_DS_MB", "8"}}, &peak_grouped);
+    for (int i = 0; i < 3; ++i) {
+      SCOPED_TRACE(std::string("grad ") + "qkv"[i]);
+      EXPECT_TRUE(at::isfinite(ds[i]).all().item<bool>());
+      EXPECT_TRUE(at::equal(ds[i], two[i]));
+      EXPECT_TRUE(at::equal(grouped[i], ds[i])) << "in head groups";
+    }
+    const int64_t n_q = (g.size() + 127) / 128, scratch = 2 * 3 * n_q * max_k * 16384;
+    EXPECT_GE(peak_ds - peak_two, scratch) << "the stored-dS scratch was not allocated";
+    EXPECT_GE(peak_grouped - peak_two, scratch / 6) << "one head's scratch";
+    EXPECT_LT(peak_grouped - peak_two, scratch / 3) << "one head's scratch";
+  }
 }
 
 // The sparse forward's item hand-over (SALAD_SM90_HANDOVER=1: the next item's first QK^T issued with

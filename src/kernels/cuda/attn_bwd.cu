@@ -443,6 +443,7 @@ void launch(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cud
   }
   SALAD_LAUNCH_CHECK();
 
+  if (try_launch_attn_bwd_ds_sm90(p, pl, r, ws, s)) return;
   if (!try_launch_attn_dq_sm90(p, pl, r, ws, s)) {
     size_t smem_dq = sizeof(T) * 6 * kTile * D + sizeof(float) * 2 * kTile;
     SALAD_CUDA_CHECK(cudaFuncSetAttribute(attn_dq_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,

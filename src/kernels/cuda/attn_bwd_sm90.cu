@@ -53,6 +53,13 @@
 //   to warpgroup 0 and warpgroup 0 its partial dV to warpgroup 1 through shared
 //   memory (fixed order), and each writes one. Measured at Wan1.3B-480p (H100, ncu, before the
 //   epilogue fix): 3.81 ms against the span layout's 3.93 ms.
+// stored dS (the default where the split layout is, not in mode dense; attn_dq_ds_sm90_kernel): the
+//   split dkv kernel also writes every kept pair's dS^T (bf16, through shared memory by stmatrix and a
+//   TMA store), and a third kernel forms dQ from it with one GEMM per pair instead of the dq kernel's
+//   three. dq is the dq kernel's bit for bit (same products, same order). The scratch is 16 KB per kept
+//   (128-query, 64-key) pair, keep * L^2 * 2 bytes per head: capped by SALAD_BWD_DS_MB (default 4096),
+//   heads run in groups under it, and a call whose one head passes it keeps the two kernels.
+//   Measured at Wan1.3B-480p (H200, session 17): dq 1,589 -> 872 us, dkv 2,353 -> 2,728 us.
 // Same semantics as attn_bwd.cu's mma.sync kernels (delta from its
 // delta_kernel, which still runs first).
 //
@@ -66,10 +73,11 @@
 // per work item, SALAD_BWD_DKV_PERSISTENT=1 makes dkv persistent;
 // SALAD_BWD_SM90_GRID=N caps a persistent grid (testing);
 // SALAD_BWD_DKV_OVERLAP=0|1|2 picks the dkv tile schedule (default 1, see above;
-// 0 = no intra-warpgroup overlap, the simplest).
+// 0 = no intra-warpgroup overlap, the simplest); SALAD_BWD_DS=0 turns the stored dS off.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -115,6 +123,15 @@ struct BwdSm90Args {
   // The producer asks L2 for the item's extra rows once it has issued the item's last loads, so
   // the epilogue reads them from L2 (SALAD_BWD_PREFETCH=0: off).
   int prefetch_extra;
+  // Stored dS (see attn_dq_ds_sm90_kernel): heads [bh0, bh0 + group) of this launch; scratch `ds` of
+  // 16 KB slots (64 keys x 128 queries, two 64-query halves of [64 keys][64 queries]), slot
+  // ((bh - bh0) * ds_pairs + inverse-list position) * ds_per_pair + key tile * sub_q + query part;
+  // ds_pos (bh, i, c): the inverse-list position of query block i in the list of its c-th kept block.
+  int bh0;
+  void* ds;
+  const int32_t* ds_pos;
+  int64_t ds_pairs;  // n_q * max_k
+  int ds_per_pair;   // 64-key tiles per key block x 128-row parts per query block
 };
 
 // %laneid read afresh (volatile): keeps `lane` from being held, or spilled, across the tile loops.
@@ -564,7 +581,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 // [kStages][64] f32, mbarriers.
 // SPLIT (split-query layout): K and V of one 64-key tile [D/64][64 rows][128 B], Q and dO
 // stages of 128 query rows (one 64-row half per consumer warpgroup), 2 stages (3 do not fit).
-template <int D, bool SPLIT>
+// DS (stored dS): two 8 KB staging buffers per consumer warpgroup for the dS^T TMA stores.
+template <int D, bool SPLIT, bool DS = false>
 struct KvSmem {
   static constexpr int kKeys = SPLIT ? 64 : kRows;  // key rows held
   static constexpr int kQr = SPLIT ? 2 * kTn : kTn;  // query rows per stage
@@ -579,7 +597,8 @@ struct KvSmem {
   static constexpr int kLse = kO + kStg * kTile;
   static constexpr int kDl = kLse + kStg * kQr * 4;
   static constexpr int kBar = kDl + kStg * kQr * 4;
-  static constexpr int kBytes = kBar + 8 * (2 * kStg + 2);
+  static constexpr int kDsb = (kBar + 8 * (2 * kStg + 2) + 1023) / 1024 * 1024;
+  static constexpr int kBytes = DS ? kDsb + 4 * 8192 : kBar + 8 * (2 * kStg + 2);
   static constexpr int kAlloc = kBytes + 1024;
   static_assert(!SPLIT || 2 * kKV >= kKeys * D * 4, "the dK/dV reduction reuses the K/V region");
 };
@@ -601,20 +620,22 @@ struct QMerge {
   }
 };
 
-template <class T, int D, int OV, bool SPLIT>
+template <class T, int D, int OV, bool SPLIT, bool DS>
 __global__ void __launch_bounds__(kThreads, 1)
     attn_dkv_sm90_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tdo,
                          const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
                          const __grid_constant__ CUtensorMap tlse, const __grid_constant__ CUtensorMap tdl,
-                         const BwdSm90Args a) {
+                         const __grid_constant__ CUtensorMap tds, const BwdSm90Args a) {
   static_assert(D == 64 || D == 128, "head width 64 or 128");
-  using S = KvSmem<D, SPLIT>;
+  static_assert(!DS || SPLIT, "stored dS: split-query layout only");
+  using S = KvSmem<D, SPLIT, DS>;
   constexpr int NH = D / 64;
   constexpr int kStg = S::kStg;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
   const uint32_t sK = base, sV = base + S::kV, sQ = base + S::kQ, sO = base + S::kO;
   const uint32_t sLse = base + S::kLse, sDl = base + S::kDl, sBar = base + S::kBar;
+  [[maybe_unused]] const uint32_t sDsb = base + S::kDsb;
   auto full = [&](int s) { return sBar + 8u * s; };
   auto empty = [&](int s) { return sBar + 8u * (kStg + s); };
   const uint32_t barKV = sBar + 8u * (2 * kStg);          // K and V of the span landed
@@ -631,8 +652,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int block_q = static_cast<int>(a.block_q), block_k = static_cast<int>(a.block_k);
   auto item = [&](int w) {
     Item it;
-    it.bh = w / a.n_span;
-    it.key0 = (w - it.bh * a.n_span) * S::kKeys;
+    const int wb = w / a.n_span;
+    it.bh = a.bh0 + wb;
+    it.key0 = (w - wb * a.n_span) * S::kKeys;
     it.nact = !SPLIT && it.key0 + 64 < L ? 2 : 1;  // SPLIT: one key tile, both warpgroups on it
     if (a.dense) {
       it.m = QMerge{nullptr, 0, n_q, 0, it.nact > 1 ? n_q : 0};
@@ -744,6 +766,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     float dk[D / 2], dv[D / 2];
     float sacc[kTn / 2], dpacc[kTn / 2];
     uint32_t pf[kTn / 16][4], dsf[kTn / 16][4];
+    // DS: the tile's dS^T slot, and whether this thread's key rows are < L (rows past L hold
+    // P^T (0 - delta), not 0: stored as 0, the dQ kernel's K rows there are 0 too); ds_n counts the
+    // warpgroup's stores (staging buffer ds_n % 2; the leader thread issues them).
+    int ds_slot = 0, ds_n = 0;
+    bool krow0 = true, krow1 = true;
+    const bool ds_leader = cw % 4 == 0 && lane == 0;
 
     // One tile (stage s, `valid` query columns) for this warpgroup's 64 keys. OV (overlap):
     //   0: S^T and dP^T in one group, then P^T / dS^T, then dV and dK in one group;
@@ -827,6 +855,29 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kk = 0; kk < kTn / 16; ++kk)
         wgmma_rs<T, D, 1>(dk, dsf[kk], desc_sw128(sQ + s * S::kTile + qoff + kk * 16 * 128, S::kSub, 1024), 1);
       wgmma_commit();
+      if constexpr (DS) {
+        // dS^T to the scratch while dV and dK run: stmatrix into this warpgroup's staging buffer
+        // ([64 keys][64 queries], 128-byte swizzle; the A fragments of chunk kk are the four 8 x 8
+        // matrices (keys 0-7 / 8-15 of the warp) x (queries 16 kk + 0-7 / 8-15)), then one TMA store.
+        // The buffer written here was last read by the store of two tiles ago, which the leader
+        // waited for before the previous tile's barrier.
+        const uint32_t buf = sDsb + static_cast<uint32_t>(wg * 2 + (ds_n & 1)) * 8192u;
+        const int l = static_cast<int>(lane_now()), mi = l >> 3, row = wrow + (mi & 1) * 8 + (l & 7);
+#pragma unroll
+        for (int kk = 0; kk < kTn / 16; ++kk) {
+          const uint32_t addr = buf + row * 128 + (((2 * kk + (mi >> 1)) ^ (l & 7)) << 4);
+          stmatrix_x4(addr, krow0 ? dsf[kk][0] : 0u, krow1 ? dsf[kk][1] : 0u, krow0 ? dsf[kk][2] : 0u,
+                      krow1 ? dsf[kk][3] : 0u);
+        }
+        fence_async_shared();
+        if (ds_leader) bulk_wait_read<0>();
+        asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
+        if (ds_leader) {
+          tma_store_3d(&tds, buf, 0, 0, 2 * ds_slot + wg);
+          bulk_commit();
+        }
+        ++ds_n;
+      }
       wgmma_wait<0>();
       fence_regs<D / 2>(dv);
       fence_regs<D / 2>(dk);
@@ -840,6 +891,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool active = SPLIT || wg < it.nact;  // SPLIT: both warpgroups write (dk, dv)
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+      int kt_ds = 0;
+      if constexpr (DS) {
+        krow0 = it.key0 + wrow + g < L;
+        krow1 = it.key0 + wrow + g + 8 < L;
+        kt_ds = (it.key0 % block_k) / 64;
+      }
       mbar_wait(barKV, n & 1);
       int flags, i;
       while ((i = it.m.next(flags)) >= 0) {
@@ -848,6 +905,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         const bool mine = SPLIT || ((flags >> wg) & 1);
         for (int qt = 0; qt < nt; ++qt) {
           const int s = gt % kStg;
+          if constexpr (DS) {
+            // it.m.a0 - 1: the position of i in this key block's inverse list (the only list in SPLIT).
+            ds_slot = static_cast<int>((static_cast<int64_t>(it.bh - a.bh0) * a.ds_pairs + (it.m.a0 - 1)) *
+                                           a.ds_per_pair +
+                                       kt_ds * a.sub_q + qt);
+          }
           mbar_wait(full(s), (gt / kStg) & 1);  // also when skipping: keeps the empty phases in order
           const int valid = min(kTn, qe - (qs + qt * S::kQr + (SPLIT ? 64 * wg : 0)));
           if (mine && valid > 0) tile(s, valid);
@@ -896,6 +959,195 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (do_k) store_row<T, D>(a.rope, dko + o, a.extra0 ? a.extra0 + o : nullptr, r, tq4, dk, half, a.scale, true);
           if (do_v) store_row<T, D>(a.rope, dvo + o, a.extra1 ? a.extra1 + o : nullptr, r, tq4, dv, half, 1.f, false);
         }
+      }
+    }
+    if constexpr (DS) {
+      if (ds_leader) bulk_wait<0>();  // the dS^T stores complete (and their staging reads) before exit
+    }
+  }
+}
+
+// ================================================================== dQ from the stored dS
+// The dK/dV kernel (split layout, template DS) has formed every kept pair's dS^T anyway: it stores
+// it (bf16, as the dQ GEMM rounds it) to a scratch slot per (128-row part of query block i,
+// 64-key tile of key block j), 16 KB, in [query half][64 keys][64 queries] order. This kernel then
+// does one GEMM per pair instead of three: work item = (bh, query block, 128-row part) as in
+// attn_dq_sm90_kernel; the producer streams, per 64-key tile, K (64 x D) and the pair's dS^T slot
+// (two 64-query halves) through a kSt ring; consumer warpgroup w (64 query rows) runs
+//   dQ += dS K    wgmma m64nDk16, A = dS^T half w (MN-major: queries contiguous), B = K (MN-major)
+// with one tile's GEMMs in flight while it waits for the next. Same epilogue as the dq kernel.
+// ds_pos_kernel first finds each kept pair's slot: the position of i in j's inverse list.
+template <int D>
+struct DqDsSmem {
+  static constexpr int kTile = 64 * D * 2;  // K tile [D/64][64 rows][128 B]
+  static constexpr int kSub = 64 * 128;
+  static constexpr int kDs = 64 * 128 * 2;  // dS^T slot: [2 halves][64 keys][128 B]
+  static constexpr int kSt = D == 128 ? 6 : 8;
+  static constexpr int kK = 0;
+  static constexpr int kS = kSt * kTile;
+  static constexpr int kBar = kS + kSt * kDs;
+  static constexpr int kBytes = kBar + 8 * (2 * kSt);
+  static constexpr int kAlloc = kBytes + 1024;
+};
+
+__global__ void ds_pos_kernel(const int32_t* __restrict__ idx, const int32_t* __restrict__ cnt,
+                              const int32_t* __restrict__ off, const int32_t* __restrict__ rows, int n_q, int n_k,
+                              int max_k, int64_t total, int32_t* __restrict__ pos) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= total) return;
+  const int64_t per = static_cast<int64_t>(n_q) * max_k;
+  const int64_t bh = e / per;
+  const int r = static_cast<int>(e - bh * per), i = r / max_k, c = r - i * max_k;
+  if (c >= cnt[bh * n_q + i]) return;
+  const int j = idx[e];
+  const int32_t* o = off + bh * (n_k + 1);
+  const int32_t* rb = rows + bh * per;
+  int lo = o[j], hi = o[j + 1];  // the ascending list of query blocks that kept j holds i
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (rb[mid] < i) lo = mid + 1;
+    else hi = mid;
+  }
+  pos[e] = lo;
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    attn_dq_ds_sm90_kernel(const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tds,
+                           const BwdSm90Args a) {
+  static_assert(D == 64 || D == 128, "head width 64 or 128");
+  using S = DqDsSmem<D>;
+  constexpr int NH = D / 64;
+  constexpr int ST = S::kSt;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sK = base + S::kK, sS = base + S::kS, sBar = base + S::kBar;
+  auto full = [&](int s) { return sBar + 8u * s; };
+  auto empty = [&](int s) { return sBar + 8u * (ST + s); };
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  struct Item {
+    int bh, sub, row0, row_end;
+    const int32_t* list;
+    const int32_t* pos;
+    int ntiles;
+  };
+  const int L = static_cast<int>(a.L), n_q = static_cast<int>(a.n_q), n_k = static_cast<int>(a.n_k);
+  const int block_q = static_cast<int>(a.block_q), block_k = static_cast<int>(a.block_k);
+  const int per_bh = n_q * a.sub_q;
+  auto item = [&](int w) {
+    Item it;
+    const int wb = w / per_bh;
+    it.bh = a.bh0 + wb;
+    const int x = w - wb * per_bh, qi = x / a.sub_q;
+    it.sub = x - qi * a.sub_q;
+    it.row0 = qi * block_q + it.sub * kRows;
+    it.row_end = min(min(it.row0 + kRows, (qi + 1) * block_q), L);
+    const int nblk = it.row0 >= it.row_end ? 0 : a.cnt[it.bh * n_q + qi];
+    const int64_t row = (static_cast<int64_t>(it.bh) * n_q + qi) * a.max_k;
+    it.list = a.idx + row;
+    it.pos = a.ds_pos + row;
+    it.ntiles = nblk * a.tiles_per_block;
+    // Only the last key block can be short, and an ascending list has it last.
+    if (nblk > 0 && it.list[nblk - 1] == n_k - 1) it.ntiles -= a.tiles_per_block - a.tiles_last;
+    return it;
+  };
+
+  if (tid == 0) {
+    for (int s = 0; s < ST; ++s) {
+      mbar_init(full(s), 1);
+      mbar_init(empty(s), 8);  // one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp < 4) {
+    // ================= producer warpgroup: one thread issues every TMA load
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (warp == 0 && lane == 0) {
+      tma_prefetch(&tk);
+      tma_prefetch(&tds);
+      int gt = 0;
+      for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
+        const Item it = item(w);
+        if (it.row0 >= it.row_end) continue;
+        const int64_t slot0 = static_cast<int64_t>(it.bh - a.bh0) * a.ds_pairs;
+        for (int t = 0; t < it.ntiles; ++t) {
+          const int u = gt + t, s = u % ST;
+          const int c = t / a.tiles_per_block, kt = t - c * a.tiles_per_block;
+          const int key = it.list[c] * block_k + kt * 64;
+          const int slot = static_cast<int>((slot0 + it.pos[c]) * a.ds_per_pair + kt * a.sub_q + it.sub);
+          mbar_wait(empty(s), ((u / ST) & 1) ^ 1);
+          mbar_expect_tx(full(s), S::kTile + S::kDs);
+#pragma unroll
+          for (int hh = 0; hh < NH; ++hh)
+            tma_load_3d(sK + s * S::kTile + hh * S::kSub, &tk, hh * 64, key, it.bh, full(s));
+#pragma unroll
+          for (int x = 0; x < 2; ++x) tma_load_3d(sS + s * S::kDs + x * S::kSub, &tds, 0, 0, 2 * slot + x, full(s));
+        }
+        if (a.extra0 && a.prefetch_extra)
+          l2_prefetch(a.extra0 + (static_cast<int64_t>(it.bh) * L + it.row0) * D,
+                      static_cast<uint32_t>((it.row_end - it.row0) * D * 4));
+        gt += it.ntiles;
+      }
+    }
+  } else {
+    // ================= consumer warpgroups: dQ (D / 2 registers)
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int cw = warp - 4;   // consumer warp 0..7
+    const int wg = cw / 4;     // consumer warpgroup: item rows 64 wg .. 64 wg + 63
+    const int wrow = cw * 16;  // first item row of this warp
+    const int g = lane >> 2, tq4 = lane & 3;
+    float dq[D / 2];
+    auto issue = [&](int s) {
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_ss_tt<D, T>(dq, desc_sw128(sS + s * S::kDs + wg * S::kSub + kk * 2048, S::kSub, 1024),
+                          desc_sw128(sK + s * S::kTile + kk * 2048, S::kSub, 1024), 1);
+    };
+    auto release = [&](int s) {
+      if (lane == 0) mbar_arrive(empty(s));
+    };
+    int gt = 0;
+    for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
+      const Item it = item(w);
+      if (it.row0 >= it.row_end) continue;
+      const int ntiles = it.ntiles;
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
+      const bool rows = it.row0 + 64 * wg < it.row_end;  // else: keep the stage phases in step only
+      for (int t = 0; t < ntiles; ++t) {
+        const int u = gt + t, s = u % ST;
+        mbar_wait(full(s), (u / ST) & 1);
+        if (rows) {
+          fence_regs<D / 2>(dq);
+          wgmma_fence();
+          issue(s);
+          wgmma_commit();
+          wgmma_wait<1>();  // the previous tile's GEMMs are done
+          fence_regs<D / 2>(dq);
+        }
+        __syncwarp();
+        if (t > 0) release((u - 1) % ST);
+      }
+      if (rows) {
+        wgmma_wait<0>();
+        fence_regs<D / 2>(dq);
+      }
+      __syncwarp();
+      if (ntiles > 0) release((gt + ntiles - 1) % ST);
+      gt += ntiles;
+      if (!rows) continue;
+
+      // ---- epilogue: dq = R^T (scale * dQ) (+ extra), straight from the accumulators
+      T* out = static_cast<T*>(a.out0);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = it.row0 + wrow + g + half * 8;
+        if (r >= it.row_end) continue;
+        const int64_t o = (static_cast<int64_t>(it.bh) * L + r) * D;
+        store_row<T, D>(a.rope, out + o, a.extra0 ? a.extra0 + o : nullptr, r, tq4, dq, half, a.scale, true);
       }
     }
   }
@@ -994,10 +1246,52 @@ bool launch_dq(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, 
   return true;
 }
 
-template <class T, int D, int OV, bool SPLIT>
-bool launch_dkv_ov(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
-  using S = KvSmem<D, SPLIT>;
-  CUtensorMap mq, mdo, mk, mv, ml, md;
+// The stored-dS fields of the arguments (both kernels of that path).
+void set_ds_args(const BwdParams& p, const Plan& pl, void* ws, BwdSm90Args* a) {
+  a->ds = at<void>(ws, pl.ds);
+  a->ds_pos = at<int32_t>(ws, pl.ds_pos);
+  a->ds_pairs = pl.n_q * pl.max_k;
+  a->sub_q = static_cast<int>((p.opt.block_q + kRows - 1) / kRows);
+  a->tiles_per_block = static_cast<int>(p.opt.block_k / kTn);
+  a->tiles_last = static_cast<int>((p.L - (pl.n_k - 1) * p.opt.block_k + kTn - 1) / kTn);
+  a->ds_per_pair = a->tiles_per_block * a->sub_q;
+}
+
+// The dS^T slots of a group of nbh heads: (64 queries, 64 keys, 2 halves per slot), row-major.
+bool make_ds_map(const BwdParams& p, const BwdSm90Args& a, int64_t nbh, CUtensorMap* m) {
+  const cuuint64_t dims[3] = {64, 64, static_cast<cuuint64_t>(2 * nbh * a.ds_pairs * a.ds_per_pair)};
+  const cuuint64_t strides[2] = {128, 64 * 128};
+  return make_map(m, p.dtype, 3, a.ds, dims, strides);
+}
+
+template <class T, int D>
+bool launch_dq_ds(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s, int64_t bh0,
+                  int64_t nbh) {
+  CUtensorMap mq, mdo, mk, mv, mds;
+  if (!make_maps<T, D>(p, pl, ws, &mq, &mdo, &mk, &mv)) return false;
+  BwdSm90Args a = base_args(p, pl, r, ws);
+  set_ds_args(p, pl, ws, &a);
+  a.out0 = p.dq;
+  a.extra0 = pl.linear && p.do_l ? at<float>(ws, pl.dq_l) : nullptr;
+  a.bh0 = static_cast<int>(bh0);
+  if (!make_ds_map(p, a, nbh, &mds)) return false;
+  const int64_t work = nbh * pl.n_q * a.sub_q;
+  if (work >= (int64_t(1) << 31)) return false;
+  a.num_work = static_cast<int>(work);
+  constexpr int smem = DqDsSmem<D>::kAlloc;
+  SALAD_CUDA_CHECK(cudaFuncSetAttribute(attn_dq_ds_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        smem));
+  attn_dq_ds_sm90_kernel<T, D><<<grid_for(work, true), kThreads, smem, s>>>(mk, mds, a);
+  SALAD_LAUNCH_CHECK();
+  return true;
+}
+
+// DS (stored dS): heads [bh0, bh0 + nbh) only, dS^T to the workspace's scratch (pl.ds).
+template <class T, int D, int OV, bool SPLIT, bool DS = false>
+bool launch_dkv_ov(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s, int64_t bh0 = 0,
+                   int64_t nbh = -1) {
+  using S = KvSmem<D, SPLIT, DS>;
+  CUtensorMap mq, mdo, mk, mv, ml, md, mds;
   if (!make_maps<T, D>(p, pl, ws, &mq, &mdo, &mk, &mv)) return false;
   const cuuint64_t n = static_cast<cuuint64_t>(pl.BH * p.L);
   if (!make_map_f32_1d(&ml, p.lse, n, S::kQr)) return false;
@@ -1009,15 +1303,22 @@ bool launch_dkv_ov(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* 
   a.extra0 = lin ? at<float>(ws, pl.dk_l) : nullptr;
   a.extra1 = lin ? at<float>(ws, pl.dv_l) : nullptr;
   a.n_span = static_cast<int>((p.L + S::kKeys - 1) / S::kKeys);
-  const int64_t work = pl.BH * a.n_span;
+  if (nbh < 0) nbh = pl.BH;
+  a.bh0 = static_cast<int>(bh0);
+  mds = mq;  // not read without DS
+  if constexpr (DS) {
+    set_ds_args(p, pl, ws, &a);
+    if (!make_ds_map(p, a, nbh, &mds)) return false;
+  }
+  const int64_t work = nbh * a.n_span;
   if (work >= (int64_t(1) << 31)) return false;
   a.num_work = static_cast<int>(work);
   constexpr int smem = S::kAlloc;
-  SALAD_CUDA_CHECK(cudaFuncSetAttribute(attn_dkv_sm90_kernel<T, D, OV, SPLIT>,
+  SALAD_CUDA_CHECK(cudaFuncSetAttribute(attn_dkv_sm90_kernel<T, D, OV, SPLIT, DS>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const bool persistent = env_is("SALAD_BWD_DKV_PERSISTENT", "1");
-  attn_dkv_sm90_kernel<T, D, OV, SPLIT>
-      <<<grid_for(work, persistent), kThreads, smem, s>>>(mq, mdo, mk, mv, ml, md, a);
+  attn_dkv_sm90_kernel<T, D, OV, SPLIT, DS>
+      <<<grid_for(work, persistent), kThreads, smem, s>>>(mq, mdo, mk, mv, ml, md, mds, a);
   SALAD_LAUNCH_CHECK();
   return true;
 }
@@ -1028,7 +1329,7 @@ bool launch_dkv_ov(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* 
 // The split-query layout when two adjacent 64-key tiles may lie in different key blocks (their
 // inverse lists differ, so the span layout would leave one warpgroup idle on most tiles) and
 // query blocks fill 128-row stages; SALAD_BWD_DKV_SPLIT=0|1 forces either.
-bool use_split(const BwdParams& p) {
+bool use_split(const Params& p) {
   if (const char* e = std::getenv("SALAD_BWD_DKV_SPLIT")) return std::atoi(e) != 0;
   return p.opt.block_k % kRows != 0 && p.opt.block_q % kRows == 0;
 }
@@ -1037,10 +1338,27 @@ template <class T, int D>
 bool launch_dkv(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
   int ov = SALAD_BWD_DKV_OVERLAP;
   if (const char* e = std::getenv("SALAD_BWD_DKV_OVERLAP")) ov = std::atoi(e);
-  if (use_split(p)) return launch_dkv_ov<T, D, 1, true>(p, pl, r, ws, s);  // OV 2 measured no faster
-  if (ov <= 0) return launch_dkv_ov<T, D, 0, false>(p, pl, r, ws, s);
-  if (ov == 1) return launch_dkv_ov<T, D, 1, false>(p, pl, r, ws, s);
-  return launch_dkv_ov<T, D, 2, false>(p, pl, r, ws, s);
+  if (use_split(p)) return launch_dkv_ov<T, D, 1, true, false>(p, pl, r, ws, s);  // OV 2 measured no faster
+  if (ov <= 0) return launch_dkv_ov<T, D, 0, false, false>(p, pl, r, ws, s);
+  if (ov == 1) return launch_dkv_ov<T, D, 1, false, false>(p, pl, r, ws, s);
+  return launch_dkv_ov<T, D, 2, false, false>(p, pl, r, ws, s);
+}
+
+template <class T, int D>
+bool launch_ds(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
+  const int64_t total = pl.BH * pl.n_q * pl.max_k;
+  ds_pos_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, s>>>(
+      p.block_idx, p.block_cnt, at<int32_t>(ws, pl.inv_off), at<int32_t>(ws, pl.inv_rows), static_cast<int>(pl.n_q),
+      static_cast<int>(pl.n_k), static_cast<int>(pl.max_k), total, at<int32_t>(ws, pl.ds_pos));
+  SALAD_LAUNCH_CHECK();
+  for (int64_t bh0 = 0; bh0 < pl.BH; bh0 += pl.ds_group) {
+    const int64_t nbh = std::min(pl.ds_group, pl.BH - bh0);
+    // A failed tensor map can only fail on the first group, before this group's dq: the caller then
+    // runs the two-kernel backward, which rewrites dk and dv.
+    if (!launch_dkv_ov<T, D, 1, true, true>(p, pl, r, ws, s, bh0, nbh)) return false;
+    if (!launch_dq_ds<T, D>(p, pl, r, ws, s, bh0, nbh)) return false;
+  }
+  return true;
 }
 
 void warn_once(bool ok, const char* what) {
@@ -1071,6 +1389,45 @@ bool try_launch_attn_dq_sm90(const BwdParams& p, const Plan& pl, const RopeInfo&
       ok = t128 ? launch_dq<__half, 64, 128>(p, pl, r, ws, s) : launch_dq<__half, 64, 64>(p, pl, r, ws, s);
   }
   warn_once(ok, "dq");
+  return ok;
+}
+
+int64_t bwd_ds_head_bytes(const Params& p, const Plan& pl) {
+  return pl.n_q * std::max<int64_t>(pl.max_k, 1) * (p.opt.block_k / kTn) * ((p.opt.block_q + kRows - 1) / kRows) *
+         (64 * 128 * 2);
+}
+
+int64_t bwd_ds_group(const Params& p, const Plan& pl) {
+  if (env_is("SALAD_BWD_DS", "0") || env_is("SALAD_BWD_DQ", "mma") || env_is("SALAD_BWD_DKV", "mma") ||
+      env_is("SALAD_BWD_DQ_TILE", "128"))
+    return 0;
+  if (pl.dense || pl.tile_order || pl.BH <= 0 || pl.n_q <= 0 || pl.max_k <= 0) return 0;
+  if (p.opt.block_k % kTn != 0 || p.L % 4 != 0 || p.opt.block_q % 4 != 0 || !use_split(p)) return 0;
+  BwdParams bp;
+  static_cast<Params&>(bp) = p;
+  RopeInfo r{};
+  bp.block_idx = bp.block_cnt = reinterpret_cast<int32_t*>(16);  // checked at launch, not here
+  if (!supported(bp, pl, r)) return 0;
+  // The scratch grows as keep * L^2 per head, so it is capped (SALAD_BWD_DS_MB, default 4096 MB):
+  // larger calls run in groups of heads of about equal size, and a call whose single head would pass
+  // the cap takes the two-kernel path (no allocation beyond the cap).
+  int64_t cap = int64_t{4096} << 20;
+  if (const char* e = std::getenv("SALAD_BWD_DS_MB")) cap = std::max<int64_t>(1, std::atoll(e)) << 20;
+  const int64_t per = bwd_ds_head_bytes(p, pl);
+  if (per > cap) return 0;
+  const int64_t most = std::min(cap / per, pl.BH), groups = (pl.BH + most - 1) / most;
+  return (pl.BH + groups - 1) / groups;
+}
+
+bool try_launch_attn_bwd_ds_sm90(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
+  if (pl.ds_group <= 0 || !pl.ds_pos || !supported(p, pl, r) || r.perm) return false;
+  if (reinterpret_cast<uintptr_t>(p.lse) % 16 != 0) return false;  // the dK/dV kernel's 1-D TMA of lse
+  bool ok;
+  if (p.dtype == DType::BF16)
+    ok = p.D == 128 ? launch_ds<__nv_bfloat16, 128>(p, pl, r, ws, s) : launch_ds<__nv_bfloat16, 64>(p, pl, r, ws, s);
+  else
+    ok = p.D == 128 ? launch_ds<__half, 128>(p, pl, r, ws, s) : launch_ds<__half, 64>(p, pl, r, ws, s);
+  warn_once(ok, "stored dS");
   return ok;
 }
 

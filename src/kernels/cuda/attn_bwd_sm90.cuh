@@ -14,5 +14,8 @@ namespace salad::cuda::detail {
 // fp32 gradient when present, caller order.
 bool try_launch_attn_dq_sm90(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s);
 bool try_launch_attn_dkv_sm90(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s);
+// Both at once through the stored dS (pl.ds_group > 0, see make_plan / bwd_ds_group): the dK/dV kernel
+// also stores each kept pair's dS^T, then a dQ kernel does one GEMM per pair; in groups of heads.
+bool try_launch_attn_bwd_ds_sm90(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s);
 
 }  // namespace salad::cuda::detail

@@ -41,6 +41,10 @@ struct Plan {
   size_t fwd_split = 0;
   // backward only
   size_t delta = 0, inv_off = 0, inv_rows = 0;
+  // Stored dS (attn_bwd_sm90.cu): scratch for ds_group heads at a time (0: the path is off) and the
+  // kept pairs' slot positions.
+  int64_t ds_group = 0;
+  size_t ds = 0, ds_pos = 0;
   size_t dnum = 0, dden = 0, dsv_part = 0, dz_part = 0, dsv = 0, dz = 0;
   size_t dq_l = 0, dk_l = 0, dv_l = 0;
   size_t total = 0;
@@ -78,6 +82,10 @@ void launch_select(const Params& p, const Plan& pl, void* ws, cudaStream_t s, bo
 bool mma_select(const Params& p, const Plan& pl);
 // Inverse table for the backward.
 void launch_invert(const Params& p, const Plan& pl, void* ws, cudaStream_t s);
+// The Hopper backward's stored-dS path (attn_bwd_sm90.cu): heads per group when it applies to the call
+// (else 0), and its scratch bytes per head.
+int64_t bwd_ds_group(const Params& p, const Plan& pl);
+int64_t bwd_ds_head_bytes(const Params& p, const Plan& pl);
 
 // Sparse / dense attention over the block table (forward and backward).
 void launch_attn_fwd(const Params& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s);

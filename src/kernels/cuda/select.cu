@@ -761,6 +761,11 @@ Plan make_plan(const Params& p, bool backward) {
     if (!pl.dense) {
       pl.inv_off = take(sizeof(int32_t) * pl.BH * (pl.n_k + 1));
       pl.inv_rows = take(sizeof(int32_t) * pl.BH * pl.n_q * std::max<int64_t>(pl.max_k, 1));
+      pl.ds_group = bwd_ds_group(p, pl);
+      if (pl.ds_group > 0) {
+        pl.ds_pos = take(sizeof(int32_t) * pl.BH * pl.n_q * pl.max_k);
+        pl.ds = take(static_cast<size_t>(pl.ds_group * bwd_ds_head_bytes(p, pl)));
+      }
     }
     if (pl.linear) {
       pl.dnum = take(sizeof(float) * BHLD);
