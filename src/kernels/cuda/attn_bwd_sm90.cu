@@ -59,7 +59,8 @@
 //   three. dq is the dq kernel's bit for bit (same products, same order). The scratch is 16 KB per kept
 //   (128-query, 64-key) pair, keep * L^2 * 2 bytes per head: capped by SALAD_BWD_DS_MB (default 4096),
 //   heads run in groups under it, and a call whose one head passes it keeps the two kernels.
-//   Measured at Wan1.3B-480p (H200, session 17): dq 1,589 -> 872 us, dkv 2,353 -> 2,728 us.
+//   Measured at Wan1.3B-480p (H200, session 17): dq 1,589-1,615 -> 872-886 us, dkv 2,353-2,372 ->
+//   2,728-2,750 us (the stores; per-warp stores without the warpgroup barrier measured the same).
 // Same semantics as attn_bwd.cu's mma.sync kernels (delta from its
 // delta_kernel, which still runs first).
 //
@@ -1065,28 +1066,43 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warp < 4) {
     // ================= producer warpgroup: one thread issues every TMA load
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (warp == 0 && lane == 0) {
-      tma_prefetch(&tk);
-      tma_prefetch(&tds);
+    if (warp == 0) {
+      // The whole warp walks the items (lane 0 issues); the item's block list and slot positions come
+      // 32 entries per coalesced load instead of two dependent loads per tile (-1%, session 17).
+      if (lane == 0) {
+        tma_prefetch(&tk);
+        tma_prefetch(&tds);
+      }
       int gt = 0;
       for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
         const Item it = item(w);
         if (it.row0 >= it.row_end) continue;
         const int64_t slot0 = static_cast<int64_t>(it.bh - a.bh0) * a.ds_pairs;
+        int jv = 0, pv = 0;
         for (int t = 0; t < it.ntiles; ++t) {
           const int u = gt + t, s = u % ST;
           const int c = t / a.tiles_per_block, kt = t - c * a.tiles_per_block;
-          const int key = it.list[c] * block_k + kt * 64;
-          const int slot = static_cast<int>((slot0 + it.pos[c]) * a.ds_per_pair + kt * a.sub_q + it.sub);
+          if (kt == 0 && c % 32 == 0) {
+            const int cl = c + lane;
+            const bool in = cl * a.tiles_per_block < it.ntiles;  // cl < the item's kept blocks
+            jv = in ? it.list[cl] : 0;
+            pv = in ? it.pos[cl] : 0;
+          }
+          const int j = __shfl_sync(0xffffffffu, jv, c % 32), ps = __shfl_sync(0xffffffffu, pv, c % 32);
+          const int key = j * block_k + kt * 64;
+          const int slot = static_cast<int>((slot0 + ps) * a.ds_per_pair + kt * a.sub_q + it.sub);
           mbar_wait(empty(s), ((u / ST) & 1) ^ 1);
-          mbar_expect_tx(full(s), S::kTile + S::kDs);
+          if (lane == 0) {
+            mbar_expect_tx(full(s), S::kTile + S::kDs);
 #pragma unroll
-          for (int hh = 0; hh < NH; ++hh)
-            tma_load_3d(sK + s * S::kTile + hh * S::kSub, &tk, hh * 64, key, it.bh, full(s));
+            for (int hh = 0; hh < NH; ++hh)
+              tma_load_3d(sK + s * S::kTile + hh * S::kSub, &tk, hh * 64, key, it.bh, full(s));
 #pragma unroll
-          for (int x = 0; x < 2; ++x) tma_load_3d(sS + s * S::kDs + x * S::kSub, &tds, 0, 0, 2 * slot + x, full(s));
+            for (int x = 0; x < 2; ++x) tma_load_3d(sS + s * S::kDs + x * S::kSub, &tds, 0, 0, 2 * slot + x, full(s));
+          }
+          __syncwarp();
         }
-        if (a.extra0 && a.prefetch_extra)
+        if (lane == 0 && a.extra0 && a.prefetch_extra)
           l2_prefetch(a.extra0 + (static_cast<int64_t>(it.bh) * L + it.row0) * D,
                       static_cast<uint32_t>((it.row_end - it.row0) * D * 4));
         gt += it.ntiles;
@@ -1117,26 +1133,32 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
       const bool rows = it.row0 + 64 * wg < it.row_end;  // else: keep the stage phases in step only
-      for (int t = 0; t < ntiles; ++t) {
-        const int u = gt + t, s = u % ST;
-        mbar_wait(full(s), (u / ST) & 1);
-        if (rows) {
+      if (!rows) {
+        // Separate loops: a wgmma under a divergent-looking branch made ptxas serialise every one
+        // (C7518). The kernel took the same time either way (872 / 886 us at Wan1.3B-480p, H200):
+        // it is bound by reading the 2.6 GB of dS^T.
+        for (int t = 0; t < ntiles; ++t) {
+          const int u = gt + t, s = u % ST;
+          mbar_wait(full(s), (u / ST) & 1);
+          __syncwarp();
+          release(s);
+        }
+      } else if (ntiles > 0) {
+        for (int t = 0; t < ntiles; ++t) {
+          const int u = gt + t, s = u % ST;
+          mbar_wait(full(s), (u / ST) & 1);
           fence_regs<D / 2>(dq);
           wgmma_fence();
           issue(s);
           wgmma_commit();
           wgmma_wait<1>();  // the previous tile's GEMMs are done
           fence_regs<D / 2>(dq);
+          if (t > 0) release((u - 1) % ST);
         }
-        __syncwarp();
-        if (t > 0) release((u - 1) % ST);
-      }
-      if (rows) {
         wgmma_wait<0>();
         fence_regs<D / 2>(dq);
+        release((gt + ntiles - 1) % ST);
       }
-      __syncwarp();
-      if (ntiles > 0) release((gt + ntiles - 1) % ST);
       gt += ntiles;
       if (!rows) continue;
 
