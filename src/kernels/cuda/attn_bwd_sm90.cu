@@ -204,6 +204,21 @@ __device__ __forceinline__ void store_row(const RopeInfo& r, T* __restrict__ out
   }
 }
 
+// The dq kernels' epilogue: dq = R^T (scale * dQ) (+ extra) of this thread's rows r0 and r0 + 8 (those
+// below row_end), straight from the accumulators.
+template <class T, int D>
+__device__ __forceinline__ void store_dq(const BwdSm90Args& a, int L, int bh, int r0, int row_end, int tq4,
+                                         const float* dq) {
+  T* out = static_cast<T*>(a.out0);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = r0 + half * 8;
+    if (r >= row_end) continue;
+    const int64_t o = (static_cast<int64_t>(bh) * L + r) * D;
+    store_row<T, D>(a.rope, out + o, a.extra0 ? a.extra0 + o : nullptr, r, tq4, dq, half, a.scale, true);
+  }
+}
+
 // ================================================================== dQ
 // Shared memory (1024-byte aligned): Q and dO [D/64][128 rows][128 B], K and V
 // stages [kSt][D/64][TN rows][128 B] (TMA 128-byte swizzle), mbarriers.
@@ -563,15 +578,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane == 0) mbar_arrive(barQfree);
       ++n;
 
-      // ---- epilogue: dq = R^T (scale * dQ) (+ extra), straight from the accumulators
-      T* out = static_cast<T*>(a.out0);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = it.row0 + wrow + g + half * 8;
-        if (r >= it.row_end) continue;
-        const int64_t o = (static_cast<int64_t>(it.bh) * L + r) * D;
-        store_row<T, D>(a.rope, out + o, a.extra0 ? a.extra0 + o : nullptr, r, tq4, dq, half, a.scale, true);
-      }
+      store_dq<T, D>(a, L, it.bh, it.row0 + wrow + g, it.row_end, tq4, dq);
     }
   }
 }
@@ -1162,15 +1169,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       gt += ntiles;
       if (!rows) continue;
 
-      // ---- epilogue: dq = R^T (scale * dQ) (+ extra), straight from the accumulators
-      T* out = static_cast<T*>(a.out0);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = it.row0 + wrow + g + half * 8;
-        if (r >= it.row_end) continue;
-        const int64_t o = (static_cast<int64_t>(it.bh) * L + r) * D;
-        store_row<T, D>(a.rope, out + o, a.extra0 ? a.extra0 + o : nullptr, r, tq4, dq, half, a.scale, true);
-      }
+      store_dq<T, D>(a, L, it.bh, it.row0 + wrow + g, it.row_end, tq4, dq);
     }
   }
 }
