@@ -571,9 +571,10 @@ TEST(SM90_Attention, LazyRescaleMatchesDefault) {
 // layout): the dK/dV kernel also stores each kept pair's dS^T and dQ is one GEMM per pair. Its dS^T
 // sums the same products in the same order as the dQ kernel's dS (and dQ runs over the same tiles
 // in the same order), so against the two-kernel backward (SALAD_BWD_DS=0) all three gradients are
-// equal bit for bit, also in groups of one head (SALAD_BWD_DS_MB=8); the backward's peak memory
-// grows by the scratch, 16 KB per kept (128-query, 64-key) pair (the path ran). Modes sparse and
-// salad, D 64 and 128, L 4140 (a 44-row last query block, a 44-key last key block), poisoned workspace.
+// equal bit for bit, also in groups of one head (SALAD_BWD_DS_MB=8) and without the L2 hints
+// (SALAD_BWD_DS_HINT=0); the backward's peak memory grows by the scratch, 16 KB per kept (128-query,
+// 64-key) pair (the path ran). Modes sparse and salad, D 64 and 128, L 4140 (a 44-row last query
+// block, a 44-key last key block), poisoned workspace.
 TEST(SM90_Attention, StoredDsBackwardEqualsTwoKernelBackward) {
   if (!have_cuda()) GTEST_SKIP() << "no CUDA device or no CUDA kernels in this build";
   const ScopedEnv poison(EnvVars{{"SALAD_POISON", "1"}});
@@ -608,15 +609,19 @@ TEST(SM90_Attention, StoredDsBackwardEqualsTwoKernelBackward) {
     const auto ds = grads({{"SALAD_BWD_DS", "1"}}, &peak_ds);
     // 8 MB: one head's scratch (33 query blocks x 13 kept x 16 KB = 6.9 MB) per group.
     const auto grouped = grads({{"SALAD_BWD_DS", "1"}, {"SALAD_BWD_DS_MB", "8"}}, &peak_grouped);
+    int64_t peak_hint = 0;  // L2 eviction hints on the dS^T stores and loads (default on) change no value
+    const auto unhinted = grads({{"SALAD_BWD_DS", "1"}, {"SALAD_BWD_DS_HINT", "0"}}, &peak_hint);
     for (int i = 0; i < 3; ++i) {
       SCOPED_TRACE(std::string("grad ") + "qkv"[i]);
       EXPECT_TRUE(at::isfinite(ds[i]).all().item<bool>());
       EXPECT_TRUE(at::equal(ds[i], two[i]));
       EXPECT_TRUE(at::equal(grouped[i], ds[i])) << "in head groups";
+      EXPECT_TRUE(at::equal(unhinted[i], ds[i])) << "without L2 hints";
     }
     const int64_t n_q = (g.size() + 127) / 128, scratch = 2 * 3 * n_q * max_k * 16384;
-    EXPECT_GE(peak_ds - peak_two, scratch) << "the stored-dS scratch was not allocated";
-    EXPECT_GE(peak_grouped - peak_two, scratch / 6) << "one head's scratch";
+    // (1 MB of slack: the peaks moved by ~19 KB with the tests that ran before, on the allocator's state.)
+    EXPECT_GE(peak_ds - peak_two, scratch - (1 << 20)) << "the stored-dS scratch was not allocated";
+    EXPECT_GE(peak_grouped - peak_two, scratch / 6 - (1 << 20)) << "one head's scratch";
     EXPECT_LT(peak_grouped - peak_two, scratch / 3) << "one head's scratch";
   }
 }

@@ -54,13 +54,16 @@
 //   memory (fixed order), and each writes one. Measured at Wan1.3B-480p (H100, ncu, before the
 //   epilogue fix): 3.81 ms against the span layout's 3.93 ms.
 // stored dS (the default where the split layout is, not in mode dense; attn_dq_ds_sm90_kernel): the
-//   split dkv kernel also writes every kept pair's dS^T (bf16, through shared memory by stmatrix and a
-//   TMA store), and a third kernel forms dQ from it with one GEMM per pair instead of the dq kernel's
-//   three. dq is the dq kernel's bit for bit (same products, same order). The scratch is 16 KB per kept
+//   split dkv kernel also writes every kept pair's dS (bf16, in the dQ GEMM's A-fragment order,
+//   through shared memory and a bulk store), and a third kernel forms dQ from it with one GEMM per
+//   pair instead of the dq kernel's three. dq is the dq kernel's bit for bit (same products, same order). The scratch is 16 KB per kept
 //   (128-query, 64-key) pair, keep * L^2 * 2 bytes per head: capped by SALAD_BWD_DS_MB (default 4096),
 //   heads run in groups under it, and a call whose one head passes it keeps the two kernels.
 //   Measured at Wan1.3B-480p (H200, session 17): dq 1,589-1,615 -> 872-886 us, dkv 2,353-2,372 ->
 //   2,728-2,750 us (the stores; per-warp stores without the warpgroup barrier measured the same).
+//   Session 18: the staging moved before the dV / dK GEMMs' issue and into fragment order (movmatrix,
+//   then 16-byte shared stores; the dQ kernel's A operand from registers), with L2 hints: dkv
+//   2,885 -> 2,700 us, dq 869 -> 800-815 us (one card, ncu).
 // Same semantics as attn_bwd.cu's mma.sync kernels (delta from its
 // delta_kernel, which still runs first).
 //
@@ -125,7 +128,7 @@ struct BwdSm90Args {
   // the epilogue reads them from L2 (SALAD_BWD_PREFETCH=0: off).
   int prefetch_extra;
   // Stored dS (see attn_dq_ds_sm90_kernel): heads [bh0, bh0 + group) of this launch; scratch `ds` of
-  // 16 KB slots (64 keys x 128 queries, two 64-query halves of [64 keys][64 queries]), slot
+  // 16 KB slots (64 keys x 128 queries, two 64-query halves in fragment order), slot
   // ((bh - bh0) * ds_pairs + inverse-list position) * ds_per_pair + key tile * sub_q + query part;
   // ds_pos (bh, i, c): the inverse-list position of query block i in the list of its c-th kept block.
   int bh0;
@@ -133,6 +136,7 @@ struct BwdSm90Args {
   const int32_t* ds_pos;
   int64_t ds_pairs;  // n_q * max_k
   int ds_per_pair;   // 64-key tiles per key block x 128-row parts per query block
+  int ds_hint;       // dS^T stored and loaded evict-first, K loaded evict-last in L2 (SALAD_BWD_DS_HINT=0: off)
 };
 
 // %laneid read afresh (volatile): keeps `lane` from being held, or spilled, across the tile loops.
@@ -589,7 +593,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // [kStages][64] f32, mbarriers.
 // SPLIT (split-query layout): K and V of one 64-key tile [D/64][64 rows][128 B], Q and dO
 // stages of 128 query rows (one 64-row half per consumer warpgroup), 2 stages (3 do not fit).
-// DS (stored dS): two 8 KB staging buffers per consumer warpgroup for the dS^T TMA stores.
+// DS (stored dS): two 8 KB staging buffers per consumer warpgroup for the dS^T bulk stores.
 template <int D, bool SPLIT, bool DS = false>
 struct KvSmem {
   static constexpr int kKeys = SPLIT ? 64 : kRows;  // key rows held
@@ -633,7 +637,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     attn_dkv_sm90_kernel(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tdo,
                          const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv,
                          const __grid_constant__ CUtensorMap tlse, const __grid_constant__ CUtensorMap tdl,
-                         const __grid_constant__ CUtensorMap tds, const BwdSm90Args a) {
+                         const BwdSm90Args a) {
   static_assert(D == 64 || D == 128, "head width 64 or 128");
   static_assert(!DS || SPLIT, "stored dS: split-query layout only");
   using S = KvSmem<D, SPLIT, DS>;
@@ -853,6 +857,23 @@ __global__ void __launch_bounds__(kThreads, 1)
         dsf[nt / 2][(nt & 1) * 2 + 0] = Elem<T>::pack(e0, e1);
         dsf[nt / 2][(nt & 1) * 2 + 1] = Elem<T>::pack(e2, e3);
       }
+      if constexpr (DS) {
+        // dS^T into this warpgroup's staging buffer in the dQ kernel's A-fragment order, before the
+        // GEMMs that read dsf are issued (after them, the staging cost the kernel ~7%: session 18).
+        // This warp's 16 keys x queries 16 kk .. + 15 are the four 8 x 8 blocks of dsf[kk]; movmatrix
+        // transposes each in place, which gives the lane of the dQ warp owning those queries its A
+        // fragment for these keys, {T0, T2, T1, T3}, 16 bytes at [query chunk kk][key chunk][lane].
+        const uint32_t buf = sDsb + static_cast<uint32_t>(wg * 2 + (ds_n & 1)) * 8192u;
+        const int l = static_cast<int>(lane_now());
+#pragma unroll
+        for (int kk = 0; kk < kTn / 16; ++kk) {
+          const uint32_t t0 = movmatrix_trans(krow0 ? dsf[kk][0] : 0u);
+          const uint32_t t1 = movmatrix_trans(krow1 ? dsf[kk][1] : 0u);
+          const uint32_t t2 = movmatrix_trans(krow0 ? dsf[kk][2] : 0u);
+          const uint32_t t3 = movmatrix_trans(krow1 ? dsf[kk][3] : 0u);
+          st_shared_v4(buf + ((kk * 4 + cw % 4) * 32 + l) * 16, t0, t2, t1, t3);
+        }
+      }
       if constexpr (OV < 2) fence_regs<D / 2>(dv);
       fence_regs<D / 2>(dk);
       if constexpr (OV < 2) fence_regs_u<kTn / 4>(&pf[0][0]);
@@ -864,24 +885,17 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_rs<T, D, 1>(dk, dsf[kk], desc_sw128(sQ + s * S::kTile + qoff + kk * 16 * 128, S::kSub, 1024), 1);
       wgmma_commit();
       if constexpr (DS) {
-        // dS^T to the scratch while dV and dK run: stmatrix into this warpgroup's staging buffer
-        // ([64 keys][64 queries], 128-byte swizzle; the A fragments of chunk kk are the four 8 x 8
-        // matrices (keys 0-7 / 8-15 of the warp) x (queries 16 kk + 0-7 / 8-15)), then one TMA store.
-        // The buffer written here was last read by the store of two tiles ago, which the leader
-        // waited for before the previous tile's barrier.
-        const uint32_t buf = sDsb + static_cast<uint32_t>(wg * 2 + (ds_n & 1)) * 8192u;
-        const int l = static_cast<int>(lane_now()), mi = l >> 3, row = wrow + (mi & 1) * 8 + (l & 7);
-#pragma unroll
-        for (int kk = 0; kk < kTn / 16; ++kk) {
-          const uint32_t addr = buf + row * 128 + (((2 * kk + (mi >> 1)) ^ (l & 7)) << 4);
-          stmatrix_x4(addr, krow0 ? dsf[kk][0] : 0u, krow1 ? dsf[kk][1] : 0u, krow0 ? dsf[kk][2] : 0u,
-                      krow1 ? dsf[kk][3] : 0u);
-        }
+        // The staged dS^T to its slot half by one 8 KB bulk store per warpgroup and tile, while dV and
+        // dK run. The buffer written above was last read by the store of two tiles ago, which the
+        // leader waited for before the previous tile's barrier.
         fence_async_shared();
         if (ds_leader) bulk_wait_read<0>();
         asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
         if (ds_leader) {
-          tma_store_3d(&tds, buf, 0, 0, 2 * ds_slot + wg);
+          const uint32_t buf = sDsb + static_cast<uint32_t>(wg * 2 + (ds_n & 1)) * 8192u;
+          void* dst = static_cast<char*>(a.ds) + static_cast<int64_t>(2 * ds_slot + wg) * 8192;
+          if (a.ds_hint) bulk_store_hint(dst, buf, 8192, l2_policy_evict_first());
+          else bulk_store(dst, buf, 8192);
           bulk_commit();
         }
         ++ds_n;
@@ -978,18 +992,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ================================================================== dQ from the stored dS
 // The dK/dV kernel (split layout, template DS) has formed every kept pair's dS^T anyway: it stores
 // it (bf16, as the dQ GEMM rounds it) to a scratch slot per (128-row part of query block i,
-// 64-key tile of key block j), 16 KB, in [query half][64 keys][64 queries] order. This kernel then
+// 64-key tile of key block j), 16 KB: two 8 KB query halves, each [16-query warp][16-key chunk kk]
+// [lane] x 16 bytes, the lane's A fragment of dS (rows = queries) for chunk kk. This kernel then
 // does one GEMM per pair instead of three: work item = (bh, query block, 128-row part) as in
-// attn_dq_sm90_kernel; the producer streams, per 64-key tile, K (64 x D) and the pair's dS^T slot
-// (two 64-query halves) through a kSt ring; consumer warpgroup w (64 query rows) runs
-//   dQ += dS K    wgmma m64nDk16, A = dS^T half w (MN-major: queries contiguous), B = K (MN-major)
+// attn_dq_sm90_kernel; the producer streams, per 64-key tile, K (64 x D) by TMA and the pair's slot
+// by one 1-D bulk copy through a kSt ring; consumer warpgroup w (64 query rows) loads its fragments
+// (four 16-byte shared loads per lane, conflict-free) and runs
+//   dQ += dS K    wgmma m64nDk16, A = dS from registers, B = K (MN-major)
 // with one tile's GEMMs in flight while it waits for the next. Same epilogue as the dq kernel.
 // ds_pos_kernel first finds each kept pair's slot: the position of i in j's inverse list.
 template <int D>
 struct DqDsSmem {
   static constexpr int kTile = 64 * D * 2;  // K tile [D/64][64 rows][128 B]
   static constexpr int kSub = 64 * 128;
-  static constexpr int kDs = 64 * 128 * 2;  // dS^T slot: [2 halves][64 keys][128 B]
+  static constexpr int kDs = 64 * 128 * 2;  // dS slot: [2 halves][4 warps][4 key chunks][32 lanes][16 B]
   static constexpr int kSt = D == 128 ? 6 : 8;
   static constexpr int kK = 0;
   static constexpr int kS = kSt * kTile;
@@ -1021,8 +1037,7 @@ __global__ void ds_pos_kernel(const int32_t* __restrict__ idx, const int32_t* __
 
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
-    attn_dq_ds_sm90_kernel(const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tds,
-                           const BwdSm90Args a) {
+    attn_dq_ds_sm90_kernel(const __grid_constant__ CUtensorMap tk, const BwdSm90Args a) {
   static_assert(D == 64 || D == 128, "head width 64 or 128");
   using S = DqDsSmem<D>;
   constexpr int NH = D / 64;
@@ -1076,10 +1091,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (warp == 0) {
       // The whole warp walks the items (lane 0 issues); the item's block list and slot positions come
       // 32 entries per coalesced load instead of two dependent loads per tile (-1%, session 17).
-      if (lane == 0) {
-        tma_prefetch(&tk);
-        tma_prefetch(&tds);
-      }
+      if (lane == 0) tma_prefetch(&tk);
       int gt = 0;
       for (int w = blockIdx.x; w < a.num_work; w += gridDim.x) {
         const Item it = item(w);
@@ -1101,11 +1113,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_wait(empty(s), ((u / ST) & 1) ^ 1);
           if (lane == 0) {
             mbar_expect_tx(full(s), S::kTile + S::kDs);
+            const char* src = static_cast<const char*>(a.ds) + static_cast<int64_t>(slot) * S::kDs;
+            if (a.ds_hint) {
+              const uint64_t keep = l2_policy_evict_last(), once = l2_policy_evict_first();
 #pragma unroll
-            for (int hh = 0; hh < NH; ++hh)
-              tma_load_3d(sK + s * S::kTile + hh * S::kSub, &tk, hh * 64, key, it.bh, full(s));
+              for (int hh = 0; hh < NH; ++hh)
+                tma_load_3d_hint(sK + s * S::kTile + hh * S::kSub, &tk, hh * 64, key, it.bh, full(s), keep);
+              bulk_load_hint(sS + s * S::kDs, src, S::kDs, full(s), once);
+            } else {
 #pragma unroll
-            for (int x = 0; x < 2; ++x) tma_load_3d(sS + s * S::kDs + x * S::kSub, &tds, 0, 0, 2 * slot + x, full(s));
+              for (int hh = 0; hh < NH; ++hh)
+                tma_load_3d(sK + s * S::kTile + hh * S::kSub, &tk, hh * 64, key, it.bh, full(s));
+              bulk_load(sS + s * S::kDs, src, S::kDs, full(s));
+            }
           }
           __syncwarp();
         }
@@ -1123,11 +1143,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int wrow = cw * 16;  // first item row of this warp
     const int g = lane >> 2, tq4 = lane & 3;
     float dq[D / 2];
-    auto issue = [&](int s) {
+    // The slot holds each lane's A fragments (dS, this warp's 16 query rows x 16 keys kk) at
+    // [warpgroup half][warp][kk][lane], 16 bytes each; two register sets, since a tile's fragments
+    // are read by its GEMMs until the next tile's wait.
+    uint32_t afa[4][4], afb[4][4];
+    auto issue = [&](int s, uint32_t(&af)[4][4]) {
+      const uint32_t src = sS + s * S::kDs + wg * 8192 + ((cw % 4) * 128 + static_cast<int>(lane_now())) * 16;
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) ld_shared_v4(src + kk * 512, af[kk]);
+      fence_regs_u<16>(&af[0][0]);
+      wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
-        wgmma_ss_tt<D, T>(dq, desc_sw128(sS + s * S::kDs + wg * S::kSub + kk * 2048, S::kSub, 1024),
-                          desc_sw128(sK + s * S::kTile + kk * 2048, S::kSub, 1024), 1);
+        wgmma_rs<T, D, 1>(dq, af[kk], desc_sw128(sK + s * S::kTile + kk * 2048, S::kSub, 1024), 1);
     };
     auto release = [&](int s) {
       if (lane == 0) mbar_arrive(empty(s));
@@ -1151,17 +1179,24 @@ __global__ void __launch_bounds__(kThreads, 1)
           release(s);
         }
       } else if (ntiles > 0) {
-        for (int t = 0; t < ntiles; ++t) {
+        auto step = [&](int t, uint32_t(&af)[4][4]) {
           const int u = gt + t, s = u % ST;
           mbar_wait(full(s), (u / ST) & 1);
           fence_regs<D / 2>(dq);
-          wgmma_fence();
-          issue(s);
+          issue(s, af);
           wgmma_commit();
-          wgmma_wait<1>();  // the previous tile's GEMMs are done
+          wgmma_wait<1>();  // the previous tile's GEMMs are done (its fragments free)
           fence_regs<D / 2>(dq);
+          fence_regs_u<16>(&afa[0][0]);
+          fence_regs_u<16>(&afb[0][0]);
           if (t > 0) release((u - 1) % ST);
+        };
+        int t = 0;
+        for (; t + 1 < ntiles; t += 2) {
+          step(t, afa);
+          step(t + 1, afb);
         }
+        if (t < ntiles) step(t, afa);
         wgmma_wait<0>();
         fence_regs<D / 2>(dq);
         release((gt + ntiles - 1) % ST);
@@ -1276,33 +1311,26 @@ void set_ds_args(const BwdParams& p, const Plan& pl, void* ws, BwdSm90Args* a) {
   a->tiles_per_block = static_cast<int>(p.opt.block_k / kTn);
   a->tiles_last = static_cast<int>((p.L - (pl.n_k - 1) * p.opt.block_k + kTn - 1) / kTn);
   a->ds_per_pair = a->tiles_per_block * a->sub_q;
-}
-
-// The dS^T slots of a group of nbh heads: (64 queries, 64 keys, 2 halves per slot), row-major.
-bool make_ds_map(const BwdParams& p, const BwdSm90Args& a, int64_t nbh, CUtensorMap* m) {
-  const cuuint64_t dims[3] = {64, 64, static_cast<cuuint64_t>(2 * nbh * a.ds_pairs * a.ds_per_pair)};
-  const cuuint64_t strides[2] = {128, 64 * 128};
-  return make_map(m, p.dtype, 3, a.ds, dims, strides);
+  a->ds_hint = env_is("SALAD_BWD_DS_HINT", "0") ? 0 : 1;
 }
 
 template <class T, int D>
 bool launch_dq_ds(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s, int64_t bh0,
                   int64_t nbh) {
-  CUtensorMap mq, mdo, mk, mv, mds;
+  CUtensorMap mq, mdo, mk, mv;
   if (!make_maps<T, D>(p, pl, ws, &mq, &mdo, &mk, &mv)) return false;
   BwdSm90Args a = base_args(p, pl, r, ws);
   set_ds_args(p, pl, ws, &a);
   a.out0 = p.dq;
   a.extra0 = pl.linear && p.do_l ? at<float>(ws, pl.dq_l) : nullptr;
   a.bh0 = static_cast<int>(bh0);
-  if (!make_ds_map(p, a, nbh, &mds)) return false;
   const int64_t work = nbh * pl.n_q * a.sub_q;
   if (work >= (int64_t(1) << 31)) return false;
   a.num_work = static_cast<int>(work);
   constexpr int smem = DqDsSmem<D>::kAlloc;
   SALAD_CUDA_CHECK(cudaFuncSetAttribute(attn_dq_ds_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         smem));
-  attn_dq_ds_sm90_kernel<T, D><<<grid_for(work, true), kThreads, smem, s>>>(mk, mds, a);
+  attn_dq_ds_sm90_kernel<T, D><<<grid_for(work, true), kThreads, smem, s>>>(mk, a);
   SALAD_LAUNCH_CHECK();
   return true;
 }
@@ -1312,7 +1340,7 @@ template <class T, int D, int OV, bool SPLIT, bool DS = false>
 bool launch_dkv_ov(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s, int64_t bh0 = 0,
                    int64_t nbh = -1) {
   using S = KvSmem<D, SPLIT, DS>;
-  CUtensorMap mq, mdo, mk, mv, ml, md, mds;
+  CUtensorMap mq, mdo, mk, mv, ml, md;
   if (!make_maps<T, D>(p, pl, ws, &mq, &mdo, &mk, &mv)) return false;
   const cuuint64_t n = static_cast<cuuint64_t>(pl.BH * p.L);
   if (!make_map_f32_1d(&ml, p.lse, n, S::kQr)) return false;
@@ -1326,11 +1354,7 @@ bool launch_dkv_ov(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* 
   a.n_span = static_cast<int>((p.L + S::kKeys - 1) / S::kKeys);
   if (nbh < 0) nbh = pl.BH;
   a.bh0 = static_cast<int>(bh0);
-  mds = mq;  // not read without DS
-  if constexpr (DS) {
-    set_ds_args(p, pl, ws, &a);
-    if (!make_ds_map(p, a, nbh, &mds)) return false;
-  }
+  if constexpr (DS) set_ds_args(p, pl, ws, &a);
   const int64_t work = nbh * a.n_span;
   if (work >= (int64_t(1) << 31)) return false;
   a.num_work = static_cast<int>(work);
@@ -1339,7 +1363,7 @@ bool launch_dkv_ov(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* 
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const bool persistent = env_is("SALAD_BWD_DKV_PERSISTENT", "1");
   attn_dkv_sm90_kernel<T, D, OV, SPLIT, DS>
-      <<<grid_for(work, persistent), kThreads, smem, s>>>(mq, mdo, mk, mv, ml, md, mds, a);
+      <<<grid_for(work, persistent), kThreads, smem, s>>>(mq, mdo, mk, mv, ml, md, a);
   SALAD_LAUNCH_CHECK();
   return true;
 }
@@ -1359,10 +1383,10 @@ template <class T, int D>
 bool launch_dkv(const BwdParams& p, const Plan& pl, const RopeInfo& r, void* ws, cudaStream_t s) {
   int ov = SALAD_BWD_DKV_OVERLAP;
   if (const char* e = std::getenv("SALAD_BWD_DKV_OVERLAP")) ov = std::atoi(e);
-  if (use_split(p)) return launch_dkv_ov<T, D, 1, true, false>(p, pl, r, ws, s);  // OV 2 measured no faster
-  if (ov <= 0) return launch_dkv_ov<T, D, 0, false, false>(p, pl, r, ws, s);
-  if (ov == 1) return launch_dkv_ov<T, D, 1, false, false>(p, pl, r, ws, s);
-  return launch_dkv_ov<T, D, 2, false, false>(p, pl, r, ws, s);
+  if (use_split(p)) return launch_dkv_ov<T, D, 1, true>(p, pl, r, ws, s);  // OV 2 measured no faster
+  if (ov <= 0) return launch_dkv_ov<T, D, 0, false>(p, pl, r, ws, s);
+  if (ov == 1) return launch_dkv_ov<T, D, 1, false>(p, pl, r, ws, s);
+  return launch_dkv_ov<T, D, 2, false>(p, pl, r, ws, s);
 }
 
 template <class T, int D>
