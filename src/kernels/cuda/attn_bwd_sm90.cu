@@ -56,14 +56,16 @@
 // stored dS (the default where the split layout is, not in mode dense; attn_dq_ds_sm90_kernel): the
 //   split dkv kernel also writes every kept pair's dS (bf16, in the dQ GEMM's A-fragment order,
 //   through shared memory and a bulk store), and a third kernel forms dQ from it with one GEMM per
-//   pair instead of the dq kernel's three. dq is the dq kernel's bit for bit (same products, same order). The scratch is 16 KB per kept
-//   (128-query, 64-key) pair, keep * L^2 * 2 bytes per head: capped by SALAD_BWD_DS_MB (default 4096),
-//   heads run in groups under it, and a call whose one head passes it keeps the two kernels.
+//   pair instead of the dq kernel's three. dq is the dq kernel's bit for bit (same products, same
+//   order). The scratch is 16 KB per kept (128-query, 64-key) pair, keep * L^2 * 2 bytes per head:
+//   capped by SALAD_BWD_DS_MB (default 4096), heads run in groups under it, and a call whose one head
+//   passes it keeps the two kernels. (A 16384 MB cap, 3 groups instead of 14 at Wan14B-720p, measured
+//   the backward 2-3% faster there: session 18.)
 //   Measured at Wan1.3B-480p (H200, session 17): dq 1,589-1,615 -> 872-886 us, dkv 2,353-2,372 ->
 //   2,728-2,750 us (the stores; per-warp stores without the warpgroup barrier measured the same).
 //   Session 18: the staging moved before the dV / dK GEMMs' issue and into fragment order (movmatrix,
 //   then 16-byte shared stores; the dQ kernel's A operand from registers), with L2 hints: dkv
-//   2,885 -> 2,700 us, dq 869 -> 800-815 us (one card, ncu).
+//   2,885 -> 2,700 us, dq 869 -> 800-815 us (one card, ncu); 7 stages in dq instead of 6: -2%.
 // Same semantics as attn_bwd.cu's mma.sync kernels (delta from its
 // delta_kernel, which still runs first).
 //
@@ -1006,7 +1008,7 @@ struct DqDsSmem {
   static constexpr int kTile = 64 * D * 2;  // K tile [D/64][64 rows][128 B]
   static constexpr int kSub = 64 * 128;
   static constexpr int kDs = 64 * 128 * 2;  // dS slot: [2 halves][4 warps][4 key chunks][32 lanes][16 B]
-  static constexpr int kSt = D == 128 ? 6 : 8;
+  static constexpr int kSt = D == 128 ? 7 : 8;  // 6 at D 128: dQ 829-833 against 813-814 us (session 18)
   static constexpr int kK = 0;
   static constexpr int kS = kSt * kTile;
   static constexpr int kBar = kS + kSt * kDs;
