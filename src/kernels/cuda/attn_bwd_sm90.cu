@@ -138,7 +138,7 @@ struct BwdSm90Args {
   const int32_t* ds_pos;
   int64_t ds_pairs;  // n_q * max_k
   int ds_per_pair;   // 64-key tiles per key block x 128-row parts per query block
-  int ds_hint;       // dS^T stored and loaded evict-first, K loaded evict-last in L2 (SALAD_BWD_DS_HINT=0: off)
+  int ds_hint;       // dS stored and loaded evict-first, K loaded evict-last in L2 (SALAD_BWD_DS_HINT=0: off)
 };
 
 // %laneid read afresh (volatile): keeps `lane` from being held, or spilled, across the tile loops.
@@ -595,7 +595,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // [kStages][64] f32, mbarriers.
 // SPLIT (split-query layout): K and V of one 64-key tile [D/64][64 rows][128 B], Q and dO
 // stages of 128 query rows (one 64-row half per consumer warpgroup), 2 stages (3 do not fit).
-// DS (stored dS): two 8 KB staging buffers per consumer warpgroup for the dS^T bulk stores.
+// DS (stored dS): two 8 KB staging buffers per consumer warpgroup for the dS bulk stores.
 template <int D, bool SPLIT, bool DS = false>
 struct KvSmem {
   static constexpr int kKeys = SPLIT ? 64 : kRows;  // key rows held
@@ -860,7 +860,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         dsf[nt / 2][(nt & 1) * 2 + 1] = Elem<T>::pack(e2, e3);
       }
       if constexpr (DS) {
-        // dS^T into this warpgroup's staging buffer in the dQ kernel's A-fragment order, before the
+        // dS (from dS^T) into this warpgroup's staging buffer in the dQ kernel's A-fragment order, before the
         // GEMMs that read dsf are issued (after them, the staging cost the kernel ~7%: session 18).
         // This warp's 16 keys x queries 16 kk .. + 15 are the four 8 x 8 blocks of dsf[kk]; movmatrix
         // transposes each in place, which gives the lane of the dQ warp owning those queries its A
@@ -887,7 +887,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_rs<T, D, 1>(dk, dsf[kk], desc_sw128(sQ + s * S::kTile + qoff + kk * 16 * 128, S::kSub, 1024), 1);
       wgmma_commit();
       if constexpr (DS) {
-        // The staged dS^T to its slot half by one 8 KB bulk store per warpgroup and tile, while dV and
+        // The staged dS to its slot half by one 8 KB bulk store per warpgroup and tile, while dV and
         // dK run. The buffer written above was last read by the store of two tiles ago, which the
         // leader waited for before the previous tile's barrier.
         fence_async_shared();
