@@ -65,7 +65,7 @@
 //   2,728-2,750 us (the stores; per-warp stores without the warpgroup barrier measured the same).
 //   Session 18: the staging moved before the dV / dK GEMMs' issue and into fragment order (movmatrix,
 //   then 16-byte shared stores; the dQ kernel's A operand from registers), with L2 hints: dkv
-//   2,885 -> 2,700 us, dq 869 -> 800-815 us (one card, ncu); 7 stages in dq instead of 6: -2%.
+//   2,885 -> 2,700 us, dq 869 -> 800-816 us (one card, ncu); 7 stages in dq instead of 6: -2%.
 // Same semantics as attn_bwd.cu's mma.sync kernels (delta from its
 // delta_kernel, which still runs first).
 //
